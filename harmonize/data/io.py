@@ -1,0 +1,268 @@
+"""Read and write 2D medical images, keeping what a writer needs to give the file back.
+
+`read_image` returns a `MedicalImage`: the pixel values as the modality defines them
+(DICOM: rescale slope/intercept applied, MONOCHROME1 inverted to MONOCHROME2), the
+range those values can take, and a format header. `write_image` takes such an image
+as a template and a new array of values and writes a file of the same format, dtype,
+size and spacing (DICOM: same tags, new instance UIDs). Writes are atomic: a temporary
+file in the target folder is renamed into place, so an interrupted job never leaves a
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+# suffix -> format name; checked longest first so ".nii.gz" wins over ".gz"
+ITK_FORMATS = {
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".mha": "mha",
+    ".mhd": "mha",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+}
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SUPPORTED = "PNG, JPEG, TIFF, DICOM, NIfTI, MHA/MHD, NRRD"
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as a 2D image; the message names the file and a fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str = "") -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{path}: {problem}" + (f" ({fix})" if fix else ""))
+
+
+class ImageWriteError(OSError):
+    """An output could not be written; the message names the file."""
+
+
+@dataclass
+class MedicalImage:
+    """A 2D image with everything needed to write a harmonized copy back.
+
+    array: (H, W) modality values (DICOM rescale applied, MONOCHROME1 inverted).
+    value_range: (lo, hi) the values the storage can hold, e.g. (0, 4095) for 12 bits.
+    bits_stored: meaningful bits of the stored integers, None for float data.
+    """
+
+    array: np.ndarray
+    path: Path
+    format: str
+    value_range: tuple[float, float]
+    bits_stored: int | None
+    spacing: tuple[float, float] | None = None
+    modality: str | None = None
+    header: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def image_format(path: str | os.PathLike) -> str | None:
+    """The format a path's name announces, 'dicom' for DICOM magic, or None if unknown."""
+    name = Path(path).name.lower()
+    for suffix in sorted(ITK_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return ITK_FORMATS[suffix]
+    if name.endswith(DICOM_SUFFIXES) or _has_dicom_magic(path):
+        return "dicom"
+    return None
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return image_format(path) is not None
+
+
+def _has_dicom_magic(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_image(path: str | os.PathLike) -> MedicalImage:
+    """Read one 2D grayscale image of any supported format, or raise ImageReadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found", "check the path")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty", "re-export or remove it")
+    fmt = image_format(path)
+    if fmt is None:
+        raise ImageReadError(
+            path,
+            f"not a supported image (suffix '{path.suffix or 'none'}')",
+            f"supported: {SUPPORTED}",
+        )
+    if fmt == "dicom":
+        from harmonize.data import dicom
+
+        return dicom.read_dicom(path)
+    return _read_itk(path, fmt)
+
+
+def write_image(
+    template: MedicalImage,
+    array: np.ndarray,
+    out_path: str | os.PathLike,
+    derivation: str = "harmonized by harmonize",
+) -> Path:
+    """Write `array` (modality values, same shape as the template) like the template file."""
+    out_path = Path(out_path)
+    if array.shape != template.array.shape:
+        raise ImageWriteError(
+            f"{out_path}: array shape {array.shape} differs from the input's "
+            f"{template.array.shape}; a writer keeps the input's size"
+        )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if template.format == "dicom":
+        from harmonize.data import dicom
+
+        def write(tmp: Path) -> None:
+            dicom.write_dicom(template, array, tmp, derivation)
+
+        return atomic_write(out_path, write)
+    return atomic_write(out_path, lambda tmp: _write_itk(template, array, tmp))
+
+
+def atomic_write(out_path: Path, write) -> Path:
+    """Call write(tmp_path) for a temp file beside out_path, then rename it into place."""
+    suffix = "".join(out_path.suffixes[-2:]) if out_path.name.endswith(".gz") else out_path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=f".partial{suffix}",
+                               dir=out_path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def cast_to_storage(values: np.ndarray, dtype: np.dtype, value_range: tuple[float, float]):
+    """Round (for integer storage), clip to the valid range and cast."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(values, dtype=np.float64)
+    if dtype.kind in "ui":
+        values = np.rint(values)
+    return np.clip(values, value_range[0], value_range[1]).astype(dtype)
+
+
+# --- formats read through SimpleITK --------------------------------------------------
+
+
+def _read_itk(path: Path, fmt: str) -> MedicalImage:
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = _first_line(err)
+        raise ImageReadError(path, f"cannot decode as {fmt.upper()}: {reason}",
+                             "the file is corrupt or truncated; re-export it") from None
+    size = img.GetSize()
+    components = img.GetNumberOfComponentsPerPixel()
+    arr = sitk.GetArrayFromImage(img)
+    squeezed_3d = False
+    if img.GetDimension() == 3:
+        if size[2] != 1:
+            raise ImageReadError(path, f"a 3D volume of {size[2]} slices, not a 2D image",
+                                 "extract the slice or projection to harmonize")
+        arr = arr[0]
+        squeezed_3d = True
+    elif img.GetDimension() != 2:
+        raise ImageReadError(path, f"{img.GetDimension()}D image", "harmonize takes 2D images")
+    if components > 1:
+        arr = _collapse_gray(path, arr, components)
+    if arr.size == 0:
+        raise ImageReadError(path, "image has no pixels", "re-export it")
+    bits, value_range = _integer_range(arr)
+    return MedicalImage(
+        array=arr,
+        path=path,
+        format=fmt,
+        value_range=value_range,
+        bits_stored=bits,
+        spacing=tuple(float(s) for s in img.GetSpacing()[:2][::-1]),
+        header={
+            "components": components,
+            "squeezed_3d": squeezed_3d,
+            "spacing": img.GetSpacing(),
+            "origin": img.GetOrigin(),
+            "direction": img.GetDirection(),
+            "metadata": {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()},
+        },
+    )
+
+
+def _collapse_gray(path: Path, arr: np.ndarray, components: int) -> np.ndarray:
+    """RGB(A) files with equal colour channels are common exports of grayscale X-rays."""
+    colour = arr[..., :3] if components >= 3 else arr[..., :1]
+    if not (colour == colour[..., :1]).all():
+        raise ImageReadError(path, f"a colour image ({components} channels differ)",
+                             "harmonize takes grayscale images; convert it first")
+    return np.ascontiguousarray(colour[..., 0])
+
+
+def _integer_range(arr: np.ndarray) -> tuple[int | None, tuple[float, float]]:
+    """Storage range of a non-DICOM array: 8-bit full range; for 16-bit containers the
+    smallest of 10/12/14/16 bits that holds the data (a 12-bit detector saved as 16-bit
+    PNG stays 12-bit data); floats: the data's own range."""
+    if arr.dtype.kind == "f":
+        return None, (float(arr.min()), float(arr.max()))
+    info = np.iinfo(arr.dtype)
+    if arr.dtype.kind == "u" and info.bits == 16:
+        top = int(arr.max())
+        bits = next(b for b in (10, 12, 14, 16) if top <= 2**b - 1)
+        return bits, (0.0, float(2**bits - 1))
+    return info.bits, (float(info.min), float(info.max))
+
+
+def _write_itk(template: MedicalImage, array: np.ndarray, tmp: Path) -> None:
+    dtype = template.array.dtype
+    if dtype.kind == "f":
+        values = np.asarray(array, dtype=dtype)
+    else:
+        info = np.iinfo(dtype)  # the container can hold more than the image's own range
+        values = cast_to_storage(array, dtype, (info.min, info.max))
+    h = template.header
+    if h.get("components", 1) > 1:
+        values = np.repeat(values[..., None], h["components"], axis=-1)
+    if h.get("squeezed_3d"):
+        values = values[None]
+    img = sitk.GetImageFromArray(values, isVector=h.get("components", 1) > 1)
+    img.SetSpacing(h["spacing"])
+    img.SetOrigin(h["origin"])
+    img.SetDirection(h["direction"])
+    for key, value in h.get("metadata", {}).items():
+        if not key.startswith("ITK_"):
+            img.SetMetaData(key, value)
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=template.format in ("nifti", "mha", "nrrd"))
+    except RuntimeError as err:
+        raise ImageWriteError(f"{tmp}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # ITK messages end with the useful description after the file/line prefix
+    msg = lines[-1] if lines else type(err).__name__
+    return msg[:200]
