@@ -1,0 +1,224 @@
+"""Batch harmonization of a folder or manifest with a trained translator.
+
+OUT mirrors IN's tree with the same file names, formats and dtypes. Files are decoded
+by a small thread pool while the translator works on the previous batch, and written
+atomically, so an interrupted run leaves only complete outputs; ``resume`` skips every
+output that exists. Each file gets one row in ``apply_log.csv`` (ok / skipped / error
+with the reason); a bad file never stops the batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from harmonize.data.intensity import IntensityParams
+from harmonize.data.io import MedicalImage, read_image, write_image
+from harmonize.translators import Translator
+
+LOG_NAME = "apply_log.csv"
+LOG_COLUMNS = ["time", "input", "output", "site", "status", "reason", "seconds"]
+
+
+@dataclass
+class ApplyItem:
+    source: Path
+    relpath: Path
+    site: str | None = None
+
+
+@dataclass
+class ApplySummary:
+    ok: int = 0
+    skipped: int = 0
+    errors: int = 0
+    log_path: Path | None = None
+    error_files: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.skipped + self.errors
+
+
+@dataclass
+class _Loaded:
+    item: ApplyItem
+    image: MedicalImage
+    x: np.ndarray
+    params: IntensityParams
+    started: float
+
+
+def discover_inputs(
+    inp: str | os.PathLike, out: str | os.PathLike | None = None
+) -> list[ApplyItem]:
+    """Files to harmonize: a manifest's rows, or every visible file under a folder
+    (non-images included, so they are reported rather than silently ignored)."""
+    inp = Path(inp)
+    if inp.is_file() and inp.suffix.lower() == ".csv":
+        from harmonize.data.manifest import load_manifest
+
+        df = load_manifest(inp)
+        return [ApplyItem(Path(p), Path(r), s)
+                for p, r, s in zip(df["path"], df["relpath"], df["site"], strict=True)]
+    if not inp.is_dir():
+        raise FileNotFoundError(f"{inp}: input is neither a folder nor a manifest .csv")
+    out_resolved = Path(out).resolve() if out is not None else None
+    items = []
+    for root, dirs, files in os.walk(inp):
+        root_path = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (root_path / d).resolve() != out_resolved)
+        for name in sorted(files):
+            if name.startswith(".") or name == LOG_NAME:
+                continue
+            rel = (root_path / name).relative_to(inp)
+            site = rel.parts[0] if len(rel.parts) > 1 else None
+            items.append(ApplyItem(root_path / name, rel, site))
+    return items
+
+
+class _Log:
+    """apply_log.csv, appended row by row so a crash loses nothing already logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        new = not path.exists()
+        self._fh = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=LOG_COLUMNS)
+        if new:
+            self._writer.writeheader()
+
+    def row(self, item: ApplyItem, output: Path, status: str, reason: str = "",
+            seconds: float = 0.0) -> None:
+        self._writer.writerow({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "input": str(item.source),
+            "output": str(output), "site": item.site or "", "status": status,
+            "reason": reason, "seconds": f"{seconds:.4f}",
+        })
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def apply_translator(
+    translator: Translator,
+    inp: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    batch_size: int = 8,
+    io_workers: int = 2,
+    progress: bool = True,
+    derivation: str | None = None,
+) -> ApplySummary:
+    """Harmonize every file of `inp` (folder or manifest) into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = discover_inputs(inp, out)
+    if derivation is None:
+        derivation = (f"harmonized to site '{translator.reference_site_}' "
+                      f"by the {translator.kind} translator")
+    log = _Log(out / LOG_NAME)
+    summary = ApplySummary(log_path=log.path)
+    bar = tqdm(total=len(items), desc=f"apply {translator.kind}", unit="img",
+               disable=not progress)
+
+    def record(item: ApplyItem, status: str, reason: str = "", seconds: float = 0.0) -> None:
+        log.row(item, out / item.relpath, status, reason, seconds)
+        if status == "ok":
+            summary.ok += 1
+        elif status == "skipped":
+            summary.skipped += 1
+        else:
+            summary.errors += 1
+            summary.error_files.append(str(item.source))
+        bar.update(1)
+
+    todo = []
+    for item in items:
+        if resume and (out / item.relpath).exists():
+            record(item, "skipped", "output exists (--resume)")
+        else:
+            todo.append(item)
+
+    with ThreadPoolExecutor(max_workers=max(1, io_workers)) as pool:
+        pending_writes: list[tuple[_Loaded, Future]] = []
+        for batch in _batches(_load_all(translator, todo, pool, io_workers, record), batch_size):
+            try:
+                outputs = translator.transform([b.x for b in batch], [b.item.site for b in batch])
+            except Exception as err:  # noqa: BLE001 - one bad batch must not stop the job
+                for b in batch:
+                    record(b.item, "error", f"translation failed: {err}")
+                continue
+            for b, y in zip(batch, outputs, strict=True):
+                values = translator.policy.from_model(y, b.params)
+                fut = pool.submit(write_image, b.image, values, out / b.item.relpath, derivation)
+                pending_writes.append((b, fut))
+            pending_writes = _drain(pending_writes, record, block=False)
+        _drain(pending_writes, record, block=True)
+    bar.close()
+    log.close()
+    return summary
+
+
+def _load_all(translator: Translator, todo: list[ApplyItem], pool: ThreadPoolExecutor,
+              io_workers: int, record) -> Iterator[_Loaded]:
+    """Decode files ahead of the translator (a bounded window of futures)."""
+
+    def load(item: ApplyItem) -> _Loaded:
+        started = time.perf_counter()
+        image = read_image(item.source)
+        x, params = translator.policy.to_model(image)
+        return _Loaded(item, image, x, params, started)
+
+    window = 2 * max(1, io_workers)
+    futures: list[tuple[ApplyItem, Future]] = []
+    queue = iter(todo)
+    for item in queue:
+        futures.append((item, pool.submit(load, item)))
+        if len(futures) >= window:
+            break
+    while futures:
+        item, fut = futures.pop(0)
+        nxt = next(queue, None)
+        if nxt is not None:
+            futures.append((nxt, pool.submit(load, nxt)))
+        try:
+            yield fut.result()
+        except Exception as err:  # noqa: BLE001 - reported per file, the batch goes on
+            record(item, "error", str(err))
+
+
+def _batches(loaded: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
+    batch: list[_Loaded] = []
+    for item in loaded:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _drain(pending: list[tuple[_Loaded, Future]], record, block: bool):
+    still = []
+    for b, fut in pending:
+        if not block and not fut.done():
+            still.append((b, fut))
+            continue
+        try:
+            fut.result()
+            record(b.item, "ok", "", time.perf_counter() - b.started)
+        except Exception as err:  # noqa: BLE001
+            record(b.item, "error", f"write failed: {err}")
+    return still

@@ -1,0 +1,57 @@
+"""Fit a classical translator on the images a manifest lists and save a checkpoint
+with the metadata the checkpoint contract asks for."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from harmonize.checkpoint import file_sha256
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import read_image
+from harmonize.translators import Translator
+
+
+def check_reference_site(df: pd.DataFrame, reference_site: str, source: str = "manifest") -> None:
+    sites = sorted(df["site"].unique())
+    if reference_site not in sites:
+        raise ValueError(f"{source}: reference site '{reference_site}' not found; "
+                         f"sites present: {', '.join(sites)}")
+
+
+def model_space_images(df: pd.DataFrame, policy: IntensityPolicy, progress: bool = True,
+                       desc: str = "read") -> Iterator[tuple[np.ndarray, str]]:
+    """(model-space image, site) for each manifest row, in order."""
+    for path, site in tqdm(list(zip(df["path"], df["site"], strict=True)), desc=desc,
+                           unit="img", disable=not progress):
+        x, _ = policy.to_model(read_image(path))
+        yield x, site
+
+
+def training_metadata(df: pd.DataFrame, reference_site: str, manifest_path: str | os.PathLike,
+                      policy: IntensityPolicy, image_size: int | None = None) -> dict:
+    counts = df["site"].value_counts().sort_index()
+    return {
+        "reference_site": reference_site,
+        "training_sites": {str(s): int(n) for s, n in counts.items()},
+        "image_size": image_size,
+        "intensity_policy": policy.to_dict(),
+        "training_manifest": str(Path(manifest_path).resolve()),
+        "training_manifest_sha256": file_sha256(manifest_path),
+    }
+
+
+def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | os.PathLike,
+                 reference_site: str, out: str | os.PathLike, progress: bool = True) -> Path:
+    """Fit on the manifest rows (all sites; each kind uses what it needs) and save."""
+    check_reference_site(df, reference_site, str(manifest_path))
+    rows = df if translator.fit_uses_all_sites else df[df["site"] == reference_site]
+    translator.fit(model_space_images(rows, translator.policy, progress,
+                                      f"fit {translator.kind}"), reference_site)
+    meta = training_metadata(df, reference_site, manifest_path, translator.policy)
+    return translator.save(out, meta)
