@@ -1,0 +1,51 @@
+"""Shared fixtures: the real two-site chest X-ray set and pydicom's bundled DICOMs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+from pydicom.data import get_testdata_file
+
+TB_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tb_cxr_2site"
+
+
+@pytest.fixture(scope="session")
+def tb_cxr() -> Path:
+    if not (TB_CXR / "manifest.csv").is_file():
+        pytest.skip(f"real data not found at {TB_CXR} (../shared/data/tb_cxr_2site)")
+    return TB_CXR
+
+
+def dicom_file(name: str) -> Path:
+    """A DICOM file that ships inside pydicom (never downloaded)."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled")
+    return Path(path)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """Real bone-scan DICOMs (JPEG extended, 12-bit, one with a broken scan header),
+    a 16-bit PNG, a 12-bit TIFF, an int16 NIfTI with spacing, and a real chest X-ray."""
+    root = tmp_path / "in"
+    (root / "nm").mkdir(parents=True)
+    for name in ("JPGExtended.dcm", "JPEG-lossy.dcm"):
+        shutil.copy(dicom_file(name), root / "nm" / name)
+    rng = np.random.default_rng(0)
+    png = sitk.GetImageFromArray(rng.integers(0, 65535, (64, 48)).astype(np.uint16))
+    png.SetSpacing((0.15, 0.15))
+    sitk.WriteImage(png, str(root / "x16.png"))
+    tifffile.imwrite(root / "x12.tif", rng.integers(0, 4096, (50, 70)).astype(np.uint16))
+    nii = sitk.GetImageFromArray(rng.integers(-1000, 3000, (1, 40, 30)).astype(np.int16))
+    nii.SetSpacing((0.7, 0.6, 2.5))
+    sitk.WriteImage(nii, str(root / "vol.nii.gz"))
+    if (TB_CXR / "shenzhen").is_dir():
+        src = sorted((TB_CXR / "shenzhen" / "tb").glob("*.png"))[0]
+        shutil.copy(src, root / "cxr.png")
+    return root
