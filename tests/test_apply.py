@@ -1,0 +1,78 @@
+"""Batch harmonization: exact identity on every format, bad files logged, resume."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pydicom
+
+from harmonize.apply import LOG_NAME, apply_translator
+from harmonize.cli import main
+from harmonize.data.io import read_image
+from harmonize.translators import load_translator
+
+
+def _log(out):
+    with open(out / LOG_NAME, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_identity_apply_is_exact_for_every_format(mixed_folder, tmp_path):
+    out = tmp_path / "out"
+    summary = apply_translator(load_translator("identity"), mixed_folder, out, progress=False)
+    sources = sorted(p for p in mixed_folder.rglob("*") if p.is_file())
+    assert summary.ok == len(sources) and summary.errors == 0
+    for src in sources:
+        dst = out / src.relative_to(mixed_folder)
+        a, b = read_image(src), read_image(dst)
+        assert b.array.dtype == a.array.dtype, src.name
+        np.testing.assert_array_equal(b.array, a.array, err_msg=src.name)
+        if a.format == "dicom":
+            orig, new = pydicom.dcmread(src), pydicom.dcmread(dst)
+            for tag in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID",
+                        "StudyDate", "AccessionNumber"):
+                assert new.get(tag) == orig.get(tag), (src.name, tag)
+            assert new.SOPInstanceUID != orig.SOPInstanceUID
+
+
+def test_bad_files_are_logged_the_rest_written_and_resume_does_no_work_twice(
+        mixed_folder, tmp_path):
+    good = sorted(p.relative_to(mixed_folder) for p in mixed_folder.rglob("*") if p.is_file())
+    (mixed_folder / "corrupt.png").write_bytes((mixed_folder / "x16.png").read_bytes()[:120])
+    (mixed_folder / "readme.txt").write_text("not an image")
+    out = tmp_path / "out"
+
+    first = apply_translator(load_translator("identity"), mixed_folder, out, progress=False)
+    assert (first.ok, first.errors) == (len(good), 2)
+    rows = {r["input"].rsplit("/", 1)[-1]: r for r in _log(out)}
+    assert rows["corrupt.png"]["status"] == "error" and "corrupt.png" in rows["corrupt.png"]["reason"]
+    assert rows["readme.txt"]["status"] == "error"
+    assert "not a supported image" in rows["readme.txt"]["reason"]
+    for rel in good:
+        assert (out / rel).is_file()
+    assert not list(out.rglob(".*partial*")), "no temporary file may be left behind"
+
+    stamps = {rel: (out / rel).stat().st_mtime_ns for rel in good}
+    second = apply_translator(load_translator("identity"), mixed_folder, out, resume=True,
+                              progress=False)
+    assert (second.ok, second.skipped, second.errors) == (0, len(good), 2)
+    assert {rel: (out / rel).stat().st_mtime_ns for rel in good} == stamps
+    assert len(_log(out)) == 2 * (len(good) + 2)  # the log keeps both runs
+
+
+def test_cli_exit_codes(mixed_folder, tmp_path, capsys):
+    (mixed_folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert main(["apply", "-q", "--model", "identity", str(mixed_folder),
+                 str(tmp_path / "a")]) == 0
+    assert main(["apply", "-q", "--strict", "--model", "identity", str(mixed_folder),
+                 str(tmp_path / "b")]) == 1
+    assert "--strict" in capsys.readouterr().err
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(mixed_folder / "corrupt.png", only_bad / "x.png")
+    assert main(["apply", "-q", "--model", "identity", str(only_bad), str(tmp_path / "c")]) == 1
+    assert main(["apply", "-q", "--model", str(tmp_path / "missing"), str(mixed_folder),
+                 str(tmp_path / "d")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
