@@ -55,15 +55,15 @@ class ManifestError(ValueError):
         def line(row: int | None, text: str) -> str:
             return f"row {row}: {text}" if row is not None else text
 
-        has_rows = any(row is not None for row, _ in self.problems)
         if len(self.problems) == 1:
             row, text = self.problems[0]
-            msg = f"{name} {line(row, text)}" if row is not None else f"{name}: {text}"
-            if has_rows:
-                msg += f" ({ROW_CONVENTION})"
+            # one line (the CLI prints one); the spreadsheet row says which convention
+            where = f" row {row} (spreadsheet row {row + 1}):" if row is not None else ":"
+            msg = f"{name}{where} {text}"
         else:
             shown = self.problems[:MAX_REPORTED]
             head = f"{name}: {len(self.problems)} problems"
+            has_rows = any(row is not None for row, _ in shown)
             head += f" ({ROW_CONVENTION}):" if has_rows else ":"
             lines = [head] + [f"  {line(r, t)}" for r, t in shown]
             if len(self.problems) > len(shown):
@@ -108,7 +108,10 @@ def load_manifest(path: str | os.PathLike, mask_column: str | None = None) -> pd
 def _check_columns(df: pd.DataFrame, path: Path, mask_column: str | None) -> pd.DataFrame:
     problems: list[tuple[int | None, str]] = []
     columns = list(df.columns)
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    # pandas renames a repeated header 'site' to 'site.1'
+    dupes = sorted({c.rsplit(".", 1)[0] for c in columns
+                    if "." in c and c.rsplit(".", 1)[1].isdigit()
+                    and c.rsplit(".", 1)[0] in STANDARD_COLUMNS + (mask_column or "",)})
     if dupes:
         raise ManifestError(path, [(None, f"column(s) {dupes} appear twice; keep one of each")])
     if mask_column is not None and mask_column != "mask":
