@@ -67,8 +67,14 @@ def discover_inputs(
         from harmonize.data.manifest import load_manifest
 
         df = load_manifest(inp)
-        return [ApplyItem(Path(p), Path(r), s)
-                for p, r, s in zip(df["path"], df["relpath"], df["site"], strict=True)]
+        relpaths = [Path(r) for r in df["relpath"]]
+        if any(r.parts[0] == "_outside" for r in relpaths):
+            # images outside the manifest's folder: mirror the tree below their common root
+            root = Path(os.path.commonpath(list(df["path"])))
+            root = root if len(df) > 1 else root.parent
+            relpaths = [Path(p).relative_to(root) for p in df["path"]]
+        return [ApplyItem(Path(p), r, s)
+                for p, r, s in zip(df["path"], relpaths, df["site"], strict=True)]
     if not inp.is_dir():
         raise FileNotFoundError(f"{inp}: input is neither a folder nor a manifest .csv")
     out_resolved = Path(out).resolve() if out is not None else None

@@ -53,5 +53,5 @@ def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | 
     rows = df if translator.fit_uses_all_sites else df[df["site"] == reference_site]
     translator.fit(model_space_images(rows, translator.policy, progress,
                                       f"fit {translator.kind}"), reference_site)
-    meta = training_metadata(df, reference_site, manifest_path, translator.policy)
+    meta = training_metadata(rows, reference_site, manifest_path, translator.policy)
     return translator.save(out, meta)

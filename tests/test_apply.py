@@ -47,7 +47,8 @@ def test_bad_files_are_logged_the_rest_written_and_resume_does_no_work_twice(
     first = apply_translator(load_translator("identity"), mixed_folder, out, progress=False)
     assert (first.ok, first.errors) == (len(good), 2)
     rows = {r["input"].rsplit("/", 1)[-1]: r for r in _log(out)}
-    assert rows["corrupt.png"]["status"] == "error" and "corrupt.png" in rows["corrupt.png"]["reason"]
+    assert rows["corrupt.png"]["status"] == "error"
+    assert "corrupt.png" in rows["corrupt.png"]["reason"]
     assert rows["readme.txt"]["status"] == "error"
     assert "not a supported image" in rows["readme.txt"]["reason"]
     for rel in good:

@@ -69,3 +69,30 @@ def test_unfitted_and_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_translator(tmp_path / "nope")
     assert isinstance(load_translator("identity"), IdentityTranslator)
+
+
+def test_cli_train_then_apply_on_a_real_manifest(tb_cxr, tmp_path, capsys):
+    from harmonize.cli import main
+
+    df = pd.read_csv(tb_cxr / "manifest.csv")
+    sub = pd.concat([g.head(8) for _, g in df.groupby("site")])
+    for col in ("path", "lung_mask"):
+        sub[col] = [str(tb_cxr / p) for p in sub[col]]
+    sub.to_csv(tmp_path / "sub.csv", index=False)
+    assert main(["train", "histogram-matching", "-q", "--data", str(tmp_path / "sub.csv"),
+                 "--reference-site", "nowhere", "--out", str(tmp_path / "m")]) == 1
+    assert "sites present: montgomery, shenzhen" in capsys.readouterr().err
+    assert main(["train", "histogram-matching", "-q", "--data", str(tmp_path / "sub.csv"),
+                 "--reference-site", "shenzhen", "--out", str(tmp_path / "m")]) == 0
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert meta["training_sites"] == {"shenzhen": 8}  # per-image matching reads only these
+    assert len(meta["training_manifest_sha256"]) == 64
+    assert main(["apply", "-q", "--model", str(tmp_path / "m"), str(tmp_path / "sub.csv"),
+                 str(tmp_path / "out")]) == 0
+    out = sorted((tmp_path / "out").rglob("*.png"))
+    assert len(out) == 16 and out[0].relative_to(tmp_path / "out").parts[0] == "montgomery"
+    before = read_image(tb_cxr / "montgomery" / out[0].relative_to(tmp_path / "out" /
+                                                                   "montgomery")).array
+    after = read_image(out[0]).array
+    assert after.dtype == np.uint8 and after.shape == before.shape
+    assert not np.array_equal(after, before)
