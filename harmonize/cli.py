@@ -28,7 +28,8 @@ def _train_histogram(args: argparse.Namespace) -> int:
     from harmonize.translators import HistogramMatching
 
     policy = IntensityPolicy(mode=args.intensity, bits=args.bits)
-    model = HistogramMatching(n_quantiles=args.n_quantiles, per=args.per, policy=policy)
+    model = HistogramMatching(n_quantiles=args.n_quantiles, per=args.per,
+                              polarity=args.polarity, policy=policy)
     df = load_manifest(args.data)
     out = fit_and_save(model, df, args.data, args.reference_site, args.out,
                        progress=not args.quiet)
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--per", choices=["image", "site"], default="image",
                    help="match each image's own histogram, or its site's average")
     h.add_argument("--n-quantiles", type=int, default=256)
+    h.add_argument("--polarity", choices=["auto", "keep"], default="auto",
+                   help="flip images whose grey scale is inverted relative to the reference")
     h.add_argument("--intensity", choices=["auto", "bit-depth", "percentile"], default="auto")
     h.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
     h.set_defaults(func=_train_histogram)

@@ -35,6 +35,8 @@ ITK_FORMATS = {
     ".nhdr": "nrrd",
 }
 DICOM_SUFFIXES = (".dcm", ".dicom")
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the usual mode
 SUPPORTED = "PNG, JPEG, TIFF, DICOM, NIfTI, MHA/MHD, NRRD"
 
 
@@ -152,6 +154,7 @@ def atomic_write(out_path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

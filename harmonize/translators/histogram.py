@@ -6,7 +6,9 @@ the quantiles of every other site.
 transform: map each image's own quantiles (``per="image"``) or its site's averaged
 quantiles (``per="site"``, falls back to per image for sites not seen in fit) onto the
 reference landmarks, piecewise linearly. The map is monotonic: it changes contrast and
-brightness, never structure, and cannot undo an inverted polarity.
+brightness, never structure. A monotonic map cannot undo an inverted grey scale, so with
+``polarity="auto"`` images that anti-correlate with the reference site's mean image are
+flipped first (see `polarity`). Images of the reference site pass through unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from harmonize.translators import polarity as pol
 from harmonize.translators.base import Translator
 
 
@@ -24,14 +27,17 @@ class HistogramMatching(Translator):
     kind = "histogram-matching"
 
     def __init__(self, n_quantiles: int = 256, per: Literal["image", "site"] = "image",
-                 policy=None) -> None:
+                 polarity: Literal["auto", "keep"] = "auto", policy=None) -> None:
         super().__init__(policy)
         if n_quantiles < 3:
             raise ValueError(f"n_quantiles={n_quantiles}: need at least 3")
         if per not in ("image", "site"):
             raise ValueError(f"per='{per}': use 'image' or 'site'")
+        if polarity not in ("auto", "keep"):
+            raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
         self.n_quantiles = n_quantiles
         self.per = per
+        self.polarity = polarity
 
     @property
     def fit_uses_all_sites(self) -> bool:
@@ -45,29 +51,44 @@ class HistogramMatching(Translator):
         return np.quantile(np.asarray(x, dtype=np.float64).ravel(), self.levels)
 
     def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
+        images = list(images) if self.per == "site" else images
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
+        thumbs = []
         for image, site in images:
-            if site != reference_site and self.per == "image":
-                continue
-            sums[site] = sums.get(site, 0.0) + self._quantiles(image)
-            counts[site] = counts.get(site, 0) + 1
-        if reference_site not in counts:
+            if site == reference_site:
+                thumbs.append(pol.thumbnail(image))
+                self._accumulate(sums, counts, site, image)
+        if not counts:
             raise ValueError(f"no images of the reference site '{reference_site}' to fit on")
+        self.template_ = np.mean(thumbs, axis=0)
+        if self.per == "site":  # second pass: other sites, polarity-corrected like transform
+            for image, site in images:
+                if site != reference_site:
+                    self._accumulate(sums, counts, site, self._upright(image))
         self.reference_quantiles_ = sums[reference_site] / counts[reference_site]
         self.site_quantiles_ = {s: sums[s] / counts[s] for s in sums if s != reference_site}
-        self.site_counts_ = counts
         self.reference_site_ = reference_site
         return self
+
+    def _accumulate(self, sums: dict, counts: dict, site: str, image: np.ndarray) -> None:
+        sums[site] = sums.get(site, 0.0) + self._quantiles(image)
+        counts[site] = counts.get(site, 0) + 1
+
+    def _upright(self, image: np.ndarray) -> np.ndarray:
+        if self.polarity == "auto" and pol.is_inverted(image, self.template_):
+            return pol.invert(image)
+        return image
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None):
         self.check_fitted()
         sites = list(sites) if sites is not None else [None] * len(images)
         out = []
         for image, site in zip(images, sites, strict=True):
-            if self.per == "site" and site == self.reference_site_:
+            if site == self.reference_site_:
                 out.append(np.asarray(image, dtype=np.float32))
                 continue
+            image = self._upright(image)
             source = self.site_quantiles_.get(site) if self.per == "site" else None
             if source is None:
                 source = self._quantiles(image)
@@ -75,16 +96,18 @@ class HistogramMatching(Translator):
         return out
 
     def get_config(self) -> dict:
-        return {"n_quantiles": self.n_quantiles, "per": self.per}
+        return {"n_quantiles": self.n_quantiles, "per": self.per, "polarity": self.polarity}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"reference_quantiles": torch.from_numpy(self.reference_quantiles_)}
+        tensors = {"reference_quantiles": torch.from_numpy(self.reference_quantiles_),
+                   "template": torch.from_numpy(self.template_)}
         for site, q in self.site_quantiles_.items():
             tensors[f"site_quantiles.{site}"] = torch.from_numpy(q)
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
         self.reference_quantiles_ = tensors["reference_quantiles"].numpy()
+        self.template_ = tensors["template"].numpy()
         self.site_quantiles_ = {
             k.split(".", 1)[1]: v.numpy() for k, v in tensors.items()
             if k.startswith("site_quantiles.")

@@ -1,0 +1,38 @@
+"""Detect images whose grey scale is inverted relative to the reference site.
+
+Exports of X-rays sometimes come out inverted (bright air, MONOCHROME1 data saved as a
+plain PNG). No monotonic intensity map can undo that, and a learned translator may
+"fix" it inconsistently. The check: correlate a 32x32 thumbnail of the image with the
+mean thumbnail of the reference site; a negative correlation means inverted. It relies
+on the anatomy being roughly aligned (same projection, patient centred), which holds
+for chest and whole-body views; it is reported, never silent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+THUMB = 32
+
+
+def thumbnail(x: np.ndarray, size: int = THUMB) -> np.ndarray:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(size, size), mode="area")[0, 0].numpy()
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def is_inverted(x: np.ndarray, template: np.ndarray) -> bool:
+    return correlation(thumbnail(x, template.shape[0]), template) < 0
+
+
+def invert(x: np.ndarray) -> np.ndarray:
+    """Flip the grey scale within the model-space window."""
+    return (1.0 - np.asarray(x, dtype=np.float32)).astype(np.float32)
