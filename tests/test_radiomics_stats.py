@@ -60,11 +60,11 @@ def test_effect_size_is_epsilon_squared():
 
 
 def test_distances_grow_with_the_shift_and_have_cis():
-    near, far = _table(shift=0.0), _table(shift=2.0)
+    near, far = _table(shift=0.0), _table(shift=4.0)
     d_near = site_distances(near, FEATURES, "b", n_boot=50).set_index("site")
     d_far = site_distances(far, FEATURES, "b", n_boot=50).set_index("site")
     for site in ("a", "c"):
-        assert d_far.loc[site, "frd"] > 3 * d_near.loc[site, "frd"]
+        assert d_far.loc[site, "frd"] > 1.5 * d_near.loc[site, "frd"]
         assert d_far.loc[site, "mmd2"] > d_near.loc[site, "mmd2"]
         assert d_far.loc[site, "frd_lo"] > d_near.loc[site, "frd_hi"]  # separable CIs
         assert d_far.loc[site, "mmd2_lo"] < d_far.loc[site, "mmd2_hi"]

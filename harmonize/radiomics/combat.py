@@ -97,15 +97,41 @@ class ComBat:
         return gamma, delta2
 
 
+def label_covariates(df: pd.DataFrame, label_col: str | None = "label",
+                     levels: list[str] | None = None) -> np.ndarray | None:
+    """One-hot label columns (first level dropped), or None when unlabelled."""
+    if not label_col or label_col not in df:
+        return None
+    labels = df[label_col].astype(str)
+    levels = levels or sorted(labels.unique())
+    if len(levels) < 2 or (labels == "").any():
+        return None
+    return np.stack([(labels == lv).to_numpy(float) for lv in levels[1:]], axis=1)
+
+
 def combat_features(df: pd.DataFrame, feature_cols: list[str], site_col: str = "site",
                     label_col: str | None = "label") -> pd.DataFrame:
     """A copy of df with ComBat-harmonized features (label kept as covariate if any)."""
-    covariates = None
-    if label_col and label_col in df and df[label_col].astype(str).str.len().gt(0).all():
-        labels = df[label_col].astype(str)
-        if labels.nunique() > 1:
-            covariates = pd.get_dummies(labels, drop_first=True).to_numpy(float)
     out = df.copy()
     x = np.nan_to_num(df[feature_cols].to_numpy(float))
-    out[feature_cols] = ComBat().fit_transform(x, df[site_col].to_numpy(), covariates)
+    out[feature_cols] = ComBat().fit_transform(x, df[site_col].to_numpy(),
+                                               label_covariates(df, label_col))
     return out
+
+
+def combat_fold_transform(feature_cols: list[str], site_col: str = "site",
+                          label_col: str | None = "label"):
+    """For cross-validation: fit ComBat on the training rows, apply it to the test rows."""
+
+    def transform(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        levels = sorted(pd.concat([train, test])[label_col].astype(str).unique()) \
+            if label_col and label_col in train else None
+        model = ComBat().fit(np.nan_to_num(train[feature_cols].to_numpy(float)),
+                             train[site_col].to_numpy(),
+                             label_covariates(train, label_col, levels))
+        return tuple(model.transform(np.nan_to_num(d[feature_cols].to_numpy(float)),
+                                     d[site_col].to_numpy(),
+                                     label_covariates(d, label_col, levels))
+                     for d in (train, test))
+
+    return transform

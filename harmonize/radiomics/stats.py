@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -73,10 +74,15 @@ def family_summary(tests: pd.DataFrame) -> pd.DataFrame:
     }).sort_values("mean_epsilon_sq", ascending=False).reset_index()
 
 
+FoldTransform = Callable[[pd.DataFrame, pd.DataFrame], tuple[np.ndarray, np.ndarray]]
+
+
 def site_predictability(df: pd.DataFrame, feature_cols: list[str], site_col: str = "site",
-                        group_col: str = "patient_id", folds: int = 5,
-                        seed: int = 0) -> dict:
-    """Out-of-fold site prediction from features, grouped by patient."""
+                        group_col: str = "patient_id", folds: int = 5, seed: int = 0,
+                        fold_transform: FoldTransform | None = None) -> dict:
+    """Out-of-fold site prediction from features, grouped by patient. `fold_transform`
+    (train rows, test rows) -> (x_train, x_test) lets a feature harmonizer such as ComBat
+    be fitted inside each training fold, so it is judged out of sample."""
     sites = sorted(df[site_col].unique())
     y = df[site_col].map({s: i for i, s in enumerate(sites)}).to_numpy()
     x = np.nan_to_num(df[feature_cols].to_numpy(dtype=float))
@@ -95,8 +101,11 @@ def site_predictability(df: pd.DataFrame, feature_cols: list[str], site_col: str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on near-constant features
         for train, test in splits:
-            model.fit(x[train], y[train])
-            proba[np.ix_(test, model[-1].classes_)] = model.predict_proba(x[test])
+            x_train, x_test = x[train], x[test]
+            if fold_transform is not None:
+                x_train, x_test = fold_transform(df.iloc[train], df.iloc[test])
+            model.fit(x_train, y[train])
+            proba[np.ix_(test, model[-1].classes_)] = model.predict_proba(x_test)
     if len(sites) == 2:
         auc = roc_auc_score(y, proba[:, 1])
     else:

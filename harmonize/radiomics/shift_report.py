@@ -1,0 +1,97 @@
+"""`harmonize shift-report`: extract, analyze, write, for one image set or a before/after
+pair. In a comparison both sets are measured with the same settings (bin width chosen on
+the original images) and the same ROIs (the original's manifest mask, or its automatic
+body mask saved once and reused), so only the intensities differ."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from harmonize.data.io import atomic_write
+from harmonize.data.manifest import load_manifest, manifest_from_folder
+from harmonize.radiomics.analysis import analyze, compare
+from harmonize.radiomics.extract import extract_features
+from harmonize.radiomics.masks import load_roi
+from harmonize.radiomics.report import write_shift_report
+from harmonize.radiomics.settings import RadiomicsSettings
+
+
+def load_image_set(data: str | os.PathLike, mask_column: str | None = None) -> pd.DataFrame:
+    """A manifest CSV, or a folder laid out ROOT/<site>/[<label>/]..."""
+    data = Path(data)
+    if data.is_file():
+        return load_manifest(data, mask_column=mask_column)
+    if data.is_dir():
+        return manifest_from_folder(data)
+    raise FileNotFoundError(f"{data}: neither a manifest CSV nor a folder of site subfolders")
+
+
+def harmonized_counterpart(df: pd.DataFrame, root: str | os.PathLike) -> pd.DataFrame:
+    """The same rows pointing at ROOT/<relpath> (the tree `harmonize apply` writes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: harmonized folder not found")
+    out = df.copy()
+    out["path"] = [str(root / r) for r in df["relpath"]]
+    return out
+
+
+def freeze_auto_masks(df: pd.DataFrame, settings: RadiomicsSettings, folder: Path,
+                      progress: bool = True) -> pd.DataFrame:
+    """Save the original images' automatic ROIs as mask files so a harmonized copy is
+    measured inside exactly the same pixels."""
+    import SimpleITK as sitk
+
+    out = df.copy()
+    if "mask" not in out:
+        out["mask"] = ""
+    for i, rec in tqdm(list(out.iterrows()), desc="ROI masks", unit="img",
+                       disable=not progress):
+        if rec["mask"]:
+            continue
+        try:
+            _, roi = load_roi(rec["path"], None, settings.policy, settings.auto_mask)
+        except (ValueError, OSError):
+            continue  # extraction reports the same problem for this image
+        path = folder / (rec["relpath"] + ".mask.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mask = (roi.mask.astype(np.uint8) * 255)
+        atomic_write(path, lambda tmp, m=mask: sitk.WriteImage(sitk.GetImageFromArray(m),
+                                                                  str(tmp)))
+        out.at[i, "mask"] = str(path)
+    return out
+
+
+def run_shift_report(data: str | os.PathLike, out: str | os.PathLike,
+                     compare_with: str | os.PathLike | None = None,
+                     reference_site: str | None = None, mask_column: str | None = None,
+                     workers: int | None = None, cache_dir: str | os.PathLike | None = None,
+                     ray_address: str | None = None, n_boot: int = 200,
+                     progress: bool = True) -> dict:
+    out = Path(out)
+    df = load_image_set(data, mask_column)
+    settings = RadiomicsSettings.from_data(df, progress=progress)
+    kwargs = {"workers": workers, "cache_dir": cache_dir, "ray_address": ray_address,
+              "progress": progress}
+    if compare_with is not None:
+        df = freeze_auto_masks(df, settings, out / "roi_masks", progress)
+    features, errors = extract_features(df, settings, **kwargs)
+    settings_info = settings.report_dict(features)
+    if compare_with is None:
+        result = analyze(features, reference_site, n_boot=n_boot)
+        write_shift_report(out, features, errors, result, settings_info)
+        return {**result.summary(), "n_errors": len(errors)}
+    h_df = harmonized_counterpart(df, compare_with)
+    h_features, h_errors = extract_features(h_df, settings, **kwargs)
+    errors = pd.concat([errors.assign(set="original"), h_errors.assign(set="harmonized")],
+                       ignore_index=True)
+    before, after, change = compare(features, h_features, reference_site, n_boot=n_boot)
+    write_shift_report(out, features, errors, before, settings_info,
+                       after=(h_features, after, change))
+    return {"before": before.summary(), "after": after.summary(),
+            "change": change.to_dict("records"), "n_errors": len(errors)}
