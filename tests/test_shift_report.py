@@ -68,7 +68,7 @@ def test_compare_measures_the_same_images_before_and_after(synth_pair, tmp_path)
 
 def test_real_two_sites_are_shifted_and_the_families_named(tb_cxr, tmp_path):
     df = pd.read_csv(tb_cxr / "manifest.csv")
-    sub = pd.concat([g[g["lung_mask"].astype(str) != "nan"].head(20)
+    sub = pd.concat([g[g["lung_mask"].notna()].head(20)
                      for _, g in df.groupby("site")])
     for col in ("path", "lung_mask"):
         sub[col] = [str(tb_cxr / p) for p in sub[col]]

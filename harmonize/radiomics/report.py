@@ -68,8 +68,12 @@ def site_table(features: pd.DataFrame, res: ShiftAnalysis) -> pd.DataFrame:
 
 def boxplots(features: pd.DataFrame, res: ShiftAnalysis, top: int = 6):
     names = list(res.tests["feature"].head(top))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    n_rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names, strict=False):
         data = [features.loc[features["site"] == s, name].to_numpy(float) for s in res.sites]
         ax.boxplot(data, tick_labels=res.sites, showfliers=False)
         eps = float(res.tests.set_index("feature").loc[name, "epsilon_sq"])
