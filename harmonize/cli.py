@@ -88,6 +88,11 @@ def _demo(args: argparse.Namespace) -> int:
     for site, e in sorted(result["fidelity"]["histogram-matching"].items()):
         before = result["fidelity"]["identity"][site]["ssim"]["mean"]
         print(f"  {site}: SSIM to reference rendering {before:.3f} -> {e['ssim']['mean']:.3f}")
+    shift = result["site_shift"]
+    print(f"  site AUC from radiomics {shift['site_auc']['before']:.3f} -> "
+          f"{shift['site_auc']['after']:.3f}; shifted features "
+          f"{shift['shifted_feature_share']['before']:.0%} -> "
+          f"{shift['shifted_feature_share']['after']:.0%}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -29,6 +29,9 @@ def test_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsys):
     metrics = pd.read_csv(out / "metrics.csv")
     assert {"site", "method", "ssim", "psnr"} <= set(metrics.columns)
     assert (out / "models" / "histogram-matching" / "model.safetensors").is_file()
+    assert (out / "shift_report" / "report.html").is_file()
+    assert 'href="shift_report/report.html"' in html
+    assert set(summary["site_shift"]["site_auc"]) == {"before", "after"}
 
 
 def test_synth_command_and_its_errors(tmp_path, capsys):

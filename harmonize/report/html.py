@@ -50,6 +50,10 @@ class HtmlReport:
         cls = f' class="{css}"' if css else ""
         self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
+    def link(self, href: str, text: str) -> None:
+        """A relative link to a companion file (reports that belong together)."""
+        self._parts.append(f'<p>See <a href="{html.escape(href)}">{html.escape(text)}</a>.</p>')
+
     def table(self, df: pd.DataFrame, float_format: str = "{:.4g}") -> None:
         formatters = {c: float_format.format for c in df.columns
                       if pd.api.types.is_float_dtype(df[c])}
