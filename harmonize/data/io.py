@@ -83,7 +83,7 @@ def image_format(path: str | os.PathLike) -> str | None:
     for suffix in sorted(ITK_FORMATS, key=len, reverse=True):
         if name.endswith(suffix):
             return ITK_FORMATS[suffix]
-    if name.endswith(DICOM_SUFFIXES) or _has_dicom_magic(path):
+    if name.endswith(DICOM_SUFFIXES) or has_dicom_magic(path):
         return "dicom"
     return None
 
@@ -92,7 +92,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return image_format(path) is not None
 
 
-def _has_dicom_magic(path: str | os.PathLike) -> bool:
+def has_dicom_magic(path: str | os.PathLike) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
     try:
         with open(path, "rb") as fh:
             fh.seek(128)

@@ -22,6 +22,8 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 
+from harmonize.data.io import has_dicom_magic
+
 REQUIRED_COLUMNS = ("path", "site", "label", "patient_id")
 OPTIONAL_COLUMNS = ("node", "split", "mask")
 STANDARD_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
@@ -345,14 +347,7 @@ def _is_image(path: Path, exts: tuple[str, ...], sniff_dicom: bool) -> bool:
     name = path.name.lower()
     if name.endswith(exts):
         return True
-    if not sniff_dicom:
-        return False
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
+    return sniff_dicom and has_dicom_magic(path)
 
 
 def _stem(name: str) -> str:
