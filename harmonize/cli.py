@@ -97,6 +97,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_synth_options(p: argparse.ArgumentParser, per_site: int) -> None:
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--per-site", type=int, default=per_site)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--modality", choices=["xray", "bonescan"], default="xray")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -108,17 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth_opts = argparse.ArgumentParser(add_help=False)
-    synth_opts.add_argument("--sites", type=int, default=4)
-    synth_opts.add_argument("--per-site", type=int, default=50)
-    synth_opts.add_argument("--size", type=int, default=256)
-    synth_opts.add_argument("--modality", choices=["xray", "bonescan"], default="xray")
-    synth_opts.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("synth", formatter_class=fmt, parents=[common, synth_opts],
+    p = sub.add_parser("synth", formatter_class=fmt, parents=[common],
                        help="write the synthetic multi-site benchmark",
                        epilog="example:\n  harmonize synth data/synth --sites 4 --per-site 50")
     p.add_argument("out", help="output folder")
+    _add_synth_options(p, per_site=50)
     p.add_argument("--no-shift", action="store_true",
                    help="negative control: every site uses the reference acquisition")
     p.add_argument("--reference-site", default=None, help="default: the first site")
@@ -177,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run extraction on a Ray cluster ('local' starts one here)")
     p.set_defaults(func=_shift_report)
 
-    p = sub.add_parser("demo", formatter_class=fmt, parents=[common, synth_opts],
+    p = sub.add_parser("demo", formatter_class=fmt, parents=[common],
                        help="the whole pipeline on synthetic data",
                        epilog="example:\n  harmonize demo --out demo_out")
     p.add_argument("--out", default="demo_out")
-    p.set_defaults(per_site=40)
+    _add_synth_options(p, per_site=40)
     p.set_defaults(func=_demo)
     return parser
 
