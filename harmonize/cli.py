@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
     h.set_defaults(func=_train_histogram)
 
+    from harmonize.translators.cyclegan import command as cyclegan_command
+
+    c = kinds.add_parser("cyclegan", formatter_class=fmt, parents=[common],
+                         help="CycleGAN: any site -> reference site (accelerate)",
+                         epilog=f"example:\n  {cyclegan_command.EXAMPLE}")
+    cyclegan_command.add_train_arguments(c)
+    c.set_defaults(func=cyclegan_command.run_from_args)
+
     p = sub.add_parser(
         "apply", formatter_class=fmt, parents=[common],
         help="harmonize a folder or manifest with a translator",

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from harmonize.checkpoint import CheckpointError, load_checkpoint
 from harmonize.translators.base import NotFittedError, Translator
+from harmonize.translators.cyclegan import CycleGANTranslator
 from harmonize.translators.histogram import HistogramMatching
 from harmonize.translators.identity import IdentityTranslator
 
 TRANSLATORS: dict[str, type[Translator]] = {
-    cls.kind: cls for cls in (IdentityTranslator, HistogramMatching)
+    cls.kind: cls for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator)
 }
 BUILTIN_UNFITTED = {"identity"}
 
@@ -34,4 +35,4 @@ def load_translator(spec: str | Path) -> Translator:
 
 
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
-           "HistogramMatching", "IdentityTranslator"]
+           "HistogramMatching", "IdentityTranslator", "CycleGANTranslator"]

@@ -1,0 +1,175 @@
+"""Training data for CycleGAN: manifest rows checked against the config, polarity scan,
+unpaired (source, reference) crops with a seeded order.
+
+Everything here runs before the first step, so a missing site or an unreadable image
+stops the run at once, not after an hour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from harmonize.data.datasets import UnpairedSiteDataset, resize_square
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import read_image
+from harmonize.data.manifest import load_manifest
+from harmonize.translators import polarity as pol
+from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
+
+
+@dataclass
+class TrainingSet:
+    """What the loop needs to know about the data, decided once before training."""
+
+    df: pd.DataFrame  # the rows trained on
+    reference_site: str
+    source_sites: list[str]  # non-reference sites, sorted: index = condition index
+    template: np.ndarray  # reference site's mean thumbnail (polarity guard)
+    flipped: set[str]  # source paths whose grey scale is inverted (flipped on load)
+    policy: IntensityPolicy
+
+    def flipped_per_site(self) -> dict[str, int]:
+        rows = self.df[self.df["path"].isin(self.flipped)]
+        return {str(s): int(n) for s, n in rows["site"].value_counts().sort_index().items()}
+
+
+def select_rows(config: CycleGANConfig) -> pd.DataFrame:
+    """Manifest rows to train on; raises ConfigError naming what does not match."""
+    data = config.data
+    df = load_manifest(data.manifest)
+    where = f"{data.manifest}"
+    if data.split is not None:
+        if "split" not in df.columns:
+            raise ConfigError(f"data.split='{data.split}' but {where} has no split column")
+        df = df[df["split"] == data.split.lower()]
+        if df.empty:
+            raise ConfigError(f"{where}: no rows with split '{data.split}'")
+        where += f" (split {data.split})"
+    present = sorted(df["site"].unique())
+    wanted = data.sites if data.sites is not None else present
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise ConfigError(f"data.sites names {missing}, not in {where}; sites present: "
+                          f"{', '.join(present)}")
+    if data.reference_site not in wanted:
+        hint = "add it to data.sites" if data.reference_site in present else \
+            f"sites present: {', '.join(present)}"
+        raise ConfigError(f"data.reference_site '{data.reference_site}' is not among the "
+                          f"training sites of {where}; {hint}")
+    if len(wanted) < 2:
+        raise ConfigError(f"only the reference site '{data.reference_site}' to train on; "
+                          "CycleGAN needs at least one other site")
+    return df[df["site"].isin(wanted)].reset_index(drop=True)
+
+
+def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> TrainingSet:
+    """Select rows, then read every image once: the reference template and which source
+    images are inverted (also proves every file is readable before training starts)."""
+    df = select_rows(config)
+    ref = str(config.data.reference_site)
+    policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
+    thumbs: dict[str, np.ndarray] = {}
+    for path in tqdm(df["path"], desc="scan images", unit="img", disable=not progress):
+        try:
+            x, _ = policy.to_model(read_image(path))
+        except Exception as err:  # noqa: BLE001 - one message naming the file
+            raise ConfigError(f"{path}: cannot be read for training: {err}") from None
+        thumbs[path] = pol.thumbnail(x)
+    is_ref = (df["site"] == ref).to_numpy()
+    template = np.mean([thumbs[p] for p in df["path"][is_ref]], axis=0).astype(np.float32)
+    flipped: set[str] = set()
+    if config.data.polarity == "auto":
+        flipped = {p for p in df["path"][~is_ref] if pol.correlation(thumbs[p], template) < 0}
+    sources = sorted(df["site"][~is_ref].unique())
+    return TrainingSet(df, ref, sources, template, flipped, policy)
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation seeded by (seed, epoch): the same order on every rerun and resume."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class UnpairedCrops(Dataset):
+    """(source, reference) pairs in network space [-1, 1], cropped to image_size.
+
+    Wraps `UnpairedSiteDataset` (reference partner per item, resize to load_size),
+    flips inverted sources (the polarity guard), and takes a random image_size crop of
+    each, seeded by (seed, epoch, index) so workers and resumes see the same crops.
+    Images smaller than the crop are reflection-padded.
+    """
+
+    def __init__(self, ts: TrainingSet, image_size: int, load_size: int | None,
+                 seed: int) -> None:
+        self.pairs = UnpairedSiteDataset(ts.df, ts.reference_site, size=load_size, seed=seed,
+                                         policy=ts.policy)
+        self.flipped = ts.flipped
+        self.site_index = {s: i for i, s in enumerate(ts.source_sites)}
+        self.image_size = image_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.pairs.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.pairs[index]
+        source = item["source"]
+        if item["source_path"] in self.flipped:
+            source = 1.0 - source
+        rng = np.random.default_rng([self.seed, self.epoch, index, 7])
+        return {
+            "source": self._crop(source, rng) * 2.0 - 1.0,
+            "reference": self._crop(item["reference"], rng) * 2.0 - 1.0,
+            "site_index": self.site_index[item["source_site"]],
+        }
+
+    def _crop(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        s = self.image_size
+        h, w = x.shape[-2:]
+        if h < s or w < s:
+            ph, pw = max(s - h, 0), max(s - w, 0)
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x[None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)[0]
+            h, w = x.shape[-2:]
+        y0 = int(rng.integers(h - s + 1))
+        x0 = int(rng.integers(w - s + 1))
+        return x[:, y0:y0 + s, x0:x0 + s].contiguous()
+
+
+def sample_images(ts: TrainingSet, load_size: int | None) -> list[tuple[np.ndarray, str]]:
+    """Whole images for the sample grid: the first of each source site, then one of the
+    reference site (its translation should look unchanged), in model space."""
+    picks = [ts.df[ts.df["site"] == s].iloc[0] for s in [*ts.source_sites, ts.reference_site]]
+    out = []
+    for row in picks:
+        x, _ = ts.policy.to_model(read_image(row["path"]))
+        if load_size is not None:
+            x = resize_square(torch.from_numpy(np.clip(x, 0, 1))[None], load_size)[0].numpy()
+        out.append((x.astype(np.float32), str(row["site"])))
+    return out

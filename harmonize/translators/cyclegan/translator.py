@@ -1,0 +1,174 @@
+"""The CycleGAN translator: a trained generator behind the fit/transform/save/load interface.
+
+One pooled generator maps an image of any site to the reference site: it needs no site
+label at inference, so images of unknown or new sites can be harmonized too. (Training
+conditions the *reverse* generator on the source site, see `train`; only the forward
+generator is kept in the checkpoint.)
+
+transform, per image:
+1. reference-site images pass through unchanged (they are already in the target style);
+2. polarity guard: images whose 32x32 thumbnail anti-correlates with the reference
+   site's mean thumbnail are flipped first (training did the same), so the network never
+   has to learn an inversion, which GANs do inconsistently; an output that still
+   anti-correlates with the template is reported with a warning;
+3. model space [0, 1] -> network space [-1, 1], reflection-padded to a multiple of 4, in
+   tiles of the training size with blended overlaps when larger (`tiling`), batched;
+4. back to model space [0, 1], cropped to the input size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from harmonize.translators import polarity as pol
+from harmonize.translators.base import Translator
+from harmonize.translators.cyclegan.networks import ResnetGenerator
+from harmonize.translators.cyclegan.tiling import tiled_map
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CycleGANTranslator(Translator):
+    kind = "cyclegan"
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "nearest",
+                 residual: bool = False, tile_size: int = 256, tile_overlap: float = 0.25,
+                 batch_size: int = 8, precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+                 polarity: Literal["auto", "keep"] = "auto", passthrough_reference: bool = True,
+                 train_load_size: int | None = None, device: str = "auto", policy=None) -> None:
+        super().__init__(policy)
+        if tile_size % 4:
+            raise ValueError(f"tile_size={tile_size}: must be a multiple of 4")
+        if not 0 <= tile_overlap <= 0.5:
+            raise ValueError(f"tile_overlap={tile_overlap}: expected a fraction in [0, 0.5]")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision='{precision}': use {', '.join(PRECISIONS)}")
+        if polarity not in ("auto", "keep"):
+            raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
+        self.ngf = ngf
+        self.n_blocks = n_blocks
+        self.upsample = upsample
+        self.residual = residual
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.batch_size = batch_size
+        self.precision = precision
+        self.polarity = polarity
+        self.passthrough_reference = passthrough_reference
+        self.train_load_size = train_load_size
+        self.device = device
+        self._warned_scale = False
+
+    # --- learned state ------------------------------------------------------------------
+    def build_generator(self) -> ResnetGenerator:
+        return ResnetGenerator(ngf=self.ngf, n_blocks=self.n_blocks, upsample=self.upsample,
+                               residual=self.residual)
+
+    def set_trained(self, generator: ResnetGenerator, template: np.ndarray,
+                    reference_site: str) -> CycleGANTranslator:
+        """Adopt a generator trained by `train_cyclegan` (a copy on the CPU, eval mode)."""
+        g = self.build_generator()
+        g.load_state_dict({k: v.detach().float().cpu() for k, v in
+                           generator.state_dict().items()})
+        self.generator_ = g.eval()
+        self.template_ = np.asarray(template, dtype=np.float32)
+        self.reference_site_ = reference_site
+        return self
+
+    def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
+        raise NotImplementedError(
+            "CycleGAN trains from a manifest with many steps on a GPU or CPU: use "
+            "harmonize.translators.cyclegan.train_cyclegan(config) or "
+            "`harmonize train cyclegan --config configs/cyclegan/quick.yaml ...`")
+
+    # --- inference ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
+                  ) -> list[np.ndarray]:
+        self.check_fitted()
+        sites = list(sites) if sites is not None else [None] * len(images)
+        out: list[np.ndarray | None] = [None] * len(images)
+        todo, tensors = [], []
+        for k, (image, site) in enumerate(zip(images, sites, strict=True)):
+            x = np.asarray(image, dtype=np.float32)
+            if x.ndim != 2:
+                raise ValueError(f"expected a 2D (H, W) image, got shape {x.shape}")
+            if self.passthrough_reference and site is not None and site == self.reference_site_:
+                out[k] = x.copy()
+                continue
+            self._check_scale(x.shape)
+            if self.polarity == "auto" and pol.is_inverted(x, self.template_):
+                x = pol.invert(x)
+            todo.append(k)
+            tensors.append(torch.from_numpy(np.clip(x, 0.0, 1.0))[None] * 2.0 - 1.0)
+        if tensors:
+            for k, y in zip(todo, self._translate(tensors), strict=True):
+                out[k] = ((y[0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
+                if self.polarity == "auto" and pol.is_inverted(out[k], self.template_):
+                    warnings.warn(f"image {k} of the batch came out inverted relative to the "
+                                  "reference site: check the translation", stacklevel=2)
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _translate(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = self._device()
+        g = self.generator_.to(device)
+        dtype = PRECISIONS[self.precision]
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            batch = batch.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                return g(batch).float()
+
+        results = tiled_map([t.to(device) for t in tensors], forward, self.tile_size,
+                            self.tile_overlap, self.batch_size)
+        return [r.clamp_(-1.0, 1.0) for r in results]
+
+    def _check_scale(self, shape: tuple[int, ...]) -> None:
+        """Warn once when images are far from the scale the generator was trained at."""
+        if self.train_load_size is None or self._warned_scale:
+            return
+        ratio = max(shape) / self.train_load_size
+        if ratio > 2 or ratio < 0.5:
+            self._warned_scale = True
+            log.warning("images of %s px, but training resized whole images to %d px: "
+                        "structures appear at another scale than in training (train with "
+                        "data.load_size: null to learn at native resolution)",
+                        "x".join(map(str, shape)), self.train_load_size)
+
+    # --- persistence ----------------------------------------------------------------------
+    def get_config(self) -> dict:
+        return {"ngf": self.ngf, "n_blocks": self.n_blocks, "upsample": self.upsample,
+                "residual": self.residual, "tile_size": self.tile_size,
+                "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
+                "precision": self.precision, "polarity": self.polarity,
+                "passthrough_reference": self.passthrough_reference,
+                "train_load_size": self.train_load_size}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"generator.{k}": v for k, v in self.generator_.state_dict().items()}
+        tensors["polarity_template"] = torch.from_numpy(self.template_)
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        g = self.build_generator()
+        g.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
+                           if k.startswith("generator.")})
+        self.generator_ = g.eval()
+        self.template_ = tensors["polarity_template"].numpy()
