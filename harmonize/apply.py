@@ -84,7 +84,7 @@ def discover_inputs(
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and (root_path / d).resolve() != out_resolved)
         for name in sorted(files):
-            if name.startswith(".") or name == LOG_NAME:
+            if name.startswith(".") or (name.startswith("apply_log") and name.endswith(".csv")):
                 continue
             rel = (root_path / name).relative_to(inp)
             site = rel.parts[0] if len(rel.parts) > 1 else None
@@ -130,11 +130,12 @@ def apply_translator(
     """Harmonize every file of `inp` (folder or manifest) into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = discover_inputs(inp, out)
+    rank, world = process_shard()
+    items = discover_inputs(inp, out)[rank::world]  # each file to exactly one process
     if derivation is None:
         derivation = (f"harmonized to site '{translator.reference_site_}' "
                       f"by the {translator.kind} translator")
-    log = _Log(out / LOG_NAME)
+    log = _Log(out / (LOG_NAME if rank == 0 else f"apply_log.rank{rank}.csv"))
     summary = ApplySummary(log_path=log.path)
     bar = tqdm(total=len(items), desc=f"apply {translator.kind}", unit="img",
                disable=not progress)
@@ -175,6 +176,17 @@ def apply_translator(
     bar.close()
     log.close()
     return summary
+
+
+def process_shard() -> tuple[int, int]:
+    """(rank, number of processes) when started by `accelerate launch --multi_gpu` or
+    torchrun (they set RANK and WORLD_SIZE), else (0, 1).
+
+    Each process takes every n-th file of the sorted list, so no file is written twice,
+    and logs to its own apply_log (rank 0: apply_log.csv, others apply_log.rank<k>.csv).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
 def _load_all(translator: Translator, todo: list[ApplyItem], pool: ThreadPoolExecutor,

@@ -77,3 +77,22 @@ def test_cli_exit_codes(mixed_folder, tmp_path, capsys):
     assert main(["apply", "-q", "--model", str(tmp_path / "missing"), str(mixed_folder),
                  str(tmp_path / "d")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_processes_of_a_multi_device_launch_split_the_files(mixed_folder, tmp_path,
+                                                             monkeypatch):
+    """Under accelerate/torchrun (RANK, WORLD_SIZE set) each process takes every n-th
+    file: together they write every file exactly once, each with its own log."""
+    out = tmp_path / "out"
+    done = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        s = apply_translator(load_translator("identity"), mixed_folder, out, progress=False)
+        done.append(s.ok)
+    n_files = len([p for p in mixed_folder.rglob("*") if p.is_file()])
+    assert sum(done) == n_files and min(done) >= 1
+    logs = sorted(p.name for p in out.glob("apply_log*.csv"))
+    assert logs == ["apply_log.csv", "apply_log.rank1.csv"]
+    rows = [r for name in logs for r in csv.DictReader(open(out / name, newline=""))]
+    assert len(rows) == n_files == len({r["input"] for r in rows})
