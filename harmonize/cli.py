@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     cyclegan_command.add_train_arguments(c)
     c.set_defaults(func=cyclegan_command.run_from_args)
 
+    from harmonize.translators.diffusion import command as diffusion_command
+
+    d = kinds.add_parser("diffusion", formatter_class=fmt, parents=[common],
+                         help="diffusion prior(s) for SDEdit / DDIB (diffusers)",
+                         epilog=f"example:\n  {diffusion_command.EXAMPLE}")
+    diffusion_command.add_train_arguments(d)
+    d.set_defaults(func=diffusion_command.run_from_args)
+
     p = sub.add_parser(
         "apply", formatter_class=fmt, parents=[common],
         help="harmonize a folder or manifest with a translator",

@@ -7,11 +7,13 @@ from pathlib import Path
 from harmonize.checkpoint import CheckpointError, load_checkpoint
 from harmonize.translators.base import NotFittedError, Translator
 from harmonize.translators.cyclegan import CycleGANTranslator
+from harmonize.translators.diffusion import DiffusionTranslator
 from harmonize.translators.histogram import HistogramMatching
 from harmonize.translators.identity import IdentityTranslator
 
 TRANSLATORS: dict[str, type[Translator]] = {
-    cls.kind: cls for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator)
+    cls.kind: cls
+    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, DiffusionTranslator)
 }
 BUILTIN_UNFITTED = {"identity"}
 
@@ -35,4 +37,5 @@ def load_translator(spec: str | Path) -> Translator:
 
 
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
-           "HistogramMatching", "IdentityTranslator", "CycleGANTranslator"]
+           "HistogramMatching", "IdentityTranslator", "CycleGANTranslator",
+           "DiffusionTranslator"]

@@ -1,0 +1,221 @@
+"""Diffusion training configuration: YAML validated by pydantic, with dotted overrides.
+
+Same layout and override style as the CycleGAN config (``configs/diffusion/*.yaml``;
+``--data``, ``--reference-site``, ``--mode``, ``--out``, ``--set train.steps=500``). Every
+problem is reported at once, naming its key, before any image is read or network built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harmonize.translators.cyclegan.config import ConfigError, dump_config, parse_override
+
+__all__ = ["ConfigError", "DiffusionConfig", "dump_config", "load_config", "parse_override"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    manifest: Path | None = Field(None, description="manifest CSV (required to train)")
+    reference_site: str | None = Field(None, description="the site every image is mapped to")
+    sites: list[str] | None = Field(None, description="train on these sites; None: all")
+    split: str | None = Field(None, description="use only rows with this split, e.g. train")
+    image_size: int = Field(256, description="the prior's input side (whole images resized "
+                            "to it, or crops of it)")
+    scale: Literal["whole", "crops"] = Field(
+        "whole", description="whole: train on whole images resized to image_size; crops: "
+        "on random image_size crops at native resolution (then inference uses tiles)")
+    intensity: Literal["auto", "bit-depth", "percentile"] = "auto"
+    bits: int | None = None
+    polarity: Literal["auto", "keep"] = Field(
+        "auto", description="flip images inverted relative to the reference site")
+    cache_mb: int = Field(2048, ge=0, description="keep resized images in memory up to this")
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Section):
+    conditioning: Literal["per-site", "site-conditioned"] = Field(
+        "per-site", description="per-site: one UNet per site, each trained on its own data "
+        "only (sdedit: the reference site only); site-conditioned: one UNet, class = site")
+    block_out_channels: list[int] = Field([64, 128, 256, 256], min_length=2)
+    layers_per_block: int = Field(2, ge=1)
+    attention: list[bool] = Field([False, False, True, True],
+                                  description="self-attention per resolution level (the "
+                                  "middle block follows the last level)")
+    norm_num_groups: int = Field(32, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    class_dropout: float = Field(0.1, ge=0, lt=1, description="site-conditioned: share of "
+                                 "images trained with the 'unknown site' label")
+
+
+class DiffusionSchedule(_Section):
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="v: errors are not amplified by 1/sqrt(alpha_bar) at "
+        "high noise, so few-step DDIM from pure noise (DDIB) stays stable")
+
+
+class TrainConfig(_Section):
+    out: Path | None = Field(None, description="run folder (required to train)")
+    steps: int = Field(100_000, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="per device and per model")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_warmup_steps: int = Field(500, ge=0, description="linear lr warm-up")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="upper bound of the EMA decay")
+    ema_power: float = Field(0.75, gt=0, description="EMA warm-up: decay = 1-(1+step)^-power")
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp32")
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(5000, ge=1)
+    resume: bool = False
+    progress: bool = True
+
+
+class InferenceConfig(_Section):
+    mode: Literal["sdedit", "ddib"] = "sdedit"
+    steps: int = Field(50, ge=1, description="DDIM steps over the whole noise range; SDEdit "
+                       "runs int(t0 * steps) of them, DDIB twice int(ddib_t0 * steps)")
+    sdedit_t0: float = Field(0.4, gt=0, le=1, description="SDEdit noise strength")
+    ddib_t0: float = Field(1.0, gt=0, le=1, description="DDIB inversion depth (1: pure latent)")
+    inversion_refine: int = Field(1, ge=0, description="fixed-point corrections per DDIM "
+                                  "inversion step (each one model call; 0: plain inversion)")
+    large_images: Literal["residual", "resize", "tiles"] = Field(
+        "residual", description="residual: translate at image_size, add the input's "
+        "high-frequency detail back; resize: translate at image_size and upsample; tiles: "
+        "overlapping image_size tiles at native resolution (needs data.scale: crops)")
+    batch_size: int = Field(16, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    passthrough_reference: bool = True
+
+
+class DiffusionConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionSchedule = DiffusionSchedule()
+    train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffusionConfig:
+        m, size = self.model, self.data.image_size
+        levels = len(m.block_out_channels)
+        factor = 2 ** (levels - 1)
+        problems = []
+        if size < 8 or size % factor:
+            problems.append(f"data.image_size={size}: the UNet halves it {levels - 1} times, "
+                            f"so it must be a multiple of {factor} (e.g. {max(factor, 64)})")
+        if len(m.attention) != levels:
+            problems.append(f"model.attention has {len(m.attention)} entries but "
+                            f"model.block_out_channels has {levels}: give one per level")
+        bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+        if bad:
+            problems.append(f"model.block_out_channels {bad} are not multiples of "
+                            f"model.norm_num_groups={m.norm_num_groups}")
+        bad = [c for c, a in zip(m.block_out_channels, m.attention, strict=False)
+               if a and c % m.attention_head_dim]
+        if bad:
+            problems.append(f"model.block_out_channels {bad} of attention levels are not "
+                            f"multiples of model.attention_head_dim={m.attention_head_dim}")
+        tiles, crops = self.inference.large_images == "tiles", self.data.scale == "crops"
+        if tiles != crops:
+            problems.append(f"inference.large_images={self.inference.large_images} with "
+                            f"data.scale={self.data.scale}: a prior trained on crops sees "
+                            "native-resolution tiles, one trained on whole images sees whole "
+                            "resized images (use tiles with crops, residual/resize with whole)")
+        t = self.diffusion.num_train_timesteps
+        steps = self.inference.steps
+        if steps > t or t % steps:
+            problems.append(f"inference.steps={steps}: must divide diffusion."
+                            f"num_train_timesteps={t} (e.g. {', '.join(_divisors(t))}) so "
+                            "that DDIM steps land on the training grid")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def check_ready(self) -> None:
+        """What training needs beyond a valid file: where the data is and where to write."""
+        missing = [k for k, v in (("data.manifest", self.data.manifest),
+                                  ("data.reference_site", self.data.reference_site),
+                                  ("train.out", self.train.out)) if v is None]
+        if missing:
+            raise ConfigError(f"config misses {', '.join(missing)} (set them in the YAML or "
+                              "with --data / --reference-site / --out)")
+
+    def unet_config(self, num_class_embeds: int | None) -> dict[str, Any]:
+        """Keyword arguments of `diffusers.UNet2DModel` (1 channel in and out)."""
+        m = self.model
+        return {
+            "sample_size": self.data.image_size, "in_channels": 1, "out_channels": 1,
+            "block_out_channels": list(m.block_out_channels),
+            "layers_per_block": m.layers_per_block,
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in m.attention],
+            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D"
+                               for a in reversed(m.attention)],
+            "norm_num_groups": m.norm_num_groups, "attention_head_dim": m.attention_head_dim,
+            "add_attention": bool(m.attention[-1]),
+            "dropout": m.dropout, "num_class_embeds": num_class_embeds,
+        }
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """Shared by DDPMScheduler (training) and DDIMScheduler (sampling)."""
+        return {"num_train_timesteps": self.diffusion.num_train_timesteps,
+                "beta_schedule": self.diffusion.beta_schedule,
+                "prediction_type": self.diffusion.prediction_type, "clip_sample": False}
+
+
+def _divisors(n: int) -> list[str]:
+    return [str(d) for d in (5, 10, 20, 25, 50, 100) if n % d == 0][:5]
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> DiffusionConfig:
+    """Read a YAML config (None: all defaults) and apply dotted-key overrides.
+
+    ``overrides={"train.steps": 500, "inference.mode": "ddib"}``; a value of None leaves
+    the file's value in place (argparse defaults), so only given flags count.
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: cannot set {key}: '{part}' is not a section")
+        node[leaf] = value
+    try:
+        return DiffusionConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "config"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -1,0 +1,202 @@
+"""Training data for the diffusion priors: which rows train which model, read once up front.
+
+Per-site conditioning trains one model per site, each on that site's images only (what
+DDIB needs, and what a site can do without sharing a pixel); SDEdit needs only the
+reference site's model, so only the reference site is read. Site-conditioned training
+pools every site into one model with the site as class label.
+
+Every image is read before the first step (an unreadable file stops the run at once),
+scanned for inverted polarity like CycleGAN's data (inverted images are flipped for
+training and at inference), resized to the training square (``data.scale: whole``) or
+kept at native size for random crops (``crops``), and kept in memory up to
+``data.cache_mb``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from harmonize.data.datasets import load_image_tensor, resize_square
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import read_image
+from harmonize.data.manifest import load_manifest
+from harmonize.translators import polarity as pol
+from harmonize.translators.diffusion.config import ConfigError, DiffusionConfig
+
+ALL_SITES = "*"  # model key of the one site-conditioned UNet
+
+
+@dataclass
+class TrainingSet:
+    """What the loop needs to know about the data, decided once before training."""
+
+    df: pd.DataFrame  # the rows trained on
+    reference_site: str
+    model_keys: list[str]  # one per UNet: a site name, or ALL_SITES
+    groups: list[np.ndarray]  # row indices of df that train each model
+    class_sites: list[str]  # site-conditioned: class index -> site; len = "unknown site"
+    template: np.ndarray  # reference site's mean thumbnail (polarity guard)
+    flipped: set[str]  # paths whose grey scale is inverted (flipped on load)
+    policy: IntensityPolicy
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (1, h, w) [0, 1]
+    crops: bool = False  # random crops at native size instead of whole resized images
+
+    def flipped_per_site(self) -> dict[str, int]:
+        rows = self.df[self.df["path"].isin(self.flipped)]
+        return {str(s): int(n) for s, n in rows["site"].value_counts().sort_index().items()}
+
+
+def select_rows(config: DiffusionConfig) -> pd.DataFrame:
+    """Manifest rows to train on; raises ConfigError naming what does not match."""
+    data = config.data
+    df = load_manifest(data.manifest)
+    where = f"{data.manifest}"
+    if data.split is not None:
+        if "split" not in df.columns:
+            raise ConfigError(f"data.split='{data.split}' but {where} has no split column")
+        df = df[df["split"] == data.split.lower()]
+        if df.empty:
+            raise ConfigError(f"{where}: no rows with split '{data.split}'")
+        where += f" (split {data.split})"
+    present = sorted(df["site"].astype(str).unique())
+    wanted = data.sites if data.sites is not None else present
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise ConfigError(f"data.sites names {missing}, not in {where}; sites present: "
+                          f"{', '.join(present)}")
+    ref = data.reference_site
+    if ref not in wanted:
+        hint = "add it to data.sites" if ref in present else f"sites present: {', '.join(present)}"
+        raise ConfigError(f"data.reference_site '{ref}' is not among the training sites of "
+                          f"{where}; {hint}")
+    per_site = config.model.conditioning == "per-site"
+    if per_site and config.inference.mode == "sdedit":
+        wanted = [ref]  # SDEdit needs the reference prior only
+    elif len(wanted) < 2:
+        raise ConfigError(f"only the reference site '{ref}' to train on; DDIB and "
+                          "site-conditioned models need other sites (or use --mode sdedit)")
+    return df[df["site"].astype(str).isin(wanted)].reset_index(drop=True)
+
+
+def prepare_training_set(config: DiffusionConfig, progress: bool = True) -> TrainingSet:
+    """Select rows, read every image once (polarity scan, resize, cache), group by model."""
+    df = select_rows(config)
+    ref = str(config.data.reference_site)
+    size = config.data.image_size
+    policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
+    budget = config.data.cache_mb * 2**20
+    thumbs: dict[str, np.ndarray] = {}
+    cache: dict[str, torch.Tensor] = {}
+    for path in tqdm(df["path"], desc="scan images", unit="img", disable=not progress):
+        try:
+            x, _ = policy.to_model(read_image(path))
+        except Exception as err:  # noqa: BLE001 - one message naming the file
+            raise ConfigError(f"{path}: cannot be read for training: {err}") from None
+        thumbs[path] = pol.thumbnail(x)
+        t = torch.from_numpy(np.clip(x, 0.0, 1.0).astype(np.float32))[None]
+        t = resize_square(t, size) if config.data.scale == "whole" else t
+        if t.numel() * 4 <= budget:
+            cache[path] = t
+            budget -= t.numel() * 4
+    sites = df["site"].astype(str)
+    is_ref = (sites == ref).to_numpy()
+    template = np.mean([thumbs[p] for p in df["path"][is_ref]], axis=0).astype(np.float32)
+    flipped: set[str] = set()
+    if config.data.polarity == "auto":
+        flipped = {p for p in df["path"][~is_ref] if pol.correlation(thumbs[p], template) < 0}
+    class_sites = sorted(sites.unique())
+    if config.model.conditioning == "per-site":
+        keys = class_sites
+        groups = [np.flatnonzero((sites == s).to_numpy()) for s in keys]
+    else:
+        keys, groups = [ALL_SITES], [np.arange(len(df))]
+    return TrainingSet(df, ref, keys, groups, class_sites, template, flipped, policy, cache,
+                       crops=config.data.scale == "crops")
+
+
+class SiteBatches(Dataset):
+    """Item i: one image for each model, in network space [-1, 1], shape (M, 1, S, S),
+    with the site class index of each (M,).
+
+    Model k's image is row i mod n_k of its own group, so a shuffled epoch over i gives
+    every model a random batch of its own site only, and small sites are cycled to keep
+    pace with large ones. The length is at least `min_length` (one batch of every
+    process), so tiny sets still train. With crops, each is drawn with a generator seeded
+    by (seed, epoch, index), the same whatever the worker or a resume.
+    """
+
+    def __init__(self, ts: TrainingSet, size: int, min_length: int = 1, seed: int = 0) -> None:
+        self.ts = ts
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.length = max(max(len(g) for g in ts.groups), min_length)
+        self.site_index = {s: i for i, s in enumerate(ts.class_sites)}
+        self.paths = ts.df["path"].astype(str).tolist()
+        self.sites = ts.df["site"].astype(str).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def image(self, row: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """(1, S, S) in [0, 1], upright (inverted images flipped); a crop when training
+        on crops (the centre one without a generator)."""
+        path = self.paths[row]
+        x = self.ts.cache.get(path)
+        if x is None:
+            x = load_image_tensor(path, None if self.ts.crops else self.size, self.ts.policy)
+        if self.ts.crops:
+            x = crop(x, self.size, rng)
+        return 1.0 - x if path in self.ts.flipped else x
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rows = [int(g[index % len(g)]) for g in self.ts.groups]
+        return {"images": torch.stack([self.image(r, rng) * 2.0 - 1.0 for r in rows]),
+                "labels": torch.tensor([self.site_index[self.sites[r]] for r in rows])}
+
+    def first_per_site(self, limit: int = 6) -> tuple[torch.Tensor, list[str]]:
+        """A fixed (N, 1, S, S) [0, 1] batch for the sample grids: the first image of each
+        site (reference first), then the next ones in turn, up to `limit` images."""
+        by_site: dict[str, list[int]] = {}
+        for row, site in enumerate(self.sites):
+            by_site.setdefault(site, []).append(row)
+        order = [self.ts.reference_site] + [s for s in self.ts.class_sites
+                                            if s != self.ts.reference_site]
+        picked: list[int] = []
+        for k in range(limit):
+            picked += [by_site[s][k] for s in order if k < len(by_site[s])]
+        picked = picked[:limit]
+        return (torch.stack([self.image(r) for r in picked]),
+                [self.sites[r] for r in picked])
+
+
+def crop(x: torch.Tensor, size: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """A size x size crop of a (1, H, W) image (random, or central without rng);
+    smaller images are reflection-padded first."""
+    x = pad_to_at_least(x, size)
+    h, w = x.shape[-2:]
+    y0 = int(rng.integers(h - size + 1)) if rng is not None else (h - size) // 2
+    x0 = int(rng.integers(w - size + 1)) if rng is not None else (w - size) // 2
+    return x[:, y0:y0 + size, x0:x0 + size].contiguous()
+
+
+def pad_to_at_least(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad a (C, H, W) image at the bottom/right to at least size x size (reflect, or
+    replicate when the image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x[None], (0, pw, 0, ph), mode=mode)[0]
+    return x

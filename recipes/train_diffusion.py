@@ -1,0 +1,33 @@
+"""Train diffusion priors for SDEdit / DDIB: `accelerate launch recipes/train_diffusion.py`.
+
+The same code as `harmonize train diffusion` (the flags are shared); accelerate adds
+devices, processes and mixed precision. Example:
+
+    accelerate launch recipes/train_diffusion.py --config configs/diffusion/default.yaml \
+        --data data/synth/manifest.csv --reference-site site_a --mode ddib --out runs/ddib
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harmonize.translators.diffusion.command import EXAMPLE, add_train_arguments, run_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {EXAMPLE}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"train_diffusion: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
