@@ -11,14 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from harmonize.configs import ConfigError, dump_config, load_yaml_config, parse_override
 from harmonize.translators.cyclegan.networks import min_discriminator_size
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and every bad key."""
+__all__ = ["ConfigError", "CycleGANConfig", "dump_config", "load_config", "parse_override"]
 
 
 class _Section(BaseModel):
@@ -124,57 +122,6 @@ class CycleGANConfig(_Section):
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> CycleGANConfig:
-    """Read a YAML config (None: all defaults) and apply dotted-key overrides.
-
-    ``overrides={"train.steps": 500, "data.reference_site": "site_a"}``; a value of
-    None leaves the file's value in place (argparse defaults), so only given flags count.
-    """
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, key, value, source)
-    try:
-        return CycleGANConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "config"
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'train.steps=500'`` -> ("train.steps", 500); the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=500")
-    return key.strip(), yaml.safe_load(value)
-
-
-def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: cannot set {key}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def dump_config(config: CycleGANConfig, path: str | Path) -> Path:
-    """Write the resolved config (what actually ran) next to the outputs."""
-    data = config.model_dump(mode="json")
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-    return Path(path)
+    """Read a YAML config (None: all defaults) and apply dotted-key overrides, e.g.
+    ``{"train.steps": 500, "data.reference_site": "site_a"}``."""
+    return load_yaml_config(CycleGANConfig, path, overrides)

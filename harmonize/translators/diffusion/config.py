@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harmonize.translators.cyclegan.config import ConfigError, dump_config, parse_override
+from harmonize.configs import ConfigError, dump_config, load_yaml_config, parse_override
 
 __all__ = ["ConfigError", "DiffusionConfig", "dump_config", "load_config", "parse_override"]
 
@@ -184,38 +183,6 @@ def _divisors(n: int) -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> DiffusionConfig:
-    """Read a YAML config (None: all defaults) and apply dotted-key overrides.
-
-    ``overrides={"train.steps": 500, "inference.mode": "ddib"}``; a value of None leaves
-    the file's value in place (argparse defaults), so only given flags count.
-    """
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: cannot set {key}: '{part}' is not a section")
-        node[leaf] = value
-    try:
-        return DiffusionConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "config"
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+    """Read a YAML config (None: all defaults) and apply dotted-key overrides, e.g.
+    ``{"train.steps": 500, "inference.mode": "ddib"}``."""
+    return load_yaml_config(DiffusionConfig, path, overrides)

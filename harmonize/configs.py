@@ -1,0 +1,74 @@
+"""Typed configs: YAML files validated by pydantic models, with dotted overrides from the
+command line (``--set train.steps=500``). Every problem is reported at once, naming its
+key, before any image is read or network built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+def load_yaml_config(model: type[M], path: str | Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> M:
+    """Read a YAML config (None: all defaults) and apply dotted-key overrides.
+
+    A None override leaves the file's value in place (argparse defaults), so only flags
+    actually given count.
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value, source)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "config"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.steps=500'`` -> ("train.steps", 500); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=500")
+    return key.strip(), yaml.safe_load(value)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> Path:
+    """Write the resolved config (what actually ran) next to the outputs."""
+    data = config.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    return Path(path)
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot set {key}: '{part}' is not a section")
+    node[leaf] = value
