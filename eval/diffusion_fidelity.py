@@ -252,6 +252,8 @@ def plot_curve(curve: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel(knob)
         if knob == "steps":
             ax.set_xscale("log")
+            ax.set_xticks(list(STEPS), [str(v) for v in STEPS])
+            ax.minorticks_off()
     axes[0].set_ylabel("mean SSIM")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
