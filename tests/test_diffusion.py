@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
 from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
@@ -170,6 +171,9 @@ def test_ddib_without_a_model_for_the_site_falls_back_to_sdedit(caplog):
     np.testing.assert_allclose(out[0], sde[0], atol=1e-6)
     with pytest.raises(ValueError, match="t0"):
         t.set_params(sdedit_t0=1.5)
+    with pytest.raises(ValueError, match="must divide"):
+        t.set_params(steps=30)
+    assert (t.sdedit_t0, t.steps) == (0.4, 5)  # unchanged by the refused settings
 
 
 def test_larger_images_keep_their_own_detail():
@@ -286,6 +290,10 @@ def test_train_checkpoint_apply_resume(synth, tmp_path):
         train_diffusion(load_config(None, overrides))
     train_diffusion(load_config(None, {**overrides, "train.steps": 4, "train.resume": True}))
     assert json.loads((model_dir / "metadata.json").read_text())["steps"] == 4
+    straight = train_diffusion(load_config(None, {**overrides, "train.steps": 4,
+                                                  "train.out": str(tmp_path / "straight")}))
+    resumed, uninterrupted = (load_file(d / "model.safetensors") for d in (model_dir, straight))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)  # seeded, exact
     steps = [int(line.split(",")[0]) for line in
              (run / "train_log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]

@@ -62,10 +62,13 @@ def config_from_args(args: argparse.Namespace) -> DiffusionConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Validate, train, print where the checkpoint is; errors propagate as ValueError."""
+    from accelerate import PartialState
+
     from harmonize.translators.diffusion.train import train_diffusion
 
     config = config_from_args(args)
     model_dir = train_diffusion(config)
-    print(f"saved diffusion translator ({config.inference.mode}) to {model_dir} "
-          f"(apply: harmonize apply --model {model_dir} IN OUT)")
+    if PartialState().is_main_process:  # one line, not one per process
+        print(f"saved diffusion translator ({config.inference.mode}) to {model_dir} "
+              f"(apply: harmonize apply --model {model_dir} IN OUT)")
     return 0

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMScheduler
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only when a model is used
+    from diffusers import DDIMScheduler
 
 # (x_t of shape (B, 1, H, W), integer timestep) -> predicted noise, same shape
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -37,6 +39,8 @@ def ddim_scheduler(scheduler_config: dict[str, Any]) -> DDIMScheduler:
     Its prediction type is always epsilon: `unet_eps` converts a v-prediction model's
     output, so generation and inversion share one parameterization.
     """
+    from diffusers import DDIMScheduler
+
     config = {**scheduler_config, "prediction_type": "epsilon"}
     return DDIMScheduler(**config, timestep_spacing="trailing", set_alpha_to_one=True,
                          steps_offset=0)

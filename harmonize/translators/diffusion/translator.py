@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 
 from harmonize.translators import polarity as pol
 from harmonize.translators.base import Translator
@@ -66,27 +65,31 @@ class DiffusionTranslator(Translator):
                         polarity=polarity, passthrough_reference=passthrough_reference)
 
     def set_params(self, **params: Any) -> DiffusionTranslator:
-        """Change inference settings (mode, steps, t0, ...) of a loaded translator."""
-        for key, value in params.items():
-            if key not in INFERENCE_KEYS:
-                raise ValueError(f"unknown setting '{key}'; settable: {', '.join(INFERENCE_KEYS)}")
-            setattr(self, key, value)
+        """Change inference settings (mode, steps, t0, ...) of a loaded translator; invalid
+        values raise and leave the translator as it was."""
+        unknown = [k for k in params if k not in INFERENCE_KEYS]
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; settable: {', '.join(INFERENCE_KEYS)}")
+        new = {**{k: getattr(self, k, None) for k in INFERENCE_KEYS}, **params}
         checks = {
-            "mode": self.mode in MODES,
-            "sdedit_t0": 0 < self.sdedit_t0 <= 1, "ddib_t0": 0 < self.ddib_t0 <= 1,
-            "inversion_refine": self.inversion_refine >= 0, "batch_size": self.batch_size >= 1,
-            "large_images": self.large_images in ("residual", "resize", "tiles"),
-            "precision": self.precision in ("fp32", "bf16"),
-            "polarity": self.polarity in ("auto", "keep"),
+            "mode": new["mode"] in MODES,
+            "sdedit_t0": 0 < new["sdedit_t0"] <= 1, "ddib_t0": 0 < new["ddib_t0"] <= 1,
+            "inversion_refine": new["inversion_refine"] >= 0, "batch_size": new["batch_size"] >= 1,
+            "large_images": new["large_images"] in ("residual", "resize", "tiles"),
+            "precision": new["precision"] in ("fp32", "bf16"),
+            "polarity": new["polarity"] in ("auto", "keep"),
         }
-        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        bad = [f"{k}={new[k]!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid diffusion translator settings: {', '.join(bad)} "
                              "(t0 in (0, 1]; mode sdedit|ddib; large_images residual|resize|tiles)")
-        self.scheduler_ = sampling.ddim_scheduler(self.scheduler_config) \
+        scheduler = sampling.ddim_scheduler(self.scheduler_config) \
             if self.scheduler_config else None
-        if self.scheduler_ is not None:
-            sampling.check_steps(self.scheduler_, self.steps)
+        if scheduler is not None:
+            sampling.check_steps(scheduler, new["steps"])
+        for key, value in new.items():
+            setattr(self, key, value)
+        self.scheduler_ = scheduler
         return self
 
     # --- learned state ------------------------------------------------------------------
@@ -101,6 +104,8 @@ class DiffusionTranslator(Translator):
     def set_trained(self, unets: dict[str, torch.nn.Module], template: np.ndarray,
                     reference_site: str) -> DiffusionTranslator:
         """Adopt UNets trained by `train_diffusion` (copies on the CPU, eval mode)."""
+        from diffusers import UNet2DModel  # slow import: only once a model is needed
+
         self.model_sites = list(unets)
         self.unets_ = {}
         for key, unet in unets.items():
@@ -268,6 +273,8 @@ class DiffusionTranslator(Translator):
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        from diffusers import UNet2DModel  # slow import: only once a model is needed
+
         self.unets_ = {}
         for i, key in enumerate(self.model_sites):
             prefix = f"unet.{i}."
