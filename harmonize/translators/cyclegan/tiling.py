@@ -9,8 +9,9 @@ Tiles are placed evenly, the first and last flush with the image borders, so eve
 overlap is at least the asked one, and on multiples of 4 (the generator's stride), so
 each tile samples the image on the grid a whole-image pass would use. Images are
 reflection-padded to a multiple of 4 and cropped back afterwards. Measured (quick model,
-512 px renderings, tile 128): border/elsewhere gradient ratio ~1.0 blended (a
-whole-image pass scores ~0.9), ~31 with hard tiles; see `seam_ratio`.
+512 px renderings, tile 128, eval/cyclegan_fidelity.py): border/elsewhere gradient
+ratio 1.12 blended, 1.06 for a whole-image pass without tiles, 32 with hard tiles; see
+`seam_ratio`.
 """
 
 from __future__ import annotations
