@@ -20,7 +20,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     info = generate(args.out, sites=args.sites, per_site=args.per_site, size=args.size,
                     modality=args.modality, seed=args.seed, no_shift=args.no_shift,
-                    reference_site=args.reference_site, progress=not args.quiet)
+                    reference_site=args.reference_site, progress=not args.quiet,
+                    prevalence=args.prevalence, finding_scale=args.finding_scale)
     print(f"wrote {info['n_images']} images of {len(info['sites'])} sites to {args.out} "
           f"(reference site {info['reference_site']}; manifest {Path(args.out) / 'manifest.csv'})")
     return 0
@@ -85,27 +86,50 @@ def _shift_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from harmonize.classify.evaluate import run_evaluation
+    from harmonize.classify.evaluate_config import load_eval_config
+    from harmonize.configs import parse_override
+
+    overrides = {"out": args.out, "progress": False if args.quiet else None}
+    for text in args.overrides:
+        key, value = parse_override(text)
+        overrides[key] = value
+    out = run_evaluation(load_eval_config(args.config, overrides))
+    print(f"results: {out / 'results.csv'}\nreport: {out / 'report.html'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from harmonize.demo import run_demo
 
     result = run_demo(args.out, sites=args.sites, per_site=args.per_site, size=args.size,
-                      modality=args.modality, seed=args.seed, progress=not args.quiet)
-    for site, e in sorted(result["fidelity"]["histogram-matching"].items()):
-        before = result["fidelity"]["identity"][site]["ssim"]["mean"]
-        print(f"  {site}: SSIM to reference rendering {before:.3f} -> {e['ssim']['mean']:.3f}")
-    shift = result["site_shift"]
-    print(f"  site AUC from radiomics {shift['site_auc']['before']:.3f} -> "
-          f"{shift['site_auc']['after']:.3f}; shifted features "
-          f"{shift['shifted_feature_share']['before']:.0%} -> "
-          f"{shift['shifted_feature_share']['after']:.0%}")
+                      modality=args.modality, seed=args.seed, quick=args.quick,
+                      progress=not args.quiet)
+    test_site = result["sites"][-1]
+    for row in result["evaluation"]:
+        if row["protocol"] == "external":
+            name = row["regime"] + (f" ({row['translator']})" if row["translator"] else "")
+            print(f"  {row['classifier']} {name}: AUC on unseen {test_site} {row['auc']:.3f} "
+                  f"[{row['auc_lo']:.3f}, {row['auc_hi']:.3f}]")
+    for name, shift in result["site_shift"].items():
+        print(f"  {name}: radiomics site AUC {shift['site_auc']['before']:.3f} -> "
+              f"{shift['site_auc']['after']:.3f}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
-def _add_synth_options(p: argparse.ArgumentParser, per_site: int) -> None:
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 0.5,0.8") from None
+
+
+def _add_synth_options(p: argparse.ArgumentParser, per_site: int, size: int = 256) -> None:
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--per-site", type=int, default=per_site)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, default=size)
     p.add_argument("--modality", choices=["xray", "bonescan"], default="xray")
     p.add_argument("--seed", type=int, default=0)
 
@@ -129,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shift", action="store_true",
                    help="negative control: every site uses the reference acquisition")
     p.add_argument("--reference-site", default=None, help="default: the first site")
+    p.add_argument("--prevalence", type=_fractions, default=None, metavar="P1,P2,...",
+                   help="share of positives per site, e.g. 0.5,0.8,0.2,0.5 for a strong "
+                        "site-label shortcut (default: drawn in 0.2-0.5)")
+    p.add_argument("--finding-scale", type=float, default=1.0,
+                   help="enlarge the finding by this radius factor (default 1)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("train", help="train a translator")
@@ -166,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion_command.add_train_arguments(d)
     d.set_defaults(func=diffusion_command.run_from_args)
 
+    from harmonize.classify import command as classifier_command
+
+    k = kinds.add_parser("classifier", formatter_class=fmt, parents=[common],
+                         help="downstream classifier: CNN, ResNet18, DenseNet121, ViT",
+                         epilog=f"example:\n  {classifier_command.EXAMPLE}")
+    classifier_command.add_train_arguments(k)
+    k.set_defaults(func=classifier_command.run_from_args)
+
     p = sub.add_parser(
         "apply", formatter_class=fmt, parents=[common],
         help="harmonize a folder or manifest with a translator",
@@ -200,11 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run extraction on a Ray cluster ('local' starts one here)")
     p.set_defaults(func=_shift_report)
 
+    p = sub.add_parser(
+        "evaluate", formatter_class=fmt, parents=[common],
+        help="downstream benchmark: raw vs augmentation vs harmonized, with CIs + audit",
+        epilog="example:\n  harmonize evaluate --config configs/eval/synth_quick.yaml "
+               "--out runs/eval")
+    p.add_argument("--config", required=True, help="YAML, e.g. configs/eval/synth_quick.yaml")
+    p.add_argument("--out", default=None, help="output folder (out)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="any config value, e.g. --set seeds=[0,1] "
+                   "(repeatable)")
+    p.set_defaults(func=_evaluate)
+
     p = sub.add_parser("demo", formatter_class=fmt, parents=[common],
                        help="the whole pipeline on synthetic data",
                        epilog="example:\n  harmonize demo --out demo_out")
     p.add_argument("--out", default="demo_out")
-    _add_synth_options(p, per_site=40)
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: classical translators, one CNN, one seed")
+    _add_synth_options(p, per_site=80, size=128)
     p.set_defaults(func=_demo)
     return parser
 

@@ -1,12 +1,18 @@
-"""The pipeline on the embedded default, end to end: synthesize a multi-site benchmark,
-fit a harmonizer on the reference site, harmonize held-out images of every site, and
-measure each against its paired reference rendering (the ground truth the synthetic
-benchmark provides). Ends with report.html, metrics.csv and summary.json."""
+"""The whole pipeline on the embedded default, end to end:
+
+synthesize a multi-site benchmark with a site-label shortcut -> train translators
+(histogram matching, Fourier amplitude; CycleGAN unless --quick) -> harmonize every image
+-> downstream evaluation (raw vs plain augmentation vs harmonized, CIs, audit) ->
+radiomics site shift before/after each translator -> fidelity to the paired truth ->
+one report.html that links everything. ``quick`` is a few minutes on 2 CPU cores (the
+test runs it); the full demo well under 30 minutes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,78 +20,96 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from harmonize.apply import apply_translator
+from harmonize.classify.eval_report import summary_table
+from harmonize.classify.evaluate import run_evaluation
+from harmonize.classify.evaluate_config import EvalConfig
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import atomic_write, read_image
-from harmonize.data.manifest import load_manifest, save_manifest
-from harmonize.data.splits import patient_split
-from harmonize.fit import fit_and_save
+from harmonize.data.manifest import load_manifest
 from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 from harmonize.radiomics.shift_report import run_shift_report
 from harmonize.report.html import HtmlReport, image_grid
-from harmonize.translators import HistogramMatching, load_translator
+
+CYCLEGAN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cyclegan" / "quick.yaml"
 
 
-def run_demo(out: str | os.PathLike, sites: int = 4, per_site: int = 40, size: int = 256,
-             modality: str = "xray", seed: int = 0, progress: bool = True) -> dict:
-    from harmonize.synth import generate
+def demo_config(out: Path, sites: int, per_site: int, size: int, modality: str, seed: int,
+                quick: bool) -> EvalConfig:
+    """The evaluation the demo runs: train on every site but the last, test on the last."""
+    names = [f"site_{chr(ord('a') + i)}" for i in range(sites)]
+    # a site-label shortcut: the second site is mostly positive, the third mostly normal
+    prevalence = [0.5, 0.8, 0.2, 0.5, 0.35, 0.65][:sites] + [0.5] * max(0, sites - 6)
+    translators = [{"name": "histogram-matching"}, {"name": "fourier"}]
+    if not quick and CYCLEGAN_CONFIG.is_file():
+        translators.append({"name": "cyclegan", "config": str(CYCLEGAN_CONFIG),
+                            "set": {"data.image_size": min(size, 128), "train.steps": 600}})
+    return EvalConfig.model_validate({
+        "out": str(out),
+        "data": {"synth": {"sites": sites, "per_site": per_site, "size": size, "seed": seed,
+                           "modality": modality, "prevalence": prevalence,
+                           "finding_scale": 2.5},
+                 "image_size": 64},
+        "translators": translators,
+        "classifiers": [{"arch": "cnn"}] if quick else [{"arch": "cnn"}, {"arch": "vit"}],
+        "protocols": [{"kind": "external", "train_sites": names[:-1],
+                       "test_site": names[-1]}],
+        "seeds": [seed] if quick else [seed, seed + 1, seed + 2],
+        "train": {"epochs": 20 if quick else 30, "progress": False},
+        "bootstrap": 500 if quick else 1000,
+    })
 
+
+def run_demo(out: str | os.PathLike, sites: int = 4, per_site: int = 80, size: int = 128,
+             modality: str = "xray", seed: int = 0, quick: bool = False,
+             progress: bool = True) -> dict:
+    if sites < 3:
+        raise ValueError(f"the demo needs at least 3 sites (2 to train on, 1 unseen); "
+                         f"got {sites}")
     out = Path(out)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    synth_dir = out / "synth"
-    info = generate(synth_dir, sites=sites, per_site=per_site, size=size, modality=modality,
-                    seed=seed, progress=progress)
-    timings["synth_s"] = time.perf_counter() - t
-    reference = info["reference_site"]
-
-    manifest = synth_dir / "manifest.csv"
-    df = patient_split(load_manifest(manifest), test_size=0.5, seed=seed)
-    train_manifest, test_manifest = out / "train.csv", out / "test.csv"
-    save_manifest(df[df["split"] == "train"], train_manifest)
-    save_manifest(df[df["split"] == "test"], test_manifest)
+    started = time.perf_counter()
+    config = demo_config(out / "evaluate", sites, per_site, size, modality, seed, quick)
+    config.progress = progress
+    run_evaluation(config)
+    ev = out / "evaluate"
+    evaluation = json.loads((ev / "summary.json").read_text())
+    shutil.copyfile(ev / "results.csv", out / "results.csv")
+    manifest = ev / "data" / "manifest.csv"
+    synth = json.loads((ev / "data" / "synth.json").read_text())
+    reference = synth["reference_site"]
+    translators = [t.name for t in config.translators]
 
     t = time.perf_counter()
-    model_dir = out / "models" / "histogram-matching"
-    fit_and_save(HistogramMatching(), load_manifest(train_manifest), train_manifest, reference,
-                 model_dir, progress=progress)
-    timings["fit_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    harmonized = out / "harmonized"
-    summary = apply_translator(load_translator(model_dir), test_manifest, harmonized,
-                               progress=progress)
-    timings["apply_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    shift = run_shift_report(test_manifest, out / "shift_report", compare_with=harmonized,
+    shifts = {}
+    for name in translators:
+        s = run_shift_report(manifest, out / "shift_report" / name,
+                             compare_with=ev / "translators" / name / "images",
                              reference_site=reference, progress=progress)
-    timings["shift_report_s"] = time.perf_counter() - t
+        shifts[name] = {r["measure"]: {"before": r["before"], "after": r["after"]}
+                        for r in s["change"]}
+    shift_s = time.perf_counter() - t
 
-    test = load_manifest(test_manifest)
-    # reference-site images are their own ground truth: nothing to measure there
-    test = test[test["site"] != reference]
-    metrics = paired_fidelity(test, synth_dir, harmonized, progress=progress)
-    metrics.to_csv(out / "metrics.csv", index=False)
+    df = load_manifest(manifest)
+    test = df[df["site"] != reference]  # reference-site images are their own truth
+    fidelity = paired_fidelity(test, manifest.parent, ev / "translators", translators,
+                               progress)
+    fidelity.to_csv(out / "fidelity.csv", index=False)
+    results = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
     result = {
-        "reference_site": reference,
-        "sites": info["sites"],
-        "n_test_images": int(summary.ok),
-        "n_scored_images": len(test),
-        "apply": {"ok": summary.ok, "errors": summary.errors},
-        "fidelity": fidelity_summary(metrics),
-        "site_shift": {r["measure"]: {"before": r["before"], "after": r["after"]}
-                       for r in shift["change"]},
-        "timings": timings,
+        "reference_site": reference, "sites": synth["sites"],
+        "prevalence": synth["prevalence"], "quick": quick, "translators": translators,
+        "fidelity": fidelity_summary(fidelity), "site_shift": shifts,
+        "evaluation": summary_table(results.fillna({"translator": ""})).to_dict("records"),
+        "timings": {**evaluation["timings"], "shift_reports_s": shift_s,
+                    "total_s": time.perf_counter() - started},
     }
-    text = json.dumps(result, indent=2) + "\n"
+    text = json.dumps(result, indent=2, default=float) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
-    write_demo_report(out / "report.html", metrics, result)
+    write_demo_report(out / "report.html", fidelity, result)
     return result
 
 
-def paired_fidelity(test: pd.DataFrame, synth_dir: Path, harmonized: Path,
-                    progress: bool = True) -> pd.DataFrame:
+def paired_fidelity(test: pd.DataFrame, synth_dir: Path, translators_dir: Path,
+                    translators: list[str], progress: bool = True) -> pd.DataFrame:
     """SSIM/PSNR of each image against its reference rendering, before and after."""
     policy = IntensityPolicy()
     rows = []
@@ -93,9 +117,10 @@ def paired_fidelity(test: pd.DataFrame, synth_dir: Path, harmonized: Path,
                     disable=not progress):
         truth_path = synth_dir / rec["reference_path"]
         truth, _ = policy.to_model(read_image(truth_path))
-        for method, path in (("identity", rec["path"]), ("histogram-matching",
-                                                         harmonized / rec["relpath"])):
-            x, _ = policy.to_model(read_image(path))
+        methods = [("identity", Path(rec["path"]))] + [
+            (name, translators_dir / name / "images" / rec["relpath"]) for name in translators]
+        for method, path in methods:
+            x = np.clip(policy.to_model(read_image(path))[0], 0, 1)
             rows.append({"relpath": rec["relpath"], "site": rec["site"], "label": rec["label"],
                          "method": method, "ssim": ssim(x, truth), "psnr": psnr(x, truth),
                          "image_path": str(path), "truth_path": str(truth_path)})
@@ -115,16 +140,27 @@ def fidelity_summary(metrics: pd.DataFrame) -> dict:
 
 
 def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
-                      per_site: int = 3) -> Path:
-    report = HtmlReport("harmonize demo: synthetic multi-site benchmark")
+                      per_site: int = 2) -> Path:
+    report = HtmlReport("harmonize demo: synthetic multi-site benchmark, end to end")
     ref = result["reference_site"]
+    prev = ", ".join(f"{s} {p:.0%}" for s, p in result["prevalence"].items())
     report.paragraph(
-        f"{len(result['sites'])} sites, reference site '{ref}'. Histogram matching was fitted "
-        f"on the reference site's training images and applied to {result['n_test_images']} "
-        "held-out images of every site. Fidelity of the other sites' images is measured "
-        "against the paired rendering of the same phantom by the reference site (known "
-        "ground truth; reference-site images are their own truth and are left out); higher "
-        "is better.")
+        f"{len(result['sites'])} synthetic sites, reference '{ref}', share of positives per "
+        f"site: {prev} (a site-label shortcut a classifier can learn). Translators: "
+        f"{', '.join(result['translators'])}. Every image was harmonized; classifiers were "
+        f"trained on every site but '{result['sites'][-1]}' and tested on it.")
+    report.link("evaluate/report.html", "the downstream evaluation report (regimes, ROC, "
+                "audit, Grad-CAM)")
+    report.heading("Does harmonization beat plain augmentation?")
+    ev = pd.DataFrame(result["evaluation"])
+    report.table(ev)
+    report.heading("Radiomics site shift, before and after each translator")
+    rows = [{"translator": name, "measure": m, **v}
+            for name, s in result["site_shift"].items() for m, v in s.items()]
+    report.table(pd.DataFrame(rows))
+    for name in result["site_shift"]:
+        report.link(f"shift_report/{name}/report.html", f"site-shift report: {name}")
+    report.heading("Fidelity to the paired truth (reference-site rendering)")
     table = []
     for method, per in result["fidelity"].items():
         for site, e in per.items():
@@ -133,31 +169,24 @@ def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
                           "SSIM 95% CI": "[{:.3f}, {:.3f}]".format(*e["ssim"]["ci95"]),
                           "PSNR dB": e["psnr"]["mean"],
                           "PSNR 95% CI": "[{:.1f}, {:.1f}]".format(*e["psnr"]["ci95"])})
-    report.heading("Fidelity to the reference rendering")
     report.table(pd.DataFrame(table).sort_values(["site", "method"]))
-    report.heading("Radiomics site shift, before and after")
-    shift = pd.DataFrame([{"measure": k, **v} for k, v in result["site_shift"].items()])
-    report.table(shift)
-    report.link("shift_report/report.html", "the full site-shift report")
     report.heading("Before / after, per site")
     policy = IntensityPolicy()
-    def load(path: str) -> np.ndarray:
-        return policy.to_model(read_image(path))[0]
 
-    by_method = metrics.set_index(["method", "relpath"])
+    def load(p: str) -> np.ndarray:
+        return np.clip(policy.to_model(read_image(p))[0], 0, 1)
+
+    methods = list(result["fidelity"])
+    by = metrics.set_index(["method", "relpath"])
     for site, g in metrics[metrics["method"] == "identity"].groupby("site"):
-        rows, titles = [], []
+        grid, titles = [], []
         for rec in g.head(per_site).to_dict("records"):
-            after = load(by_method.loc[("histogram-matching", rec["relpath"]), "image_path"])
-            truth = load(rec["truth_path"])
-            rows.append([load(rec["image_path"]), after, truth, np.abs(after - truth)])
-            titles.append(Path(rec["relpath"]).stem)
-        fig = image_grid(rows, ["before", "harmonized", f"truth ({ref})", "|harmonized - truth|"],
-                         titles)
+            grid.append([load(by.loc[(m, rec["relpath"]), "image_path"]) for m in methods]
+                        + [load(rec["truth_path"])])
+            titles.append(f"{Path(rec['relpath']).stem} ({rec['label']})")
         report.heading(f"site {site}", level=3)
-        report.figure(fig, f"site {site}: first {len(rows)} held-out images")
+        report.figure(image_grid(grid, methods + [f"truth ({ref})"], titles))
     t = result["timings"]
-    report.paragraph(f"Timings: synth {t['synth_s']:.1f} s, fit {t['fit_s']:.1f} s, "
-                     f"apply {t['apply_s']:.1f} s, site-shift report "
-                     f"{t['shift_report_s']:.1f} s.", css="note")
+    report.paragraph("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+                     css="note")
     return report.save(path)

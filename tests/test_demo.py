@@ -9,29 +9,32 @@ import pandas as pd
 from harmonize.cli import main
 
 
-def test_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsys):
+def test_quick_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-q", "--out", str(out), "--sites", "3", "--per-site", "12",
-                 "--size", "128"]) == 0
-    assert "report:" in capsys.readouterr().out
+    assert main(["demo", "--quick", "-q", "--out", str(out), "--sites", "3", "--per-site",
+                 "24", "--size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "AUC on unseen site_c" in printed and "report:" in printed
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # one grid per non-reference site
     assert "http" not in html.split("<body>")[1]  # self-contained: nothing fetched
+    for link in ("evaluate/report.html", "shift_report/histogram-matching/report.html",
+                 "shift_report/fourier/report.html"):
+        assert f'href="{link}"' in html and (out / link).is_file()
+    results = pd.read_csv(out / "results.csv")
+    assert {"regime", "translator", "auc", "auc_lo", "auc_hi", "gain_auc"} <= set(
+        results.columns)
+    assert set(results["regime"]) == {"raw", "augment", "harmonized", "harmonized+augment"}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["apply"]["errors"] == 0
     fid = summary["fidelity"]
-    assert set(fid) == {"identity", "histogram-matching"}
+    assert set(fid) == {"identity", "histogram-matching", "fourier"}
     assert summary["reference_site"] not in fid["identity"]
     for site, e in fid["histogram-matching"].items():
         lo, hi = e["ssim"]["ci95"]
         assert lo <= e["ssim"]["mean"] <= hi
         assert e["ssim"]["mean"] > fid["identity"][site]["ssim"]["mean"]
-    metrics = pd.read_csv(out / "metrics.csv")
-    assert {"site", "method", "ssim", "psnr"} <= set(metrics.columns)
-    assert (out / "models" / "histogram-matching" / "model.safetensors").is_file()
-    assert (out / "shift_report" / "report.html").is_file()
-    assert 'href="shift_report/report.html"' in html
-    assert set(summary["site_shift"]["site_auc"]) == {"before", "after"}
+    assert set(summary["site_shift"]["histogram-matching"]["site_auc"]) == {"before", "after"}
+    assert (out / "evaluate" / "audit" / "summary.csv").is_file()
 
 
 def test_synth_command_and_its_errors(tmp_path, capsys):

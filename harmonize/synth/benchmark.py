@@ -67,6 +67,8 @@ def generate(
     no_shift: bool = False,
     reference_site: str | None = None,
     progress: bool = True,
+    prevalence: list[float] | None = None,
+    finding_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Write the synthetic multi-site benchmark to ``out`` and return its synth.json summary.
 
@@ -74,7 +76,10 @@ def generate(
     "xray" (chest, nodule) or "bonescan" (whole body, metastases). Each site has its own
     acquisition style and label prevalence (drawn in 0.2-0.5); ``no_shift`` gives every
     site the reference style (negative control). ``reference_site`` defaults to ``site_a``,
-    whose style is the clean 16-bit one.
+    whose style is the clean 16-bit one. ``prevalence`` (one fraction per site) sets each
+    site's share of positives instead, e.g. [0.5, 0.8, 0.2, 0.5] for a strong site-label
+    shortcut. ``finding_scale`` enlarges the finding (radius factor), so that classifiers
+    trained at low resolution on a CPU budget can see it.
     """
     modality = {"bone_scan": "bonescan", "bone": "bonescan", "x-ray": "xray"}.get(
         modality, modality
@@ -95,7 +100,11 @@ def generate(
     if no_shift:
         acqs = [acqs[ref_idx]] * sites
     ref_acq = acqs[ref_idx]
-    labels = _draw_labels(sites, per_site, seed)
+    if prevalence is not None and (len(prevalence) != sites
+                                   or not all(0.0 <= p <= 1.0 for p in prevalence)):
+        raise ValueError(f"prevalence {prevalence}: give one fraction in [0, 1] per site "
+                         f"({sites} sites)")
+    labels = _draw_labels(sites, per_site, seed, prevalence)
 
     out = Path(out)
     rows = []
@@ -103,7 +112,7 @@ def generate(
     for k, (site, acq) in enumerate(zip(names, acqs, strict=True)):
         for i, positive in enumerate(labels[k]):
             phantom = make_phantom(modality, size, bool(positive),
-                                   np.random.default_rng([seed, _PHANTOM, k, i]))
+                                   np.random.default_rng([seed, _PHANTOM, k, i]), finding_scale)
             ref_rng = np.random.default_rng([seed, _REF_NOISE, k, i])
             reference = render(phantom.ideal, phantom.finding, ref_acq, ref_rng)
             if k == ref_idx:
@@ -143,6 +152,7 @@ def generate(
         "reference_site": reference_site,
         "per_site": per_site,
         "acquisition": {name: acq.to_dict() for name, acq in zip(names, acqs, strict=True)},
+        "finding_scale": finding_scale,
         "prevalence": {name: float(np.mean(lab)) for name, lab in zip(names, labels, strict=True)},
         "n_images": len(rows),
         "labels": list(LABELS),
@@ -154,15 +164,17 @@ def generate(
     return summary
 
 
-def _draw_labels(sites: int, per_site: int, seed: int) -> list[np.ndarray]:
+def _draw_labels(sites: int, per_site: int, seed: int,
+                 prevalence: list[float] | None = None) -> list[np.ndarray]:
     """Per-site labels with a site-specific prevalence, as in pooled real data.
 
     Exactly ``round(p * per_site)`` positives per site, shuffled, so the prevalence in
     synth.json is the realized one.
     """
     rng = np.random.default_rng([seed, _LABELS])
+    drawn = rng.uniform(*PREVALENCE_RANGE, sites)
     labels = []
-    for p in rng.uniform(*PREVALENCE_RANGE, sites):
+    for p in (drawn if prevalence is None else prevalence):
         lab = np.zeros(per_site, dtype=bool)
         lab[: int(round(p * per_site))] = True
         labels.append(rng.permutation(lab))

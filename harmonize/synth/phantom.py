@@ -41,19 +41,21 @@ class Phantom:
         return bool(self.finding.any())
 
 
-def make_phantom(modality: str, size: int, positive: bool, rng: np.random.Generator) -> Phantom:
+def make_phantom(modality: str, size: int, positive: bool, rng: np.random.Generator,
+                 finding_scale: float = 1.0) -> Phantom:
     """Draw one phantom of ``modality`` ("xray" or "bonescan"), ``size`` x ``size`` pixels."""
     if modality == "xray":
-        return chest_xray(size, positive, rng)
+        return chest_xray(size, positive, rng, finding_scale)
     if modality == "bonescan":
-        return bone_scan(size, positive, rng)
+        return bone_scan(size, positive, rng, finding_scale)
     raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
 
 
 # --------------------------------------------------------------------------- chest X-ray
 
 
-def chest_xray(size: int, positive: bool, rng: np.random.Generator) -> Phantom:
+def chest_xray(size: int, positive: bool, rng: np.random.Generator,
+               finding_scale: float = 1.0) -> Phantom:
     """PA chest: body, shoulders, arms, lungs with vessels, heart, spine, ribs, clavicles."""
     u = rng.uniform
     sx, sy = u(0.92, 1.05), u(0.94, 1.05)  # habitus
@@ -136,7 +138,7 @@ def chest_xray(size: int, positive: bool, rng: np.random.Generator) -> Phantom:
     if positive:
         # Centre the nodule well inside aerated lung (not on the heart or diaphragm edge),
         # so it is a finding a reader could see, not one hidden by the mediastinum.
-        nr = u(0.018, 0.04)
+        nr = u(0.018, 0.04) * finding_scale  # scale > 1: a finding visible at low resolution
         depth = ndimage.distance_transform_edt(air > 0.3 * air.max()) / size
         inner = np.flatnonzero((depth > nr + 0.025).ravel())
         if inner.size == 0:
@@ -158,7 +160,8 @@ def chest_xray(size: int, positive: bool, rng: np.random.Generator) -> Phantom:
 # --------------------------------------------------------------------------- bone scan
 
 
-def bone_scan(size: int, positive: bool, rng: np.random.Generator) -> Phantom:
+def bone_scan(size: int, positive: bool, rng: np.random.Generator,
+              finding_scale: float = 1.0) -> Phantom:
     """Whole-body anterior bone scintigram: skeleton uptake, kidneys, bladder, soft tissue.
 
     The body is drawn in body units (head top = 0, soles = 1, x relative to the midline)
@@ -262,7 +265,7 @@ def bone_scan(size: int, positive: bool, rng: np.random.Generator) -> Phantom:
         gx = (np.arange(size, dtype=np.float32)[None, :] + 0.5) / size
         for k in rng.choice(len(axial), size=rng.integers(1, 5), replace=False):
             cy, cx = axial[k]
-            sigma = rad(u(0.006, 0.012))
+            sigma = rad(u(0.006, 0.012)) * finding_scale
             r2 = (gy - cy) ** 2 + (gx - cx) ** 2
             hot += u(1.0, 2.2) * np.exp(-r2 / (2 * sigma**2))
             finding |= r2 <= max(1.7 * sigma, 1.5 / size) ** 2

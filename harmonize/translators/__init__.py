@@ -8,12 +8,14 @@ from harmonize.checkpoint import CheckpointError, load_checkpoint
 from harmonize.translators.base import NotFittedError, Translator
 from harmonize.translators.cyclegan import CycleGANTranslator
 from harmonize.translators.diffusion import DiffusionTranslator
+from harmonize.translators.fourier import FourierAmplitudeMatching
 from harmonize.translators.histogram import HistogramMatching
 from harmonize.translators.identity import IdentityTranslator
 
 TRANSLATORS: dict[str, type[Translator]] = {
     cls.kind: cls
-    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, DiffusionTranslator)
+    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, DiffusionTranslator,
+                FourierAmplitudeMatching)
 }
 BUILTIN_UNFITTED = {"identity"}
 
@@ -38,4 +40,4 @@ def load_translator(spec: str | Path) -> Translator:
 
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
            "HistogramMatching", "IdentityTranslator", "CycleGANTranslator",
-           "DiffusionTranslator"]
+           "DiffusionTranslator", "FourierAmplitudeMatching"]

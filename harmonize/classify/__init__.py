@@ -1,0 +1,1 @@
+"""Downstream classifiers: networks, training, evaluation with confidence intervals."""

@@ -1,0 +1,81 @@
+"""Classifier training configuration (``configs/classifier/*.yaml``), validated on load.
+
+The same sections serve `harmonize train classifier`, the accelerate recipe and the
+evaluation matrix (which fills in data per regime and seed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harmonize.classify.networks import ARCHITECTURES
+from harmonize.configs import ConfigError, load_yaml_config
+
+__all__ = ["ClassifierConfig", "ConfigError", "load_config"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    manifest: Path | None = Field(None, description="manifest CSV (required to train)")
+    sites: list[str] | None = Field(None, description="train on these sites; None: all")
+    split: str | None = Field(None, description="use only rows with this split, e.g. train")
+    positive: str | None = Field(None, description="label of the positive class; None: guess")
+    image_size: int = Field(64, ge=16, description="images are resized to this square")
+    intensity: Literal["auto", "bit-depth", "percentile"] = "auto"
+
+
+class ModelConfig(_Section):
+    arch: str = Field("cnn", description=f"one of {', '.join(ARCHITECTURES)}")
+    width: int = Field(16, ge=4, description="cnn channels of the first block / vit width")
+    weights: Path | None = Field(None, description="local safetensors to start from")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"'{arch}' is not a classifier; choose one of {ARCHITECTURES}")
+        return arch
+
+
+class TrainConfig(_Section):
+    out: Path | None = Field(None, description="run folder (required to train)")
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = Field(False, description="plain augmentation (harmonize.data.transforms)")
+    balance: Literal["weighted-loss", "sampler", "none"] = Field(
+        "weighted-loss", description="class imbalance: positive weight n_neg/n_pos in the "
+        "loss, or a class-balanced sampler")
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp32")
+    progress: bool = True
+
+
+class ClassifierConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def check_ready(self) -> None:
+        missing = [k for k, v in (("data.manifest", self.data.manifest),
+                                  ("train.out", self.train.out)) if v is None]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (set them in the config or with "
+                              "--data / --out)")
+        if not self.data.manifest.is_file():
+            raise ConfigError(f"data.manifest: {self.data.manifest} not found")
+        if self.model.weights is not None and not self.model.weights.is_file():
+            raise ConfigError(f"model.weights: {self.model.weights} not found")
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> ClassifierConfig:
+    return load_yaml_config(ClassifierConfig, path, overrides)

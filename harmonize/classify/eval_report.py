@@ -1,0 +1,212 @@
+"""Outputs of `harmonize evaluate`: results.csv and predictions.csv for machines,
+results.md for a README or a paper draft, report.html (self-contained) for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from harmonize.classify.metrics import mean_over_seeds, roc_points  # noqa: E402
+from harmonize.data.intensity import IntensityPolicy  # noqa: E402
+from harmonize.data.io import atomic_write, read_image  # noqa: E402
+from harmonize.data.transforms import AUGMENTATION_DOC  # noqa: E402
+from harmonize.report.html import HtmlReport, image_grid  # noqa: E402
+
+GROUP = ["protocol", "test_site", "classifier", "regime", "translator"]
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per cell averaged over seeds: AUC (t-CI over seeds, or the bootstrap CI when there
+    is one seed), gain over plain augmentation, seeds with a significant gain."""
+    auc = mean_over_seeds(results, GROUP, "auc")
+    gain = mean_over_seeds(results, GROUP, "gain_auc")
+    out = auc[GROUP].copy()
+    out["seeds"] = auc["count"]
+    out["auc"] = auc["mean"]
+    one = results.groupby(GROUP, dropna=False)[["auc_lo", "auc_hi"]].mean().reset_index()
+    merged = auc.merge(one, on=GROUP, how="left")
+    out["auc_lo"] = np.where(auc["count"] > 1, auc["ci_lo"], merged["auc_lo"])
+    out["auc_hi"] = np.where(auc["count"] > 1, auc["ci_hi"], merged["auc_hi"])
+    out["gain_vs_augment"] = gain["mean"]
+    sig = results.assign(sig=(results["gain_p"] < 0.05) & (results["gain_auc"] > 0),
+                         worse=(results["gain_p"] < 0.05) & (results["gain_auc"] < 0))
+    counts = sig.groupby(GROUP, dropna=False)[["sig", "worse"]].sum().reset_index()
+    out = out.merge(counts, on=GROUP, how="left").rename(
+        columns={"sig": "seeds_better_p05", "worse": "seeds_worse_p05"})
+    order = {"raw": 0, "augment": 1, "harmonized": 2, "harmonized+augment": 3}
+    out["_o"] = out["regime"].map(order)
+    return out.sort_values(["protocol", "test_site", "classifier", "_o", "translator"]).drop(
+        columns="_o").reset_index(drop=True)
+
+
+def _label(r) -> str:
+    return r["regime"] if not r["translator"] else f"{r['regime']} ({r['translator']})"
+
+
+def auc_figure(table: pd.DataFrame):
+    panels = list(table.groupby(["protocol", "test_site", "classifier"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, ((protocol, site, clf), g) in zip(axes[0], panels, strict=True):
+        labels = [_label(r) for _, r in g.iterrows()]
+        y = np.arange(len(g))
+        ax.errorbar(g["auc"], y, xerr=[g["auc"] - g["auc_lo"], g["auc_hi"] - g["auc"]],
+                    fmt="o", capsize=3)
+        aug = g.loc[g["regime"] == "augment", "auc"]
+        if len(aug):
+            ax.axvline(float(aug.iloc[0]), color="grey", ls="--", lw=1)
+        ax.axvline(0.5, color="red", ls=":", lw=1)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_title(f"{protocol}: {site}\n{clf}", fontsize=9)
+        ax.set_xlabel("AUC (mean over seeds, 95% CI)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(predictions: pd.DataFrame, seed: int, classifier: str):
+    p = predictions[(predictions["seed"] == seed) & (predictions["classifier"] == classifier)]
+    panels = list(p.groupby(["protocol", "test_site"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
+    for ax, ((protocol, site), g) in zip(axes[0], panels, strict=True):
+        for (regime, translator), h in g.groupby(["regime", "translator"], sort=False):
+            if h["label"].nunique() < 2:
+                continue
+            fpr, tpr = roc_points(h["label"].to_numpy(), h["p"].to_numpy())
+            ax.plot(fpr, tpr, lw=1.2,
+                    label=regime if not translator else f"{regime} ({translator})")
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+        ax.set_title(f"{protocol}: {site}", fontsize=9)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in r]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, config, data, sets, results: pd.DataFrame,
+                  predictions: pd.DataFrame, audit: dict, timings: dict) -> Path:
+    atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+    atomic_write(out / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+    table = summary_table(results)
+    table.to_csv(out / "summary_table.csv", index=False)
+    audit_table = audit["summary"]
+    md = ["# Downstream evaluation\n",
+          f"Data: {data.manifest} ({len(data.df)} images, sites "
+          f"{', '.join(sorted(data.df['site'].unique()))}, reference {data.reference_site}); "
+          f"seeds {config.seeds}; {config.train.epochs} epochs per model.\n",
+          "## AUC per regime (mean over seeds, 95% CI) and gain over plain augmentation\n",
+          markdown_table(table),
+          "\n## Hallucination audit\n", markdown_table(audit_table)]
+    text = "\n".join(md)
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
+    write_report(out / "report.html", config, data, sets, table, predictions, audit, timings)
+    return out
+
+
+def _setup_text(config, data, sets) -> str:
+    prev = data.df.assign(y=data.labels).groupby("site")["y"].mean()
+    prevalence = ", ".join(f"{s} {v:.0%}" for s, v in prev.items())
+    protocols = "; ".join(
+        f"external: train {'+'.join(p.train_sites)}, test {p.test_site}" if p.kind == "external"
+        else "leave-one-site-out" for p in config.protocols)
+    tc = config.train
+    return (
+        f"{len(data.df)} images from {data.df['site'].nunique()} sites (positives per site: "
+        f"{prevalence}); positive class '{data.positive}'; reference site "
+        f"'{data.reference_site}'. Protocols: {protocols}. The external protocol's model is "
+        f"also scored on held-out patients ({config.data.internal_test_size:.0%}, fixed split) "
+        "of its training sites ('internal'). Classifiers "
+        f"{', '.join(c.arch for c in config.classifiers)} at {config.data.image_size} px, "
+        f"trained from scratch for {tc.epochs} epochs (batch {tc.batch_size}, AdamW lr "
+        f"{tc.lr:g}, one-cycle schedule, class imbalance: {tc.balance}); seeds "
+        f"{config.seeds}. Plain augmentation: {AUGMENTATION_DOC}. Translators "
+        f"({', '.join(sets) or 'none'}) never see labels but are fitted on unlabelled images "
+        "of every site, the test site included (as unsupervised domain adaptation does). "
+        "CIs: percentile bootstrap over test images (stratified by class) for one seed; "
+        "t-interval over seeds when there are several. Gain: AUC minus the plain-augmentation "
+        "AUC of the same classifier, fold and seed on the same images, paired bootstrap.")
+
+
+def write_report(path: Path, config, data, sets, table, predictions, audit, timings) -> Path:
+    report = HtmlReport("harmonize evaluate: does harmonization beat plain augmentation?")
+    report.paragraph(_setup_text(config, data, sets))
+    report.link("results.csv", "results.csv (one row per model)")
+    report.link("predictions.csv", "predictions.csv (one row per test image and model)")
+    report.link("audit/per_image.csv", "audit/per_image.csv")
+    report.heading("AUC per regime")
+    report.figure(auc_figure(table), "dashed: plain augmentation; dotted: chance")
+    report.table(table)
+    shortcut = table[(table["regime"] == "raw")]
+    if {"external", "internal"} <= set(shortcut["protocol"]):
+        report.heading("In-site vs external site (raw images)", level=3)
+        report.paragraph("The same raw-trained models scored on held-out patients of their "
+                         "training sites and on the unseen site: the gap is what the site "
+                         "shift (and any site-label shortcut) costs.")
+        report.table(shortcut)
+    report.heading("ROC curves")
+    report.figure(roc_figure(predictions, config.seeds[0], config.classifiers[0].arch),
+                  f"seed {config.seeds[0]}, {config.classifiers[0].arch}")
+    report.heading("Hallucination audit")
+    report.paragraph(
+        f"Frozen classifier: {audit['frozen']}. flip_rate_before_after: share of test images "
+        "whose thresholded prediction changes with translation; flip_rate_vs_truth: share "
+        "whose prediction differs from that on the paired truth rendering (synthetic data); "
+        "erased/invented_by_classifier: truth positive -> translated negative (among "
+        "positives) and the reverse (among normals); finding_contrast_ratio: median over "
+        "positives of |finding contrast| translated / input (1 = kept; contrast in units of "
+        "the body ROI's intensity sd, so pure gain/offset does not count); "
+        "finding_contrast_vs_truth: translated / truth (1 = the reference rendering's "
+        "contrast restored); findings_erased / exaggerated: share of positives whose ratio "
+        "to the input is below / above the configured bounds; cam_outside_roi: share of the "
+        "Grad-CAM map outside the body ROI (markers, borders). Per-image flags are in each "
+        "translator's apply_log.csv (columns risk, risk_reason).")
+    report.table(audit["summary"])
+    _image_sections(report, data, sets, audit)
+    report.paragraph("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+                     css="note")
+    return report.save(path)
+
+
+def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
+    rows_idx = audit["rows"]
+    sample = audit["cam_sample"]
+    if not sample:
+        return
+    policy = IntensityPolicy()
+    cams = audit["cams"]
+    names = list(cams)
+    report.heading("Before / after and Grad-CAM")
+    grid, titles = [], []
+    for i in sample:
+        row_index = rows_idx[i]
+        rec = data.df.iloc[row_index]
+        line = []
+        for name in names:
+            path = rec["path"] if name == "raw" else sets[name].manifest["path"].iloc[row_index]
+            line.append(np.clip(policy.to_model(read_image(path))[0], 0, 1))
+        for name in names:
+            if cams[name] is not None:
+                line.append(cams[name][i])
+        grid.append(line)
+        titles.append(f"{rec['site']} {Path(rec['relpath']).stem} ({rec['label']})")
+    columns = names + [f"Grad-CAM {n}" for n in names if cams[n] is not None]
+    report.figure(image_grid(grid, columns, titles),
+                  "each row: one test image raw and after each translator, then the frozen "
+                  "classifier's Grad-CAM (bright = drives the prediction)")
+    plt.close("all")

@@ -1,0 +1,98 @@
+"""One harmonized copy of the dataset per translator, for the evaluation matrix.
+
+Each translator is fitted (classical kinds), trained (cyclegan / diffusion, from a
+config) or loaded (checkpoint), then applied to every image of the manifest with
+`harmonize apply`, so the classifier sees exactly what a user's harmonized folder holds.
+Translators never see labels; they do see (unlabelled) images of every site, the test
+site included, as unsupervised domain adaptation does. Reported as such.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from harmonize.apply import apply_translator
+from harmonize.classify.evaluate_config import TranslatorSpec
+from harmonize.configs import ConfigError
+from harmonize.data.manifest import save_manifest
+from harmonize.fit import fit_and_save
+from harmonize.translators import TRANSLATORS, load_translator
+
+TRAINED_KINDS = ("cyclegan", "diffusion")
+
+
+@dataclass
+class HarmonizedSet:
+    name: str
+    kind: str
+    model_dir: Path
+    folder: Path
+    manifest: pd.DataFrame  # the input rows with path -> the harmonized file
+    seconds: dict[str, float]
+
+
+def check_specs(specs: list[TranslatorSpec]) -> None:
+    """Fail before any training on unknown kinds or missing files."""
+    problems = []
+    for s in specs:
+        kind = s.resolved_kind
+        if kind not in TRANSLATORS:
+            problems.append(f"translator '{s.name}': unknown kind '{kind}' (known: "
+                            f"{', '.join(sorted(TRANSLATORS))})")
+        if s.checkpoint is not None and not s.checkpoint.exists():
+            problems.append(f"translator '{s.name}': checkpoint {s.checkpoint} not found")
+        if s.config is not None and not s.config.is_file():
+            problems.append(f"translator '{s.name}': config {s.config} not found")
+        if kind in TRAINED_KINDS and s.checkpoint is None and s.config is None:
+            problems.append(f"translator '{s.name}': a {kind} needs a checkpoint or a config")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def build_model(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame, reference_site: str,
+                out: Path, progress: bool) -> Path:
+    """Fit / train / locate the translator; returns its checkpoint directory."""
+    kind = spec.resolved_kind
+    if spec.checkpoint is not None:
+        return spec.checkpoint
+    if kind in TRAINED_KINDS:
+        overrides = {"data.manifest": str(manifest), "data.reference_site": reference_site,
+                     "train.out": str(out / "run"), "train.progress": progress, **spec.set}
+        if kind == "cyclegan":
+            from harmonize.translators.cyclegan import train_cyclegan
+            from harmonize.translators.cyclegan.config import load_config
+            return train_cyclegan(load_config(spec.config, overrides))
+        from harmonize.translators.diffusion import train_diffusion
+        from harmonize.translators.diffusion.config import load_config as load_diffusion
+        return train_diffusion(load_diffusion(spec.config, overrides))
+    translator = TRANSLATORS[kind](**spec.params)
+    return fit_and_save(translator, df, manifest, reference_site, out / "model", progress)
+
+
+def harmonize_dataset(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame,
+                      reference_site: str, out: Path, progress: bool = True) -> HarmonizedSet:
+    """Build the translator and write OUT/images (mirrored tree) + OUT/manifest.csv."""
+    seconds = {}
+    t = time.perf_counter()
+    model_dir = build_model(spec, manifest, df, reference_site, out, progress)
+    seconds["fit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    translator = load_translator(model_dir)
+    if translator.reference_site_ not in (None, reference_site):
+        raise ConfigError(f"translator '{spec.name}' maps to '{translator.reference_site_}', "
+                          f"not to the evaluation's reference site '{reference_site}'")
+    folder = out / "images"
+    summary = apply_translator(translator, manifest, folder, resume=True, progress=progress)
+    seconds["apply_s"] = time.perf_counter() - t
+    if summary.errors:
+        raise RuntimeError(f"translator '{spec.name}': {summary.errors} image(s) failed, e.g. "
+                           f"{summary.error_files[:3]}; see {summary.log_path}")
+    harmonized = df.copy()
+    harmonized["path"] = [str(folder / r) for r in df["relpath"]]
+    save_manifest(harmonized, out / "manifest.csv")
+    return HarmonizedSet(spec.name, translator.kind, Path(model_dir), folder, harmonized,
+                         seconds)

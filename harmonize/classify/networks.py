@@ -1,0 +1,90 @@
+"""The classifier zoo: a small CNN baseline, MONAI's ResNet18 / DenseNet121, a small ViT.
+
+All take (B, 1, S, S) images in model space and return one logit per image (B,)
+(binary: finding vs normal). Everything trains from scratch; `load_weights` takes a
+local safetensors file the user provides (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DenseNet121, ViT, resnet18
+from safetensors.torch import load_file
+from torch import nn
+
+ARCHITECTURES = ("cnn", "resnet18", "densenet121", "vit")
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks (conv-BN-ReLU-maxpool), global average pooling, one linear layer:
+    the kind of baseline multi-site papers report next to the big networks."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for k in range(4):
+            c_out = width * 2**k
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Classifier(nn.Module):
+    """Wraps a backbone so every architecture returns (B,) logits."""
+
+    def __init__(self, arch: str, image_size: int, width: int = 16) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown classifier '{arch}'; choose one of {ARCHITECTURES}")
+        self.arch = arch
+        if arch == "cnn":
+            self.net = SmallCNN(width)
+        elif arch == "resnet18":
+            self.net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
+        elif arch == "densenet121":
+            self.net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+        else:
+            patch = 8 if image_size % 8 == 0 else 4
+            if image_size % patch:
+                raise ValueError(f"vit: image_size {image_size} must be a multiple of 4")
+            # small ViT (~0.3 M parameters at width 16): hidden 6*width, 4 layers, 4 heads
+            hidden = 6 * width
+            self.net = ViT(in_channels=1, img_size=(image_size, image_size),
+                           patch_size=(patch, patch), hidden_size=hidden, mlp_dim=2 * hidden,
+                           num_layers=4, num_heads=4, classification=True, num_classes=1,
+                           spatial_dims=2, post_activation=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, tuple):  # MONAI ViT returns (logits, hidden states)
+            out = out[0]
+        return out.reshape(-1)
+
+    def gradcam_layer(self) -> str:
+        """Name of the last convolutional stage (for Grad-CAM); '' for the ViT."""
+        return {"cnn": "net.features.14", "resnet18": "net.layer4",
+                "densenet121": "net.features.denseblock4", "vit": ""}[self.arch]
+
+
+def load_weights(model: Classifier, path: str | Path) -> None:
+    """Load a local safetensors state dict; a mismatch names the file and the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (give a local .safetensors)")
+    state = load_file(str(path))
+    if state and not all(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}  # a bare backbone state dict
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ValueError(f"{path}: weights do not fit a '{model.arch}' classifier ({first}); "
+                         "check model.arch, model.width and data.image_size") from None

@@ -1,0 +1,200 @@
+"""Classifier training: one loop (accelerate) shared by `harmonize train classifier`,
+`accelerate launch recipes/train_classifier.py` and the evaluation matrix.
+
+Images are decoded once into a tensor (N, 1, S, S) in model space: at the sizes a
+classifier sees (64-256 px) a few hundred images fit in memory many times over, and
+the evaluation matrix retrains on the same images dozens of times.
+Class imbalance: by default the positive class gets loss weight n_neg / n_pos
+(``balance: weighted-loss``); ``sampler`` draws classes equally instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm import tqdm
+
+from harmonize.checkpoint import load_checkpoint, save_checkpoint
+from harmonize.classify.config import ClassifierConfig, ModelConfig, TrainConfig
+from harmonize.classify.networks import Classifier, load_weights
+from harmonize.configs import ConfigError, dump_config
+from harmonize.data.datasets import load_image_tensor
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.manifest import binary_targets, load_manifest, positive_label
+from harmonize.data.transforms import augment, plain_augmentation
+from harmonize.fit import training_metadata
+
+KIND = "classifier"
+
+
+def load_images(paths: list[str], image_size: int, policy: IntensityPolicy | None = None,
+                progress: bool = True, desc: str = "load") -> torch.Tensor:
+    """Decode and resize images (threads: decoding releases the GIL) into (N, 1, S, S)."""
+    policy = policy or IntensityPolicy()
+    out = torch.empty(len(paths), 1, image_size, image_size)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        loaded = pool.map(lambda p: load_image_tensor(p, image_size, policy), paths)
+        for i, x in enumerate(tqdm(loaded, total=len(paths), desc=desc, unit="img",
+                                   disable=not progress)):
+            out[i] = x
+    return out
+
+
+class TensorImages(Dataset):
+    """(image, label) from an in-memory tensor, optionally plainly augmented."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, augment_seed: int | None):
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        self.aug = (plain_augmentation(images.shape[-1], augment_seed)
+                    if augment_seed is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        x = self.images[index]
+        return (augment(self.aug, x) if self.aug is not None else x), self.labels[index]
+
+
+def mixed_precision_for(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelConfig,
+                   train_cfg: TrainConfig, desc: str = "train classifier",
+                   log: list[dict] | None = None) -> Classifier:
+    """Train a fresh classifier on (N, 1, S, S) images and 0/1 labels; returns it in eval
+    mode on the CPU. Same inputs and seed give the same weights."""
+    labels = np.asarray(labels)
+    if set(np.unique(labels)) - {0, 1} or len(np.unique(labels)) < 2:
+        raise ValueError(f"training labels must contain both classes 0 and 1; got "
+                         f"{sorted(set(np.unique(labels).tolist()))}")
+    tc = train_cfg
+    torch.manual_seed(tc.seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
+    model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width)
+    if model_cfg.weights is not None:
+        load_weights(model, model_cfg.weights)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    data = TensorImages(images, labels, augment_seed=tc.seed if tc.augment else None)
+    generator = torch.Generator().manual_seed(tc.seed)
+    if tc.balance == "sampler":
+        weights = np.where(labels == 1, 0.5 / n_pos, 0.5 / n_neg)
+        sampler = WeightedRandomSampler(weights.tolist(), len(labels), generator=generator)
+        loader = DataLoader(data, batch_size=tc.batch_size, sampler=sampler)
+    else:
+        loader = DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=generator)
+    pos_weight = torch.tensor(n_neg / n_pos if tc.balance == "weighted-loss" else 1.0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    total = tc.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
+                                                pct_start=0.1)
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    loss_fn = loss_fn.to(accelerator.device)
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+               disable=not (tc.progress and accelerator.is_main_process))
+    model.train()
+    for epoch in range(tc.epochs):
+        losses = []
+        for x, y in loader:
+            loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        if log is not None:
+            log.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
+    bar.close()
+    model = accelerator.unwrap_model(model).cpu().eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Probability of the positive class per image."""
+    model.eval()
+    out = [torch.sigmoid(model(images[i:i + batch_size]).float())
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def select_rows(df: pd.DataFrame, sites: list[str] | None, split: str | None,
+                source: str) -> pd.DataFrame:
+    if sites is not None:
+        unknown = sorted(set(sites) - set(df["site"].astype(str)))
+        if unknown:
+            raise ConfigError(f"{source}: data.sites {unknown} not found; sites present: "
+                              f"{sorted(df['site'].astype(str).unique())}")
+        df = df[df["site"].isin(sites)]
+    if split is not None:
+        if "split" not in df.columns:
+            raise ConfigError(f"{source}: data.split={split!r} but the manifest has no "
+                              "split column")
+        df = df[df["split"] == split]
+    if df.empty:
+        raise ConfigError(f"{source}: no rows left after choosing sites/split")
+    return df
+
+
+def train_classifier(config: ClassifierConfig) -> Path:
+    """Train from a manifest and save OUT/model (checkpoint contract) + OUT/train_log.csv."""
+    config.check_ready()
+    dc, tc = config.data, config.train
+    manifest = Path(dc.manifest)
+    df = select_rows(load_manifest(manifest), dc.sites, dc.split, str(manifest))
+    positive = dc.positive or positive_label(df["label"].astype(str))
+    labels = binary_targets(df, positive=positive)
+    if (labels < 0).any():
+        raise ConfigError(f"{manifest}: {(labels < 0).sum()} row(s) have no label; a "
+                          "classifier needs labelled rows (filter them or fill the label)")
+    policy = IntensityPolicy(mode=dc.intensity)
+    images = load_images(df["path"].astype(str).tolist(), dc.image_size, policy, tc.progress)
+    log: list[dict] = []
+    model = fit_classifier(images, labels, config.model, tc, log=log)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out / "config.yaml")
+    with open(out / "train_log.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", "loss"])
+        writer.writeheader()
+        writer.writerows(log)
+    meta = training_metadata(df, "", manifest, policy, dc.image_size)
+    meta.pop("reference_site")
+    meta.update({"positive_label": positive, "n_positive": int(labels.sum()),
+                 "n_images": len(labels)})
+    return save_classifier(model, out / "model", config, meta)
+
+
+def save_classifier(model: Classifier, directory: Path, config: ClassifierConfig,
+                    metadata: dict) -> Path:
+    arch = {"arch": model.arch, "width": config.model.width,
+            "image_size": config.data.image_size, "intensity": config.data.intensity}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return save_checkpoint(directory, KIND, state, arch, metadata)
+
+
+def load_classifier(directory: str | Path) -> tuple[Classifier, dict, dict]:
+    """(model in eval mode, its config: arch/width/image_size/intensity, metadata)."""
+    ckpt = load_checkpoint(directory)
+    if ckpt.kind != KIND:
+        raise ValueError(f"{directory}: a '{ckpt.kind}' checkpoint, not a classifier")
+    cfg = ckpt.config
+    model = Classifier(cfg["arch"], int(cfg["image_size"]), int(cfg["width"]))
+    model.load_state_dict(ckpt.tensors)
+    return model.eval(), cfg, ckpt.metadata

@@ -1,0 +1,129 @@
+"""`harmonize evaluate` end to end on a tiny synthetic benchmark, and its audit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from harmonize.classify.audit import finding_contrast, outside_share
+from harmonize.classify.evaluate_config import load_eval_config
+from harmonize.cli import main
+from harmonize.configs import ConfigError
+from harmonize.synth import make_phantom
+
+REQUIRED = ["regime", "translator", "classifier", "protocol", "test_site", "seed", "auc",
+            "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity", "f1"]
+
+
+def tiny_config(tmp_path, **extra) -> str:
+    config = {
+        "data": {"synth": {"sites": 3, "per_site": 24, "size": 64, "seed": 0,
+                           "prevalence": [0.5, 0.75, 0.5], "finding_scale": 2.5},
+                 "image_size": 32, "internal_test_size": 0.3},
+        "translators": [{"name": "histogram-matching"}, {"name": "fourier"}],
+        "classifiers": [{"arch": "cnn", "width": 8}],
+        "protocols": [{"kind": "external", "train_sites": ["site_a", "site_b"],
+                       "test_site": "site_c"}],
+        "seeds": [0],
+        "train": {"epochs": 2, "batch_size": 16, "progress": False},
+        "bootstrap": 200,
+        "audit": {"gradcam_images": 2},
+        **extra,
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    out = tmp / "run"
+    assert main(["evaluate", "-q", "--config", tiny_config(tmp), "--out", str(out)]) == 0
+    return tmp, out
+
+
+def test_results_have_one_row_per_cell_with_cis_and_gains(evaluated):
+    _, out = evaluated
+    r = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert REQUIRED == [c for c in r.columns if c in REQUIRED]
+    # raw, augment, 2 x harmonized, 2 x harmonized+augment; each scored on site_c and
+    # on held-out patients of the training sites
+    assert len(r) == 6 * 2
+    assert set(r["protocol"]) == {"external", "internal"}
+    assert set(r.loc[r["protocol"] == "external", "test_site"]) == {"site_c"}
+    assert set(r["translator"].fillna("")) == {"", "histogram-matching", "fourier"}
+    assert (r["auc_lo"] <= r["auc"]).all() and (r["auc"] <= r["auc_hi"]).all()
+    aug = r["regime"] == "augment"
+    assert r.loc[aug, "gain_auc"].isna().all()
+    assert r.loc[~aug, "gain_p"].between(0, 1).all()
+    assert (r.loc[r["protocol"] == "external", "n"] == 24).all()
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == r["n"].sum()
+
+
+def test_report_is_self_contained_and_audit_reaches_the_apply_log(evaluated):
+    _, out = evaluated
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # AUC plot, ROC, image grid
+    assert "http" not in html.split("<body>")[1]
+    assert "Hallucination audit" in html and "results.csv" in html
+    assert (out / "results.md").read_text().startswith("# Downstream evaluation")
+    audit = pd.read_csv(out / "audit" / "summary.csv")
+    assert list(audit["translator"]) == ["raw", "histogram-matching", "fourier"]
+    assert (audit["flip_rate_before_after"].iloc[0]) == 0  # raw vs raw: nothing moves
+    assert audit["finding_contrast_ratio"].notna().all()
+    log = pd.read_csv(out / "translators" / "fourier" / "images" / "apply_log.csv")
+    assert {"p_before", "p_after", "risk", "risk_reason"} <= set(log.columns)
+    assert log["p_after"].notna().sum() == audit["n"].iloc[0]
+
+
+def test_same_config_and_seed_give_the_same_numbers(evaluated):
+    tmp, out = evaluated
+    again = tmp / "again"
+    assert main(["evaluate", "-q", "--config", tiny_config(tmp), "--out", str(again)]) == 0
+    a = pd.read_csv(out / "results.csv")
+    b = pd.read_csv(again / "results.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_config_mistakes_are_named_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="test_site"):
+        load_eval_config(tiny_config(tmp_path, protocols=[{"kind": "external",
+                                                           "train_sites": ["site_a"]}]))
+    with pytest.raises(ConfigError, match="need at least one translator"):
+        load_eval_config(tiny_config(tmp_path, translators=[]))
+    with pytest.raises(ConfigError, match="include 'augment'"):
+        load_eval_config(tiny_config(tmp_path, regimes=["raw"]))
+    assert main(["evaluate", "-q", "--config", tiny_config(
+        tmp_path, translators=[{"name": "magic"}]), "--out", str(tmp_path / "o")]) == 1
+    assert main(["evaluate", "-q", "--config", tiny_config(
+        tmp_path, translators=[{"name": "cg", "kind": "cyclegan"}]),
+        "--out", str(tmp_path / "o")]) == 1
+
+
+def test_finding_contrast_ignores_style_but_sees_an_erased_finding():
+    ph = make_phantom("xray", 128, True, np.random.default_rng(0), finding_scale=2.0)
+    x = ph.ideal / ph.ideal.max()
+    c = finding_contrast(x, ph.finding, ph.roi)
+    assert c > 0.05  # 0.13 ROI sd for this nodule (measured)
+    # a global gain and offset (pure style) leaves it unchanged
+    assert finding_contrast(0.3 + 0.5 * x, ph.finding, ph.roi) == pytest.approx(c, rel=1e-4)
+    # painting the finding over with its surroundings erases it
+    erased = x.copy()
+    from scipy import ndimage
+
+    ring = ndimage.binary_dilation(ph.finding, iterations=3) & ~ph.finding
+    erased[ph.finding] = x[ring].mean()
+    assert abs(finding_contrast(erased, ph.finding, ph.roi)) < 0.1 * c
+
+
+def test_gradcam_share_outside_roi():
+    maps = np.zeros((2, 4, 4))
+    maps[0, :2] = 1.0  # all mass in the top half
+    roi = np.zeros((2, 4, 4), bool)
+    roi[:, 2:] = True
+    share = outside_share(maps, roi)
+    assert share[0] == 1.0 and np.isnan(share[1])  # an all-zero map has no share
