@@ -89,13 +89,11 @@ def _shift_report(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from harmonize.classify.evaluate import run_evaluation
     from harmonize.classify.evaluate_config import load_eval_config
-    from harmonize.configs import parse_override
+    from harmonize.configs import with_overrides
 
     overrides = {"out": args.out, "progress": False if args.quiet else None}
-    for text in args.overrides:
-        key, value = parse_override(text)
-        overrides[key] = value
-    out = run_evaluation(load_eval_config(args.config, overrides))
+    out = run_evaluation(load_eval_config(args.config, with_overrides(overrides,
+                                                                     args.overrides)))
     print(f"results: {out / 'results.csv'}\nreport: {out / 'report.html'}")
     return 0
 

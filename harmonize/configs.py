@@ -57,6 +57,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def with_overrides(overrides: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """Add ``--set KEY=VALUE`` texts to flag overrides; --set wins over a flag."""
+    out = dict(overrides)
+    for text in texts:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
+
+
 def dump_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config (what actually ran) next to the outputs."""
     data = config.model_dump(mode="json")

@@ -15,24 +15,15 @@ import os
 # passive waiting costs nothing measurable alone. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import sys
 
+from harmonize.recipe import recipe_main
 from harmonize.translators.cyclegan.command import EXAMPLE, add_train_arguments, run_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"example:\n  {EXAMPLE}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"train_cyclegan: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+    return recipe_main(__doc__, "train_cyclegan", add_train_arguments, run_from_args, EXAMPLE,
+                       argv)
 
 
 if __name__ == "__main__":

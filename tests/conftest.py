@@ -49,3 +49,18 @@ def mixed_folder(tmp_path: Path) -> Path:
         src = sorted((TB_CXR / "shenzhen" / "tb").glob("*.png"))[0]
         shutil.copy(src, root / "cxr.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def two_sites(tb_cxr):
+    """16 + 16 real chest X-rays in model space with their site: (image, site) pairs."""
+    import pandas as pd
+
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image
+
+    df = pd.read_csv(tb_cxr / "manifest.csv")
+    policy = IntensityPolicy()
+    picked = pd.concat([g.head(16) for _, g in df.groupby("site")])
+    return [(policy.to_model(read_image(tb_cxr / p))[0], s)
+            for p, s in zip(picked["path"], picked["site"], strict=True)]

@@ -127,3 +127,22 @@ def test_gradcam_share_outside_roi():
     roi[:, 2:] = True
     share = outside_share(maps, roi)
     assert share[0] == 1.0 and np.isnan(share[1])  # an all-zero map has no share
+
+
+def test_a_rerun_reuses_a_finished_identical_translator_training_only(tmp_path):
+    from harmonize.classify.harmonized_sets import _finished_same_run
+    from harmonize.configs import dump_config
+    from harmonize.translators.cyclegan.config import load_config
+
+    run = tmp_path / "run"
+    config = load_config(None, {"train.out": str(run), "train.steps": 10})
+    assert not _finished_same_run(run, config)  # nothing there
+    (run / "model").mkdir(parents=True)
+    dump_config(config, run / "config.yaml")
+    assert not _finished_same_run(run, config)  # unfinished: no weights
+    (run / "model" / "model.safetensors").write_bytes(b"x")
+    assert _finished_same_run(run, config)
+    config.train.progress = False  # showing a progress bar is not a different training
+    assert _finished_same_run(run, config)
+    assert not _finished_same_run(run, load_config(None, {"train.out": str(run),
+                                                          "train.steps": 11}))

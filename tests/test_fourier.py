@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.stats import wasserstein_distance
 
-from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import read_image
 from harmonize.translators import FourierAmplitudeMatching, NotFittedError, load_translator
 from harmonize.translators.polarity import correlation
-
-
-@pytest.fixture(scope="module")
-def two_sites(tb_cxr):
-    df = pd.read_csv(tb_cxr / "manifest.csv")
-    policy = IntensityPolicy()
-    picked = pd.concat([g.head(16) for _, g in df.groupby("site")])
-    return [(policy.to_model(read_image(tb_cxr / p))[0], s)
-            for p, s in zip(picked["path"], picked["site"], strict=True)]
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from harmonize.translators import (
 )
 
 
-@pytest.fixture(scope="module")
-def two_sites(tb_cxr):
-    df = pd.read_csv(tb_cxr / "manifest.csv")
-    policy = IntensityPolicy()
-    picked = pd.concat([g.head(16) for _, g in df.groupby("site")])
-    return [(policy.to_model(read_image(tb_cxr / p))[0], s)
-            for p, s in zip(picked["path"], picked["site"], strict=True)]
-
-
 def test_histogram_matching_moves_montgomery_towards_shenzhen(two_sites):
     hm = HistogramMatching().fit(two_sites, reference_site="shenzhen")
     mont = [x for x, s in two_sites if s == "montgomery"]

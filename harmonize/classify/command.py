@@ -7,7 +7,7 @@ import argparse
 import os
 
 from harmonize.classify.config import load_config
-from harmonize.configs import parse_override
+from harmonize.configs import with_overrides
 
 EXAMPLE = ("harmonize train classifier --config configs/classifier/quick.yaml "
            "--data data/synth/manifest.csv --out runs/clf")
@@ -38,10 +38,7 @@ def config_from_args(args: argparse.Namespace):
         "train.augment": True if args.augment else None, "train.seed": args.seed,
         "train.progress": False if getattr(args, "quiet", False) else None,
     }
-    for text in args.overrides:
-        key, value = parse_override(text)
-        overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, with_overrides(overrides, args.overrides))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

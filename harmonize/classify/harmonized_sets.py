@@ -9,11 +9,13 @@ site included, as unsupervised domain adaptation does. Reported as such.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from harmonize.apply import apply_translator
 from harmonize.classify.evaluate_config import TranslatorSpec
@@ -60,17 +62,35 @@ def build_model(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame, referenc
     if spec.checkpoint is not None:
         return spec.checkpoint
     if kind in TRAINED_KINDS:
+        run = out / "run"
         overrides = {"data.manifest": str(manifest), "data.reference_site": reference_site,
-                     "train.out": str(out / "run"), "train.progress": progress, **spec.set}
+                     "train.out": str(run), **spec.set}
         if kind == "cyclegan":
-            from harmonize.translators.cyclegan import train_cyclegan
+            from harmonize.translators.cyclegan import train_cyclegan as train
             from harmonize.translators.cyclegan.config import load_config
-            return train_cyclegan(load_config(spec.config, overrides))
-        from harmonize.translators.diffusion import train_diffusion
-        from harmonize.translators.diffusion.config import load_config as load_diffusion
-        return train_diffusion(load_diffusion(spec.config, overrides))
+        else:
+            from harmonize.translators.diffusion import train_diffusion as train
+            from harmonize.translators.diffusion.config import load_config
+        config = load_config(spec.config, overrides)
+        config.train.progress = progress
+        if _finished_same_run(run, config):
+            return run / "model"  # a rerun of the evaluation: the same training, done
+        shutil.rmtree(run, ignore_errors=True)  # a different or unfinished training
+        return train(config)
     translator = TRANSLATORS[kind](**spec.params)
     return fit_and_save(translator, df, manifest, reference_site, out / "model", progress)
+
+
+def _finished_same_run(run: Path, config) -> bool:
+    """True when RUN holds a finished training of exactly this config."""
+    saved = run / "config.yaml"
+    if not (run / "model" / "model.safetensors").is_file() or not saved.is_file():
+        return False
+    same = config.model_copy(deep=True)
+    same.train.progress = True
+    old = yaml.safe_load(saved.read_text())
+    old.get("train", {})["progress"] = True
+    return old == same.model_dump(mode="json")
 
 
 def harmonize_dataset(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame,
@@ -86,7 +106,8 @@ def harmonize_dataset(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame,
         raise ConfigError(f"translator '{spec.name}' maps to '{translator.reference_site_}', "
                           f"not to the evaluation's reference site '{reference_site}'")
     folder = out / "images"
-    summary = apply_translator(translator, manifest, folder, resume=True, progress=progress)
+    (folder / "apply_log.csv").unlink(missing_ok=True)  # this run's log only
+    summary = apply_translator(translator, manifest, folder, progress=progress)
     seconds["apply_s"] = time.perf_counter() - t
     if summary.errors:
         raise RuntimeError(f"translator '{spec.name}': {summary.errors} image(s) failed, e.g. "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from harmonize.translators.cyclegan.config import load_config, parse_override
+from harmonize.configs import with_overrides
+from harmonize.translators.cyclegan.config import load_config
 
 EXAMPLE = ("harmonize train cyclegan --config configs/cyclegan/quick.yaml "
            "--data data/synth/manifest.csv --reference-site site_a --out runs/cg")
@@ -47,10 +48,7 @@ def config_from_args(args: argparse.Namespace):
         "train.resume": True if args.resume else None,
         "train.progress": False if getattr(args, "quiet", False) else None,
     }
-    for text in args.overrides:
-        key, value = parse_override(text)
-        overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, with_overrides(overrides, args.overrides))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

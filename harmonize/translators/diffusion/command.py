@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from harmonize.translators.diffusion.config import DiffusionConfig, load_config, parse_override
+from harmonize.configs import with_overrides
+from harmonize.translators.diffusion.config import DiffusionConfig, load_config
 
 EXAMPLE = ("harmonize train diffusion --config configs/diffusion/quick.yaml "
            "--data data/synth/manifest.csv --reference-site site_a --mode ddib --out runs/ddib")
@@ -54,10 +55,7 @@ def config_from_args(args: argparse.Namespace) -> DiffusionConfig:
         "train.resume": True if args.resume else None,
         "train.progress": False if getattr(args, "quiet", False) else None,
     }
-    for text in args.overrides:
-        key, value = parse_override(text)
-        overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, with_overrides(overrides, args.overrides))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
