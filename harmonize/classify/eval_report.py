@@ -183,6 +183,17 @@ def write_report(path: Path, config, data, sets, table, predictions, audit, timi
     return report.save(path)
 
 
+def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB: the image in grey with the Grad-CAM map (resized to it) in a heat colour map."""
+    from scipy.ndimage import zoom
+
+    if cam.shape != image.shape:
+        cam = zoom(cam, (image.shape[0] / cam.shape[0], image.shape[1] / cam.shape[1]),
+                   order=1)
+    heat = plt.get_cmap("inferno")(np.clip(cam, 0, 1))[..., :3]
+    return (1 - alpha) * np.clip(image, 0, 1)[..., None] + alpha * heat
+
+
 def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
     rows_idx = audit["rows"]
     sample = audit["cam_sample"]
@@ -200,13 +211,13 @@ def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
         for name in names:
             path = rec["path"] if name == "raw" else sets[name].manifest["path"].iloc[row_index]
             line.append(np.clip(policy.to_model(read_image(path))[0], 0, 1))
-        for name in names:
+        for k, name in enumerate(names):
             if cams[name] is not None:
-                line.append(cams[name][i])
+                line.append(cam_overlay(line[k], cams[name][i]))
         grid.append(line)
         titles.append(f"{rec['site']} {Path(rec['relpath']).stem} ({rec['label']})")
     columns = names + [f"Grad-CAM {n}" for n in names if cams[n] is not None]
     report.figure(image_grid(grid, columns, titles),
                   "each row: one test image raw and after each translator, then the frozen "
-                  "classifier's Grad-CAM (bright = drives the prediction)")
+                  "classifier's Grad-CAM on that image (yellow = drives the prediction)")
     plt.close("all")
