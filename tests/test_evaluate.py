@@ -146,3 +146,18 @@ def test_a_rerun_reuses_a_finished_identical_translator_training_only(tmp_path):
     assert _finished_same_run(run, config)
     assert not _finished_same_run(run, load_config(None, {"train.out": str(run),
                                                           "train.steps": 11}))
+
+
+def test_gradcam_highlights_what_drives_the_logit():
+    """A CNN that only responds to the top-left corner gets its Grad-CAM there."""
+    import torch
+
+    from harmonize.classify.audit import gradcam_maps
+    from harmonize.classify.networks import Classifier
+
+    model = Classifier("cnn", 32, width=4).eval()
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., :8, :8] = 1.0  # the only structure in the image
+    cam = gradcam_maps(model, x)[0]
+    assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() == 1
+    assert cam[:8, :8].mean() > cam[16:, 16:].mean()

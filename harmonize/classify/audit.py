@@ -48,6 +48,13 @@ class _Logits2D(nn.Module):
         return self.clf(x)[:, None]
 
 
+def _unit_range(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(len(x), -1)
+    lo = flat.min(1).values.reshape(-1, *([1] * (x.ndim - 1)))
+    hi = flat.max(1).values.reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(x))
+
+
 def gradcam_maps(model, images: torch.Tensor) -> np.ndarray | None:
     """(N, S, S) Grad-CAM maps in [0, 1], or None for a model without a conv stage."""
     layer = model.gradcam_layer()
@@ -55,7 +62,10 @@ def gradcam_maps(model, images: torch.Tensor) -> np.ndarray | None:
         return None
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=_Logits2D(model), target_layers=f"clf.{layer}")
+    # MONAI's default post-processing maps (min, max) to (1, 0), i.e. flips the map;
+    # scale each map to [0, 1] with 1 = most important instead
+    cam = GradCAM(nn_module=_Logits2D(model), target_layers=f"clf.{layer}",
+                  postprocessing=_unit_range)
     with torch.enable_grad():
         maps = [cam(images[i:i + 32], class_idx=0).detach()
                 for i in range(0, len(images), 32)]

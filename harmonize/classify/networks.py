@@ -28,7 +28,7 @@ class SmallCNN(nn.Module):
         for k in range(4):
             c_out = width * 2**k
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                       nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, 1)
