@@ -98,6 +98,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _federated(args: argparse.Namespace) -> int:
+    from harmonize.configs import with_overrides
+    from harmonize.federated.config import load_federated_config
+    from harmonize.federated.run import run_federated
+
+    overrides = {"manifest": args.data, "reference_site": args.reference_site,
+                 "out": args.out, "rounds": args.rounds,
+                 "progress": False if args.quiet else None}
+    s = run_federated(load_federated_config(args.config, with_overrides(overrides,
+                                                                        args.overrides)))
+    print(f"{s['rounds']} rounds over {s['nodes']} nodes ({', '.join(s['node_names'])}) in "
+          f"{s['wall_seconds']:.0f} s" + (f"; epsilon {s['epsilon']:.2f} at delta "
+                                          f"{s['delta']:g}" if s.get("epsilon") else ""))
+    for f in s["failures"]:
+        print(f"harmonize: error: round {f['round']}: {f['reason']}", file=sys.stderr)
+    if s["model"]:
+        print(f"model: {s['model']}\nrounds: {Path(args.out) / 'rounds.csv'}")
+    return 1 if s["failures"] or not s["model"] else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from harmonize.demo import run_demo
 
@@ -246,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="any config value, e.g. --set seeds=[0,1] "
                    "(repeatable)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "federated", formatter_class=fmt, parents=[common],
+        help="federated training with Flower (simulation of the manifest's nodes)",
+        epilog="example:\n  harmonize federated --config configs/federated/classifier-quick.yaml "
+               "--data data/synth/manifest.csv --out runs/fed")
+    p.add_argument("--config", required=True, help="YAML, e.g. configs/federated/"
+                   "cyclegan-quick.yaml")
+    p.add_argument("--data", default=None, help="manifest CSV (node column, default: site)")
+    p.add_argument("--reference-site", default=None, help="translators: the target site")
+    p.add_argument("--out", required=True, help="output folder: model/, rounds.csv, ...")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="any config value (repeatable)")
+    p.set_defaults(func=_federated)
 
     p = sub.add_parser("demo", formatter_class=fmt, parents=[common],
                        help="the whole pipeline on synthetic data",

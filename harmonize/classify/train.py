@@ -71,33 +71,74 @@ def mixed_precision_for(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def make_loader(images: torch.Tensor, labels: np.ndarray, tc: TrainConfig) -> DataLoader:
+    """Shuffled batches (or class-balanced draws), plainly augmented if asked; seeded."""
+    data = TensorImages(images, labels, augment_seed=tc.seed if tc.augment else None)
+    generator = torch.Generator().manual_seed(tc.seed)
+    if tc.balance == "sampler":
+        n_pos = int(labels.sum())
+        weights = np.where(labels == 1, 0.5 / n_pos, 0.5 / (len(labels) - n_pos))
+        sampler = WeightedRandomSampler(weights.tolist(), len(labels), generator=generator)
+        return DataLoader(data, batch_size=tc.batch_size, sampler=sampler)
+    return DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=generator)
+
+
+def make_loss(labels: np.ndarray, balance: str) -> torch.nn.Module:
+    n_pos = int(labels.sum())
+    weight = (len(labels) - n_pos) / n_pos if balance == "weighted-loss" else 1.0
+    return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weight))
+
+
+def check_labels(labels: np.ndarray) -> None:
+    if set(np.unique(labels)) - {0, 1} or len(np.unique(labels)) < 2:
+        raise ValueError(f"training labels must contain both classes 0 and 1; got "
+                         f"{sorted(set(np.unique(labels).tolist()))}")
+
+
+def run_epochs(model: torch.nn.Module, loader, loss_fn, opt, epochs: int, sched=None,
+               accelerator: Accelerator | None = None, proximal: tuple | None = None,
+               bar=None) -> list[float]:
+    """The training loop proper; returns the mean loss per epoch. ``proximal`` =
+    (mu, {name: tensor}) adds FedProx's (mu / 2) * ||w - w_global||^2."""
+    model.train()
+    history = []
+    for _ in range(epochs):
+        losses = []
+        for x, y in loader:
+            loss = loss_fn(model(x).float(), y)
+            if proximal is not None and proximal[0] > 0:
+                mu, center = proximal
+                loss = loss + 0.5 * mu * sum(((p - center[n]) ** 2).sum()
+                                             for n, p in model.named_parameters())
+            opt.zero_grad(set_to_none=True)
+            (accelerator.backward(loss) if accelerator is not None else loss.backward())
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+        history.append(float(np.mean(losses)))
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return history
+
+
 def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelConfig,
                    train_cfg: TrainConfig, desc: str = "train classifier",
                    log: list[dict] | None = None) -> Classifier:
     """Train a fresh classifier on (N, 1, S, S) images and 0/1 labels; returns it in eval
     mode on the CPU. Same inputs and seed give the same weights."""
     labels = np.asarray(labels)
-    if set(np.unique(labels)) - {0, 1} or len(np.unique(labels)) < 2:
-        raise ValueError(f"training labels must contain both classes 0 and 1; got "
-                         f"{sorted(set(np.unique(labels).tolist()))}")
+    check_labels(labels)
     tc = train_cfg
     torch.manual_seed(tc.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
     model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width)
     if model_cfg.weights is not None:
         load_weights(model, model_cfg.weights)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    data = TensorImages(images, labels, augment_seed=tc.seed if tc.augment else None)
-    generator = torch.Generator().manual_seed(tc.seed)
-    if tc.balance == "sampler":
-        weights = np.where(labels == 1, 0.5 / n_pos, 0.5 / n_neg)
-        sampler = WeightedRandomSampler(weights.tolist(), len(labels), generator=generator)
-        loader = DataLoader(data, batch_size=tc.batch_size, sampler=sampler)
-    else:
-        loader = DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=generator)
-    pos_weight = torch.tensor(n_neg / n_pos if tc.balance == "weighted-loss" else 1.0)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loader = make_loader(images, labels, tc)
+    loss_fn = make_loss(labels, tc.balance)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = tc.epochs * len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
@@ -106,23 +147,11 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     loss_fn = loss_fn.to(accelerator.device)
     bar = tqdm(total=total, desc=desc, unit="step", leave=False,
                disable=not (tc.progress and accelerator.is_main_process))
-    model.train()
-    for epoch in range(tc.epochs):
-        losses = []
-        for x, y in loader:
-            loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        if log is not None:
-            log.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
+    history = run_epochs(model, loader, loss_fn, opt, tc.epochs, sched, accelerator, bar=bar)
     bar.close()
-    model = accelerator.unwrap_model(model).cpu().eval()
-    return model
+    if log is not None:
+        log.extend({"epoch": i + 1, "loss": v} for i, v in enumerate(history))
+    return accelerator.unwrap_model(model).cpu().eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,24 @@
+"""The Flower app that `flwr run .` (pyproject: [tool.flwr.app]) and a deployment load:
+the same ClientApp / ServerApp as `harmonize federated`, configured from the run config
+(``config`` = a configs/federated YAML, ``data``, ``reference-site``, ``out``; absolute
+paths, as SuperNodes run elsewhere)."""
+
+from __future__ import annotations
+
+from harmonize.federated.client_app import make_client_app
+from harmonize.federated.config import FederatedConfig, load_federated_config
+from harmonize.federated.server_app import make_server_app
+
+
+def config_from_run(run_config: dict) -> FederatedConfig:
+    overrides = {"manifest": run_config.get("data") or None,
+                 "reference_site": run_config.get("reference-site") or None,
+                 "out": run_config.get("out") or None,
+                 "rounds": run_config.get("rounds") or None,
+                 "min_nodes": run_config.get("min-nodes") or None,
+                 "progress": False}
+    return load_federated_config(run_config["config"], overrides)
+
+
+client_app = make_client_app(config_from_run=config_from_run)
+server_app = make_server_app(config_from_run=config_from_run)

@@ -1,0 +1,93 @@
+"""The ClientApp: what runs at each hospital. It reads only its own rows, trains with the
+task's code, and replies with weights and a few scalar metrics; nothing else leaves.
+
+Local state that must never leave (FedBN normalization layers, CycleGAN's site-specific
+reverse generator and discriminator) lives in the node's ``context.state`` between
+rounds. Any failure (no rows, unreadable manifest, bad image) becomes an error reply that
+names the node, so the server can say which node failed.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.nodes import node_rows, resolve_node, split_rows
+from harmonize.federated.tasks import build_task
+
+ERROR_CODE = 2  # Flower's CLIENT_APP_RAISED_EXCEPTION
+
+
+def optional_clipping_mod(msg: Message, context: Context, call_next):
+    """Flower's client-side clipping when the server asks for it (client-fixed DP)."""
+    configs = list(msg.content.config_records.values())
+    if configs and KEY_CLIPPING_NORM in configs[0]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _label(context: Context) -> str:
+    """How to name this node in an error before its name is known."""
+    return str(context.node_config.get("node",
+                                       f"partition {context.node_config.get('partition-id')}"))
+
+
+def make_client_app(config: FederatedConfig | None = None, config_from_run=None) -> ClientApp:
+    """A ClientApp for this config; or, under `flwr run`, one that reads the config from
+    the run (``config_from_run(context.run_config)``)."""
+    app = ClientApp(mods=[optional_clipping_mod])
+
+    def setup(context: Context):
+        cfg = config if config is not None else config_from_run(context.run_config)
+        torch.set_num_threads(cfg.threads_per_node)
+        node, manifest = resolve_node(context.node_config, cfg.manifest)
+        return cfg, node, manifest
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        node = _label(context)
+        try:
+            cfg, node, manifest = setup(context)
+            task = build_task(cfg)
+            rows, _ = split_rows(node_rows(manifest, node))
+            local = (context.state["local"].to_torch_state_dict()
+                     if "local" in context.state.array_records else None)
+            round_config = msg.content["config"]
+            arrays, local, metrics = task.train(
+                msg.content["arrays"].to_torch_state_dict(), local, rows,
+                int(round_config.get("server-round", 0)),
+                proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+            if local:
+                context.state["local"] = ArrayRecord(local)
+        except Exception as err:  # noqa: BLE001 - reported to the server, named
+            return Message(Error(code=ERROR_CODE, reason=f"node {node}: "
+                                 f"{' '.join(str(err).split())}"), reply_to=msg)
+        if cfg.privacy.dp != "none":
+            metrics["num-examples"] = 1  # DP: equal weights, so one node's sensitivity is C
+        return Message(RecordDict({"arrays": ArrayRecord(arrays),
+                                   "metrics": MetricRecord(metrics),
+                                   "node": ConfigRecord({"name": node})}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        node = _label(context)
+        try:
+            cfg, node, manifest = setup(context)
+            _, test = split_rows(node_rows(manifest, node))
+            if test.empty:  # same keys as the others (Flower requires it), zero weight
+                metrics = {"auc": 0.0, "accuracy": 0.0, "num-examples": 0}
+            else:
+                local = (context.state["local"].to_torch_state_dict()
+                         if "local" in context.state.array_records else None)
+                metrics = build_task(cfg).evaluate(msg.content["arrays"].to_torch_state_dict(),
+                                                   local, test)
+        except Exception as err:  # noqa: BLE001
+            return Message(Error(code=ERROR_CODE, reason=f"node {node}: "
+                                 f"{' '.join(str(err).split())}"), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app

@@ -1,0 +1,93 @@
+"""Federated run configuration (``configs/federated/*.yaml``), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from harmonize.classify.config import ModelConfig
+from harmonize.configs import ConfigError, load_yaml_config
+
+__all__ = ["ConfigError", "FederatedConfig", "load_federated_config"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrivacyConfig(_Section):
+    dp: Literal["none", "server-fixed", "client-fixed"] = Field(
+        "none", description="central DP on the aggregate: clip each node's update to "
+        "clipping_norm (server side, or client side with fixedclipping_mod) and add Gaussian "
+        "noise of sd noise_multiplier * clipping_norm / nodes")
+    noise_multiplier: float = Field(1.0, ge=0)
+    clipping_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    secagg: bool = Field(False, description="SecAgg+ (see docs: not available with the "
+                         "Message API strategies in flwr 1.41)")
+
+
+class ClassifierTaskConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    image_size: int = Field(64, ge=16)
+    local_epochs: int = Field(1, ge=1, description="epochs per round at each node")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = False
+    balance: Literal["weighted-loss", "sampler", "none"] = "weighted-loss"
+    local_bn: bool = Field(False, description="FedBN: normalization layers stay local")
+
+
+class CycleGANTaskConfig(_Section):
+    config: Path | None = Field(None, description="CycleGAN YAML (model, loss, data.image_size)")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
+    local_steps: int = Field(20, ge=1, description="optimizer steps per round at each node")
+
+
+class FederatedConfig(_Section):
+    task: Literal["classifier", "cyclegan"]
+    manifest: Path | None = None
+    reference_site: str | None = None
+    out: Path | None = None
+    rounds: int = Field(10, ge=1)
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term")
+    min_nodes: int | None = Field(None, ge=1, description="nodes per round; default: every "
+                                  "node of the manifest (give it when the server has none)")
+    evaluate: bool = Field(True, description="each node scores the global model on its "
+                           "split=test rows after every round")
+    seed: int = 0
+    privacy: PrivacyConfig = PrivacyConfig()
+    classifier: ClassifierTaskConfig = ClassifierTaskConfig()
+    cyclegan: CycleGANTaskConfig = CycleGANTaskConfig()
+    threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _checks(self) -> FederatedConfig:
+        if self.privacy.secagg:
+            raise ValueError("privacy.secagg: SecAgg+ runs only with Flower's legacy "
+                             "strategy API in flwr 1.41, not with the Message API "
+                             "strategies this app uses; use privacy.dp instead")
+        if self.task == "cyclegan" and self.cyclegan.config is None:
+            raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
+                             "configs/cyclegan/quick.yaml")
+        return self
+
+    def check_ready(self) -> None:
+        missing = [k for k in ("manifest", "out") if getattr(self, k) is None]
+        if self.task == "cyclegan" and self.reference_site is None:
+            missing.append("reference_site")
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (--data / --out / "
+                              "--reference-site)")
+        if not Path(self.manifest).is_file():
+            raise ConfigError(f"manifest {self.manifest} not found")
+
+
+def load_federated_config(path: str | Path | None,
+                          overrides: dict[str, Any] | None = None) -> FederatedConfig:
+    return load_yaml_config(FederatedConfig, path, overrides)

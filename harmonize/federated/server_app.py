@@ -1,0 +1,149 @@
+"""The ServerApp: picks the strategy (FedAvg / FedProx, optionally wrapped by Flower's
+central-DP wrappers), runs the rounds, and writes what a user needs: the global model as
+a checkpoint of the contract format, rounds.csv + rounds.png (loss, metrics, epsilon per
+round) and summary.json, including which node failed in which round and why."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import (  # noqa: E402
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+)
+
+from harmonize.data.io import atomic_write  # noqa: E402
+from harmonize.federated.config import FederatedConfig  # noqa: E402
+from harmonize.federated.nodes import node_names  # noqa: E402
+from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
+from harmonize.federated.tasks import build_task  # noqa: E402
+
+
+def make_server_app(config: FederatedConfig | None = None, config_from_run=None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else config_from_run(context.run_config)
+        run_server(grid, cfg)
+
+    return app
+
+
+def build_strategy(cfg: FederatedConfig, n_nodes: int):
+    kwargs = {"fraction_train": 1.0, "fraction_evaluate": 1.0 if cfg.evaluate else 0.0,
+              "min_train_nodes": n_nodes, "min_evaluate_nodes": n_nodes,
+              "min_available_nodes": n_nodes}
+    strategy = (FedProx(proximal_mu=cfg.proximal_mu, **kwargs) if cfg.strategy == "fedprox"
+                else FedAvg(**kwargs))
+    p = cfg.privacy
+    wrapper = {"server-fixed": DifferentialPrivacyServerSideFixedClipping,
+               "client-fixed": DifferentialPrivacyClientSideFixedClipping}.get(p.dp)
+    if wrapper is not None:
+        strategy = wrapper(strategy, noise_multiplier=p.noise_multiplier,
+                           clipping_norm=p.clipping_norm, num_sampled_clients=n_nodes)
+    return strategy
+
+
+def record_replies(strategy, log: dict) -> None:
+    """Note, per round, which nodes replied and which failed (with the reason) before the
+    strategy aggregates (Flower's own log only has random node ids)."""
+    aggregate = strategy.aggregate_train
+
+    def aggregate_train(server_round, replies):
+        replies = list(replies)
+        ok, failed = [], []
+        for m in replies:
+            if m.has_error():
+                failed.append(m.error.reason)
+            else:
+                ok.append(str(m.content["node"]["name"]) if "node" in m.content else "?")
+        log[server_round] = {"ok": ok, "failed": failed}
+        return aggregate(server_round, replies)
+
+    strategy.aggregate_train = aggregate_train
+
+
+def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
+    task = build_task(cfg)
+    strategy = build_strategy(cfg, n_nodes)
+    replies: dict[int, dict] = {}
+    record_replies(strategy, replies)
+    started = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.initial_arrays()),
+                            num_rounds=cfg.rounds, train_config=ConfigRecord({"seed": cfg.seed}))
+    seconds = time.perf_counter() - started
+    rounds = rounds_table(cfg, result, replies)
+    atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
+    plot_rounds(rounds, out / "rounds.png")
+    failures = [{"round": r, "reason": reason} for r, v in sorted(replies.items())
+                for reason in v["failed"]]
+    model_dir = None
+    if len(result.arrays) > 0:
+        meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
+                              "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
+                              "epsilon": _epsilon(cfg, cfg.rounds)},
+                "training_manifest": str(cfg.manifest)}
+        model_dir = task.save(result.arrays.to_torch_state_dict(), out / "model", meta)
+    summary = {"model": str(model_dir) if model_dir else None, "rounds": cfg.rounds,
+               "nodes": n_nodes, "seconds": seconds, "failures": failures,
+               "epsilon": _epsilon(cfg, cfg.rounds), "delta": cfg.privacy.delta
+               if cfg.privacy.dp != "none" else None}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
+    return summary
+
+
+def _epsilon(cfg: FederatedConfig, rounds: int) -> float | None:
+    if cfg.privacy.dp == "none":
+        return None
+    eps = gaussian_epsilon(cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta)
+    return eps if math.isfinite(eps) else None
+
+
+def rounds_table(cfg: FederatedConfig, result, replies: dict) -> pd.DataFrame:
+    rows = []
+    for r in range(1, cfg.rounds + 1):
+        row: dict = {"round": r}
+        for prefix, source in (("train_", result.train_metrics_clientapp),
+                               ("eval_", result.evaluate_metrics_clientapp)):
+            for k, v in dict(source.get(r, {})).items():
+                if k != "num-examples":
+                    row[prefix + k.removeprefix("train_")] = float(v)
+        row["epsilon"] = _epsilon(cfg, r)
+        row["nodes_ok"] = len(replies.get(r, {}).get("ok", []))
+        row["failed"] = " | ".join(replies.get(r, {}).get("failed", []))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
+    metrics = [c for c in rounds.columns if c not in ("round", "nodes_ok", "failed")
+               and rounds[c].notna().any()]
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    for ax, col in zip(axes[0], metrics, strict=True):
+        ax.plot(rounds["round"], rounds[col], marker="o", ms=3)
+        ax.set_title(col, fontsize=9)
+        ax.set_xlabel("round")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}")
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
