@@ -5,9 +5,13 @@ paths, as SuperNodes run elsewhere)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig, load_federated_config
 from harmonize.federated.server_app import make_server_app
+
+APP_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_from_run(run_config: dict) -> FederatedConfig:
@@ -17,7 +21,10 @@ def config_from_run(run_config: dict) -> FederatedConfig:
                  "rounds": run_config.get("rounds") or None,
                  "min_nodes": run_config.get("min-nodes") or None,
                  "progress": False}
-    return load_federated_config(run_config["config"], overrides)
+    path = Path(str(run_config["config"]))
+    if not path.is_absolute() and not path.is_file():  # relative to the app (FAB) root
+        path = APP_ROOT / path
+    return load_federated_config(path, overrides)
 
 
 client_app = make_client_app(config_from_run=config_from_run)

@@ -30,6 +30,13 @@ def optional_clipping_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
+def update_norm(new: dict, old: dict) -> float:
+    """L2 norm of this round's change of the shared weights (what DP clipping bounds)."""
+    total = sum(float(((new[k].float() - old[k].float()) ** 2).sum())
+                for k in new if new[k].is_floating_point())
+    return total ** 0.5
+
+
 def _label(context: Context) -> str:
     """How to name this node in an error before its name is known."""
     return str(context.node_config.get("node",
@@ -57,12 +64,14 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
             local = (context.state["local"].to_torch_state_dict()
                      if "local" in context.state.array_records else None)
             round_config = msg.content["config"]
+            received = msg.content["arrays"].to_torch_state_dict()
             arrays, local, metrics = task.train(
-                msg.content["arrays"].to_torch_state_dict(), local, rows,
+                received, local, rows,
                 int(round_config.get("server-round", 0)),
                 proximal_mu=float(round_config.get("proximal-mu", 0.0)))
             if local:
                 context.state["local"] = ArrayRecord(local)
+            metrics["update_norm"] = update_norm(arrays, received)
         except Exception as err:  # noqa: BLE001 - reported to the server, named
             return Message(Error(code=ERROR_CODE, reason=f"node {node}: "
                                  f"{' '.join(str(err).split())}"), reply_to=msg)

@@ -1,0 +1,166 @@
+"""Federated CycleGAN: every site's style mapped to the reference site, no image moving.
+
+Design (docs/federated.md has the privacy argument):
+- Shared (averaged by FedAvg every round): the pooled generator G (any site ->
+  reference) and the reference discriminator D_B. Nothing else leaves a node.
+- A non-reference node k trains G with D_B's adversarial loss, the cycle a -> G -> F_k -> a
+  through its own reverse generator F_k, the structure term, and pushes D_B to call G's
+  outputs fake. F_k holds site k's style and never leaves the node (like FedBN's local
+  layers). The half of the cycle that starts from reference images (b -> F -> G -> b)
+  needs reference images, so it does not exist here.
+- The reference node teaches D_B what real reference images look like and G to leave
+  them unchanged (identity loss). That is how the reference domain's knowledge reaches
+  the other sites: through D_B's (and G's) weights, never through images.
+- Averaging D_B trained on "real only" at one node and "fake only" at the others is,
+  for small local steps, one discriminator trained on mixed batches.
+- Central baseline: the same code with all images at one node (both halves every step).
+- No polarity guard: it would need the reference site's mean image at every node; fix
+  inverted exports at the node (MONOCHROME1 is handled on read).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.tasks import Arrays, cached_images
+from harmonize.translators.cyclegan.config import load_config
+from harmonize.translators.cyclegan.networks import (
+    ImagePool,
+    NLayerDiscriminator,
+    ResnetGenerator,
+    local_ncc_loss,
+    lsgan_loss,
+)
+from harmonize.translators.cyclegan.translator import CycleGANTranslator
+
+
+def _split(arrays: Arrays, prefix: str) -> Arrays:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _init(net: torch.nn.Module) -> torch.nn.Module:
+    for m in net.modules():  # reference initialization: N(0, 0.02) convolutions
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    return net
+
+
+class CycleGANTask:
+    kind = "cyclegan"
+
+    def __init__(self, config: FederatedConfig) -> None:
+        self.config = config
+        overrides = {"data.reference_site": config.reference_site, **config.cyclegan.set}
+        self.cg = load_config(config.cyclegan.config, overrides)
+        self.size = self.cg.data.image_size
+
+    def _g(self) -> ResnetGenerator:
+        m = self.cg.model
+        return ResnetGenerator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
+                               residual=m.residual)
+
+    def _d(self) -> NLayerDiscriminator:
+        return NLayerDiscriminator(ndf=self.cg.model.ndf, n_layers=self.cg.model.n_layers_d)
+
+    def initial_arrays(self) -> Arrays:
+        torch.manual_seed(self.config.seed)
+        g, d = _init(self._g()), _init(self._d())
+        return {**{f"g.{k}": v for k, v in g.state_dict().items()},
+                **{f"d_b.{k}": v for k, v in d.state_dict().items()}}
+
+    def _images(self, rows: pd.DataFrame) -> torch.Tensor:
+        x = cached_images(rows["path"].astype(str).tolist(), self.size)
+        return x * 2 - 1  # network space
+
+    def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
+              server_round: int, proximal_mu: float = 0.0) -> tuple[Arrays, Arrays, dict]:
+        ref_site = self.config.reference_site
+        is_ref = (rows["site"].astype(str) == ref_site).to_numpy()
+        xa = self._images(rows[~is_ref]) if (~is_ref).any() else None
+        xb = self._images(rows[is_ref]) if is_ref.any() else None
+        node_seed = zlib.crc32(",".join(sorted(rows["site"].astype(str).unique())).encode())
+        torch.manual_seed(self.config.seed * 100_003 + node_seed + server_round)
+        g, d_b = self._g(), self._d()
+        g.load_state_dict(_split(arrays, "g."))
+        d_b.load_state_dict(_split(arrays, "d_b."))
+        f = self._g()
+        if local:
+            f.load_state_dict(_split(local, "f."))
+        else:
+            _init(f)
+        lw, tc = self.cg.loss, self.cg.train
+        opt_g = torch.optim.Adam([*g.parameters(), *f.parameters()], lr=tc.lr,
+                                 betas=(tc.beta1, tc.beta2))
+        opt_d = torch.optim.Adam(d_b.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+        pool = ImagePool(lw.pool_size, self.config.seed + server_round)
+        rng = np.random.default_rng([self.config.seed, server_round, node_seed])
+        bs = tc.batch_size
+        sums = {"loss_g": 0.0, "loss_d": 0.0}
+        for _ in range(self.config.cyclegan.local_steps):
+            for p in d_b.parameters():
+                p.requires_grad_(False)
+            loss_g = torch.zeros(())
+            fake_b = None
+            if xa is not None:
+                a = xa[rng.integers(len(xa), size=bs)]
+                fake_b = g(a)
+                loss_g = (lsgan_loss(d_b(fake_b), True)
+                          + lw.lambda_cycle * F.l1_loss(f(fake_b), a)
+                          + lw.lambda_cycle * lw.lambda_identity * F.l1_loss(f(a), a))
+                if lw.lambda_structure > 0:
+                    loss_g = loss_g + lw.lambda_structure * local_ncc_loss(a, fake_b)
+            if xb is not None:
+                b = xb[rng.integers(len(xb), size=bs)]
+                loss_g = loss_g + lw.lambda_cycle * lw.lambda_identity * F.l1_loss(g(b), b)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            for p in d_b.parameters():
+                p.requires_grad_(True)
+            loss_d = torch.zeros(())
+            if fake_b is not None:
+                pooled, _ = pool.query(fake_b.detach())
+                loss_d = loss_d + 0.5 * lsgan_loss(d_b(pooled), False)
+            if xb is not None:
+                loss_d = loss_d + 0.5 * lsgan_loss(d_b(b), True)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            sums["loss_g"] += float(loss_g.detach())
+            sums["loss_d"] += float(loss_d.detach())
+        steps = self.config.cyclegan.local_steps
+        shared = {**{f"g.{k}": v.detach().clone() for k, v in g.state_dict().items()},
+                  **{f"d_b.{k}": v.detach().clone() for k, v in d_b.state_dict().items()}}
+        own = ({f"f.{k}": v.detach().clone() for k, v in f.state_dict().items()}
+               if xa is not None else {})
+        return shared, own, {"loss_g": sums["loss_g"] / steps, "loss_d": sums["loss_d"] / steps,
+                             "num-examples": steps}
+
+    def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
+        return {"num-examples": 0}
+
+    def translator(self, arrays: Arrays) -> CycleGANTranslator:
+        m, inf = self.cg.model, self.cg.inference
+        t = CycleGANTranslator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
+                               residual=m.residual, tile_size=self.size,
+                               tile_overlap=inf.tile_overlap, batch_size=inf.batch_size,
+                               precision=inf.precision, polarity="keep",
+                               passthrough_reference=inf.passthrough_reference,
+                               policy=IntensityPolicy(mode=self.cg.data.intensity,
+                                                      bits=self.cg.data.bits))
+        g = self._g()
+        g.load_state_dict(_split(arrays, "g."))
+        return t.set_trained(g, np.zeros((32, 32), np.float32), self.config.reference_site)
+
+    def save(self, arrays: Arrays, out: Path, metadata: dict) -> Path:
+        return self.translator(arrays).save(out, metadata)

@@ -1,0 +1,110 @@
+"""Federated training with Flower: simulation runs, privacy accounting, node failures,
+memorization check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from harmonize.classify.train import load_classifier
+from harmonize.cli import main
+from harmonize.federated.privacy import gaussian_epsilon, noise_for_epsilon
+from harmonize.memorization import memorization_report, nearest_training
+from harmonize.synth import generate
+
+
+@pytest.fixture(scope="module")
+def synth3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fed") / "synth"
+    generate(out, sites=3, per_site=16, size=32, seed=0, progress=False,
+             prevalence=[0.5, 0.5, 0.5], finding_scale=2.5)
+    return out
+
+
+def write_config(path, **extra) -> str:
+    config = {"task": "classifier", "rounds": 2, "threads_per_node": 1,
+              "classifier": {"model": {"arch": "cnn", "width": 4}, "image_size": 32,
+                             "local_epochs": 1, "batch_size": 8}, **extra}
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_epsilon_matches_opacus_and_flower_accountants():
+    # opacus RDPAccountant (q=1) and Flower's dp-accounting give 30.1266 and 7.0774
+    assert gaussian_epsilon(1.0, 20, 1e-5) == pytest.approx(30.1266, abs=1e-3)
+    assert gaussian_epsilon(1.0, 2, 1e-5) == pytest.approx(7.0774, abs=1e-3)
+    assert gaussian_epsilon(2.0, 10, 1e-5) < gaussian_epsilon(1.0, 10, 1e-5)
+    assert gaussian_epsilon(0.0, 10, 1e-5) == float("inf")
+    z = noise_for_epsilon(8.0, 10, 1e-5)
+    assert gaussian_epsilon(z, 10, 1e-5) == pytest.approx(8.0, rel=1e-3)
+
+
+def test_federated_classifier_with_fedprox_fedbn_and_dp(synth3, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", strategy="fedprox", proximal_mu=0.01,
+                          privacy={"dp": "server-fixed", "noise_multiplier": 0.5,
+                                   "clipping_norm": 5.0})
+    with open(config) as fh:
+        raw = yaml.safe_load(fh)
+    raw["classifier"]["local_bn"] = True
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["federated", "-q", "--config", config, "--data",
+                 str(synth3 / "manifest.csv"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 rounds over 3 nodes (site_a, site_b, site_c)" in printed and "epsilon" in printed
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert list(rounds["round"]) == [1, 2] and (rounds["nodes_ok"] == 3).all()
+    assert rounds["train_loss"].notna().all() and rounds["eval_auc"].between(0, 1).all()
+    assert rounds["train_update_norm"].gt(0).all()
+    eps = [gaussian_epsilon(0.5, r, 1e-5) for r in (1, 2)]
+    np.testing.assert_allclose(rounds["epsilon"], eps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failures"] == [] and summary["epsilon"] == pytest.approx(eps[1])
+    model, cfg, meta = load_classifier(out / "model")  # contract checkpoint
+    assert cfg["image_size"] == 32 and meta["federated"]["nodes"] == 3
+    assert (out / "rounds.png").is_file()
+    # every node evaluated on its own held-out patients (split added per node)
+    split = pd.read_csv(out / "manifest.csv")
+    assert set(split.groupby("node")["split"].apply(lambda s: (s == "test").any())) == {True}
+
+
+def test_a_broken_node_is_named_by_the_server(synth3, tmp_path, capsys):
+    df = pd.read_csv(synth3 / "manifest.csv")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in df.loc[df["site"] == "site_b", "path"]:  # unreadable images at one node
+        (broken / p).parent.mkdir(parents=True, exist_ok=True)
+        (broken / p).write_bytes(b"not an image")
+    df["path"] = [str(broken / p) if s == "site_b" else str(synth3 / p)
+                  for p, s in zip(df["path"], df["site"], strict=True)]
+    df.drop(columns=["mask", "finding_mask", "reference_path"]).to_csv(
+        tmp_path / "m.csv", index=False)
+    out = tmp_path / "run"
+    assert main(["federated", "-q", "--config", write_config(tmp_path / "c.yaml"),
+                 "--data", str(tmp_path / "m.csv"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "node site_b" in err and "round 1" in err
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert (rounds["nodes_ok"] == 2).all()  # the other nodes went on
+    assert rounds["failed"].str.contains("node site_b").all()
+
+
+def test_memorization_flags_copies_not_new_patients(synth3):
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image
+
+    df = pd.read_csv(synth3 / "manifest.csv")
+    policy = IntensityPolicy()
+    ref = [policy.to_model(read_image(synth3 / p))[0]
+           for p in df.loc[df["site"] == "site_a", "path"]]
+    train, new = ref[:10], ref[10:]
+    d, idx = nearest_training([train[3], 0.5 * train[3] + 0.2], train)
+    assert d.max() < 1e-5 and list(idx) == [3, 3]  # copies, even with other brightness
+    copies = memorization_report([train[0], train[5]], train, new)
+    assert copies["flagged"] == 2
+    honest = memorization_report(new[:3], train, new[3:])  # new patients are not copies
+    assert honest["flagged"] == 0
