@@ -1,6 +1,8 @@
 """Hallucination / finding-preservation audit of every translator (Cohen et al. 2018:
 a translator trained to match a distribution can add or remove findings).
 
+Audited: the test images of the first fold that are not from the reference site.
+
 - Label flips: a frozen classifier (plain augmentation on raw images, first fold / seed /
   classifier of the matrix) scores each test image before and after translation; a flip
   is a change of the thresholded prediction. With the synthetic benchmark's paired
@@ -101,6 +103,8 @@ def run_audit(config, data, sets, images, models, folds, out: Path) -> dict:
     key = (fold.protocol, tuple(sorted(fold.tests)), seed, clf.arch, "augment", "")
     frozen = models[key]
     idx = np.unique(np.concatenate(list(fold.tests.values())))
+    # reference-site images pass through every translator unchanged: nothing to audit
+    idx = idx[data.df["site"].to_numpy()[idx] != data.reference_site]
     df = data.df.iloc[idx]
     y = data.labels[idx]
     size = config.data.image_size

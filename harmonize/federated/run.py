@@ -4,6 +4,7 @@ manifest on this machine, with the same ClientApp / ServerApp a deployment runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     # one client at a time, each with all the cores: on a small machine, parallel clients
     # only fight over the same cores
     cpus = cpus or 1
+    if not cfg.progress:  # Flower logs every round at INFO and warns about deprecations
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.perf_counter()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
