@@ -45,9 +45,25 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/federated/classifier-quick.yaml"))
     ap.add_argument("--per-site", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated; data, split and "
+                    "training all follow the seed")
     args = ap.parse_args()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        args.seed = seed
+        rows += run_seed(args, Path(args.out) / f"seed_{seed}")
+    table = pd.DataFrame(rows)
     out = Path(args.out)
+    table.to_csv(out / "results.csv", index=False)
+    mean = table.groupby("method", sort=False)[["auc", "accuracy", "auc_minus_central",
+                                                 "wall_s"]].mean().reset_index()
+    text = (f"4 nodes, {args.rounds} rounds; seeds {args.seeds}\n\nper seed:\n\n"
+            + markdown_table(table) + "\nmean over seeds:\n\n" + markdown_table(mean))
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+def run_seed(args, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     generate(out / "data", sites=4, per_site=args.per_site, size=128, seed=args.seed,
              finding_scale=2.5, progress=False)
@@ -72,7 +88,7 @@ def main() -> None:
     central = base.model_copy(deep=True)
     central.classifier.local_epochs = base.rounds * base.classifier.local_epochs
     train = df[df["split"] == "train"].reset_index(drop=True)
-    arrays, _, _ = ClassifierTask(central).train(arrays, None, train, server_round=1)
+    arrays, _, _ = ClassifierTask(central).train(arrays, None, train, {"server-round": 1})
     model = task.build()
     model.load_state_dict(arrays)
     probs["central"] = predict(model.eval(), x_test)
@@ -93,18 +109,14 @@ def main() -> None:
     for name, p in probs.items():
         m = bootstrap_metrics(y_test, p, seed=args.seed)
         d = paired_bootstrap_difference(y_test, p, probs["central"], seed=args.seed)
-        rows.append({"method": name, "auc": m["auc"], "auc_lo": m["auc_lo"],
+        rows.append({"seed": args.seed, "method": name, "auc": m["auc"], "auc_lo": m["auc_lo"],
                      "auc_hi": m["auc_hi"], "accuracy": m["accuracy"],
                      "auc_minus_central": d["diff"], "diff_lo": d["diff_lo"],
                      "diff_hi": d["diff_hi"], "p_value": d["p_value"],
                      "wall_s": seconds[name]})
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "results.csv", index=False)
-    text = (f"4 nodes, {args.rounds} rounds x {base.classifier.local_epochs} local epoch(s); "
-            f"{len(train)} training / {len(test)} held-out images "
-            f"({int(np.sum(y_test))} positive)\n\n" + markdown_table(table))
-    (out / "results.md").write_text(text)
-    print(text)
+    print(f"seed {args.seed}: {len(train)} training / {len(test)} held-out images "
+          f"({int(np.sum(y_test))} positive)", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def central_equivalent(cfg, manifest: Path) -> float:
     started = time.perf_counter()
     arrays = task.initial_arrays()
     for r in range(1, cfg.rounds + 1):
-        results = [task.train(arrays, None, rows[n], r)[::2] for n in nodes]
+        config = {"server-round": r, "nodes": len(nodes)}
+        results = [task.train(arrays, None, rows[n], config)[::2] for n in nodes]
         total = sum(m["num-examples"] for _, m in results)
         arrays = {k: sum(a[k].float() * m["num-examples"] for a, m in results) / total
                   for k in arrays}

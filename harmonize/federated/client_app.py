@@ -65,10 +65,7 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
                      if "local" in context.state.array_records else None)
             round_config = msg.content["config"]
             received = msg.content["arrays"].to_torch_state_dict()
-            arrays, local, metrics = task.train(
-                received, local, rows,
-                int(round_config.get("server-round", 0)),
-                proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+            arrays, local, metrics = task.train(received, local, rows, dict(round_config))
             if local:
                 context.state["local"] = ArrayRecord(local)
             metrics["update_norm"] = update_norm(arrays, received)

@@ -12,7 +12,8 @@ Design (docs/federated.md has the privacy argument):
   them unchanged (identity loss). That is how the reference domain's knowledge reaches
   the other sites: through D_B's (and G's) weights, never through images.
 - Averaging D_B trained on "real only" at one node and "fake only" at the others is,
-  for small local steps, one discriminator trained on mixed batches.
+  for small local steps, one discriminator trained on mixed batches; source nodes take
+  D_B steps 1/(n-1) as large so that real and fake weigh the same.
 - Central baseline: the same code with all images at one node (both halves every step).
 - No polarity guard: it would need the reference site's mean image at every node; fix
   inverted exports at the node (MONOCHROME1 is handled on read).
@@ -83,7 +84,8 @@ class CycleGANTask:
         return x * 2 - 1  # network space
 
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
-              server_round: int, proximal_mu: float = 0.0) -> tuple[Arrays, Arrays, dict]:
+              round_config: dict) -> tuple[Arrays, Arrays, dict]:
+        server_round = int(round_config.get("server-round", 0))
         ref_site = self.config.reference_site
         is_ref = (rows["site"].astype(str) == ref_site).to_numpy()
         xa = self._images(rows[~is_ref]) if (~is_ref).any() else None
@@ -101,7 +103,12 @@ class CycleGANTask:
         lw, tc = self.cg.loss, self.cg.train
         opt_g = torch.optim.Adam([*g.parameters(), *f.parameters()], lr=tc.lr,
                                  betas=(tc.beta1, tc.beta2))
-        opt_d = torch.optim.Adam(d_b.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+        # FedAvg averages one "real" D_B update (reference node) with n - 1 "fake" ones;
+        # a source node's smaller step gives real and fake equal weight, as in a central
+        # mixed batch (Adam ignores loss scaling, so the learning rate carries it)
+        sources = max(1, int(round_config.get("nodes", 2)) - 1)
+        lr_d = tc.lr / sources if xb is None else tc.lr
+        opt_d = torch.optim.Adam(d_b.parameters(), lr=lr_d, betas=(tc.beta1, tc.beta2))
         pool = ImagePool(lw.pool_size, self.config.seed + server_round)
         rng = np.random.default_rng([self.config.seed, server_round, node_seed])
         bs = tc.batch_size

@@ -86,7 +86,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     record_replies(strategy, replies)
     started = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.initial_arrays()),
-                            num_rounds=cfg.rounds, train_config=ConfigRecord({"seed": cfg.seed}))
+                            num_rounds=cfg.rounds,
+                            train_config=ConfigRecord({"seed": cfg.seed, "nodes": n_nodes}))
     seconds = time.perf_counter() - started
     rounds = rounds_table(cfg, result, replies)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))

@@ -78,7 +78,10 @@ class ClassifierTask:
         return model
 
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
-              server_round: int, proximal_mu: float = 0.0) -> tuple[Arrays, Arrays, dict]:
+              round_config: dict) -> tuple[Arrays, Arrays, dict]:
+        """round_config: the server's settings for this round (server-round, proximal-mu)."""
+        server_round = int(round_config.get("server-round", 0))
+        proximal_mu = float(round_config.get("proximal-mu", 0.0))
         x, y = self._data(rows)
         check_labels(y)
         model = self._model(arrays, local)
