@@ -108,3 +108,32 @@ def test_memorization_flags_copies_not_new_patients(synth3):
     assert copies["flagged"] == 2
     honest = memorization_report(new[:3], train, new[3:])  # new patients are not copies
     assert honest["flagged"] == 0
+
+
+def test_federated_cyclegan_gives_a_translator_harmonize_apply_can_use(synth3, tmp_path):
+    from pathlib import Path
+
+    config = tmp_path / "cg.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "cyclegan", "rounds": 2, "evaluate": False, "threads_per_node": 1,
+        "cyclegan": {"config": str(Path(__file__).parents[1] / "configs/cyclegan/quick.yaml"),
+                     "set": {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
+                             "model.ndf": 8, "train.batch_size": 2},
+                     "local_steps": 2}}))
+    out = tmp_path / "run"
+    assert main(["federated", "-q", "--config", str(config), "--data",
+                 str(synth3 / "manifest.csv"), "--reference-site", "site_a", "--out",
+                 str(out)]) == 0
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert (rounds["nodes_ok"] == 3).all() and rounds["train_loss_g"].notna().all()
+    meta = json.loads((out / "model" / "metadata.json").read_text())
+    assert meta["kind"] == "cyclegan" and meta["reference_site"] == "site_a"
+    harmonized = tmp_path / "harmonized"
+    assert main(["apply", "-q", "--model", str(out / "model"), str(synth3 / "site_b"),
+                 str(harmonized)]) == 0
+    assert len(list(harmonized.rglob("*.png"))) == 16
+    with pytest.raises(Exception, match="cyclegan.config"):
+        from harmonize.federated.config import load_federated_config
+
+        config.write_text(yaml.safe_dump({"task": "cyclegan"}))
+        load_federated_config(config)
