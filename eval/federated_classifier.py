@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/federated/classifier-quick.yaml"))
     ap.add_argument("--per-site", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--variants", default="fedavg,fedprox,fedbn")
     ap.add_argument("--seeds", default="0", help="comma-separated; data, split and "
                     "training all follow the seed")
     args = ap.parse_args()
@@ -96,6 +97,7 @@ def run_seed(args, out: Path) -> list[dict]:
 
     variants = {"fedavg": {}, "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
                 "fedbn": {"classifier.local_bn": True}}
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     for name, overrides in variants.items():
         cfg = load_federated_config(args.config, {
             "manifest": str(manifest), "out": str(out / "runs" / name),

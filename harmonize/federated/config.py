@@ -36,6 +36,8 @@ class ClassifierTaskConfig(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer, new each round (sgd: momentum 0.9)")
     augment: bool = False
     balance: Literal["weighted-loss", "sampler", "none"] = "weighted-loss"
     local_bn: bool = Field(False, description="FedBN: normalization layers stay local")

@@ -90,7 +90,10 @@ class ClassifierTask:
         tc = TrainConfig(batch_size=self.cc.batch_size, lr=self.cc.lr,
                          weight_decay=self.cc.weight_decay, augment=self.cc.augment,
                          balance=self.cc.balance, seed=seed, progress=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = (torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=0.9,
+                               weight_decay=tc.weight_decay)
+               if self.cc.optimizer == "sgd" else
+               torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay))
         center = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if proximal_mu > 0 else None)
         losses = run_epochs(model, make_loader(x, y, tc), make_loss(y, tc.balance), opt,
