@@ -94,9 +94,7 @@ class FourierAmplitudeMatching(Translator):
         return spectrum[self._index(spectrum.shape)]
 
     def _upright(self, image: np.ndarray) -> np.ndarray:
-        if self.polarity == "auto" and pol.is_inverted(image, self.template_):
-            return pol.invert(image)
-        return image
+        return pol.upright(image, self.template_, self.polarity)
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None):
         self.check_fitted()

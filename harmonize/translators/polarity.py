@@ -36,3 +36,10 @@ def is_inverted(x: np.ndarray, template: np.ndarray) -> bool:
 def invert(x: np.ndarray) -> np.ndarray:
     """Flip the grey scale within the model-space window."""
     return (1.0 - np.asarray(x, dtype=np.float32)).astype(np.float32)
+
+
+def upright(x: np.ndarray, template: np.ndarray, mode: str = "auto") -> np.ndarray:
+    """The image, flipped when mode is "auto" and it anti-correlates with the template."""
+    if mode == "auto" and is_inverted(x, template):
+        return invert(x)
+    return x
