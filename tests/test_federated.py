@@ -137,3 +137,20 @@ def test_federated_cyclegan_gives_a_translator_harmonize_apply_can_use(synth3, t
 
         config.write_text(yaml.safe_dump({"task": "cyclegan"}))
         load_federated_config(config)
+
+
+def test_a_node_without_rows_or_with_an_unreadable_manifest_says_so(synth3, tmp_path):
+    from harmonize.federated.nodes import node_rows, resolve_node
+
+    with pytest.raises(ValueError, match="node 'hospital_x': no rows for this node in .*"
+                                         "manifest.csv"):
+        node_rows(synth3 / "manifest.csv", "hospital_x")
+    (tmp_path / "bad.csv").write_text("not,a\nmanifest")
+    with pytest.raises(ValueError, match="node 'site_a': cannot read its manifest .*bad.csv"):
+        node_rows(tmp_path / "bad.csv", "site_a")
+    # deployments name the node and its own manifest in --node-config
+    name, path = resolve_node({"node": "site_b", "manifest": "/data/b.csv"}, None)
+    assert (name, str(path)) == ("site_b", "/data/b.csv")
+    assert resolve_node({"partition-id": 2}, synth3 / "manifest.csv")[0] == "site_c"
+    with pytest.raises(ValueError, match="partition 5"):
+        resolve_node({"partition-id": 5}, synth3 / "manifest.csv")
