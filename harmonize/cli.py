@@ -137,6 +137,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help=f"any config value, e.g. --set {example} "
+                   "(repeatable)")
+
+
 def _fractions(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
@@ -262,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--out runs/eval")
     p.add_argument("--config", required=True, help="YAML, e.g. configs/eval/synth_quick.yaml")
     p.add_argument("--out", default=None, help="output folder (out)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="any config value, e.g. --set seeds=[0,1] "
-                   "(repeatable)")
+    _add_set_option(p, "seeds=[0,1]")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -278,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-site", default=None, help="translators: the target site")
     p.add_argument("--out", required=True, help="output folder: model/, rounds.csv, ...")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="any config value (repeatable)")
+    _add_set_option(p, "rounds=20")
     p.set_defaults(func=_federated)
 
     p = sub.add_parser("demo", formatter_class=fmt, parents=[common],

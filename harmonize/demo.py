@@ -29,6 +29,7 @@ from harmonize.data.manifest import load_manifest
 from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 from harmonize.radiomics.shift_report import run_shift_report
 from harmonize.report.html import HtmlReport, image_grid
+from harmonize.synth.benchmark import site_names
 
 CYCLEGAN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cyclegan" / "quick.yaml"
 
@@ -36,7 +37,7 @@ CYCLEGAN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cyclegan" /
 def demo_config(out: Path, sites: int, per_site: int, size: int, modality: str, seed: int,
                 quick: bool) -> EvalConfig:
     """The evaluation the demo runs: train on every site but the last, test on the last."""
-    names = [f"site_{chr(ord('a') + i)}" for i in range(sites)]
+    names = site_names(sites)
     # a site-label shortcut: the second site is mostly positive, the third mostly normal
     prevalence = [0.5, 0.8, 0.2, 0.5, 0.35, 0.65][:sites] + [0.5] * max(0, sites - 6)
     translators = [{"name": "histogram-matching"}, {"name": "fourier"}]

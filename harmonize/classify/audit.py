@@ -97,11 +97,10 @@ def _model_space(path: str | os.PathLike, policy: IntensityPolicy) -> np.ndarray
     return policy.to_model(read_image(path))[0]
 
 
-def run_audit(config, data, sets, images, models, folds, out: Path) -> dict:
-    """Audit every translator; returns per-translator summaries + per-image tables."""
-    fold, seed, clf = folds[0], config.seeds[0], config.classifiers[0]
-    key = (fold.protocol, tuple(sorted(fold.tests)), seed, clf.arch, "augment", "")
-    frozen = models[key]
+def run_audit(config, data, sets, images, frozen, fold, out: Path) -> dict:
+    """Audit every translator with the frozen classifier (trained with plain augmentation
+    on `fold`, the first seed and classifier); returns summaries + per-image tables."""
+    seed, clf = config.seeds[0], config.classifiers[0]
     idx = np.unique(np.concatenate(list(fold.tests.values())))
     # reference-site images pass through every translator unchanged: nothing to audit
     idx = idx[data.df["site"].to_numpy()[idx] != data.reference_site]

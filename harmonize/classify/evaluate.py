@@ -156,7 +156,7 @@ def run_evaluation(config: EvalConfig) -> Path:
              for regime in config.regimes
              for source in (["raw"] if regime in ("raw", "augment") else list(sets))]
     t = time.perf_counter()
-    rows, preds, models = [], [], {}
+    rows, preds, frozen = [], [], None
     bar = tqdm(cells, desc="evaluate", unit="model", disable=not config.progress)
     for fold, seed, clf, regime, source in bar:
         bar.set_postfix_str(f"{fold.protocol} {clf.arch} {regime} {source}")
@@ -165,8 +165,9 @@ def run_evaluation(config: EvalConfig) -> Path:
         x = images[source]
         model = fit_classifier(x[fold.train_idx], data.labels[fold.train_idx], clf, train_cfg)
         translator = "" if source == "raw" else source
-        key = (fold.protocol, tuple(sorted(fold.tests)), seed, clf.arch, regime, translator)
-        models[key] = model
+        if (fold is folds[0] and seed == config.seeds[0] and clf is config.classifiers[0]
+                and regime == "augment"):
+            frozen = model  # the audit's classifier: plain augmentation, first cell
         for (protocol, test_site), idx in fold.tests.items():
             p = predict(model, x[idx])
             y = data.labels[idx]
@@ -187,7 +188,7 @@ def run_evaluation(config: EvalConfig) -> Path:
     from harmonize.classify.eval_report import write_outputs
 
     t = time.perf_counter()
-    audit = run_audit(config, data, sets, images, models, folds, out)
+    audit = run_audit(config, data, sets, images, frozen, folds[0], out)
     timings["audit_s"] = time.perf_counter() - t
     write_outputs(out, config, data, sets, results, predictions, audit, timings)
     summary = {"results": str(out / "results.csv"), "report": str(out / "report.html"),

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -28,7 +27,7 @@ from harmonize.classify.networks import Classifier, load_weights
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.manifest import binary_targets, load_manifest, positive_label
+from harmonize.data.manifest import binary_targets, positive_label, select_rows
 from harmonize.data.transforms import augment, plain_augmentation
 from harmonize.fit import training_metadata
 
@@ -163,30 +162,14 @@ def predict(model: Classifier, images: torch.Tensor, batch_size: int = 64) -> np
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def select_rows(df: pd.DataFrame, sites: list[str] | None, split: str | None,
-                source: str) -> pd.DataFrame:
-    if sites is not None:
-        unknown = sorted(set(sites) - set(df["site"].astype(str)))
-        if unknown:
-            raise ConfigError(f"{source}: data.sites {unknown} not found; sites present: "
-                              f"{sorted(df['site'].astype(str).unique())}")
-        df = df[df["site"].isin(sites)]
-    if split is not None:
-        if "split" not in df.columns:
-            raise ConfigError(f"{source}: data.split={split!r} but the manifest has no "
-                              "split column")
-        df = df[df["split"] == split]
-    if df.empty:
-        raise ConfigError(f"{source}: no rows left after choosing sites/split")
-    return df
-
-
 def train_classifier(config: ClassifierConfig) -> Path:
     """Train from a manifest and save OUT/model (checkpoint contract) + OUT/train_log.csv."""
     config.check_ready()
     dc, tc = config.data, config.train
     manifest = Path(dc.manifest)
-    df = select_rows(load_manifest(manifest), dc.sites, dc.split, str(manifest))
+    df, _, _ = select_rows(manifest, dc.sites, dc.split)
+    if dc.sites is not None:
+        df = df[df["site"].astype(str).isin(dc.sites)]
     positive = dc.positive or positive_label(df["label"].astype(str))
     labels = binary_targets(df, positive=positive)
     if (labels < 0).any():

@@ -439,3 +439,31 @@ def binary_targets(df: pd.DataFrame, positive: str | None = None) -> np.ndarray:
     targets = np.where(labels == positive, 1, 0).astype(np.int64)
     targets[labels == ""] = -1
     return targets
+
+
+def select_rows(manifest: str | os.PathLike, sites: list[str] | None = None,
+                split: str | None = None) -> tuple[pd.DataFrame, list[str], str]:
+    """The rows of a manifest's `split` (all rows when None), checking that every site in
+    `sites` is present there (the caller filters: some also need the other sites).
+
+    Returns (rows, sites present in them, a description of the rows for messages).
+    Raises ConfigError naming what does not match (config keys data.split / data.sites).
+    """
+    from harmonize.configs import ConfigError
+
+    df = load_manifest(manifest)
+    where = f"{manifest}"
+    if split is not None:
+        if "split" not in df.columns:
+            raise ConfigError(f"data.split='{split}' but {where} has no split column")
+        df = df[df["split"] == split.lower()]
+        if df.empty:
+            raise ConfigError(f"{where}: no rows with split '{split}'")
+        where += f" (split {split})"
+    present = sorted(df["site"].astype(str).unique())
+    if sites is not None:
+        missing = [s for s in sites if s not in present]
+        if missing:
+            raise ConfigError(f"data.sites names {missing}, not in {where}; sites present: "
+                              f"{', '.join(present)}")
+    return df.reset_index(drop=True), present, where

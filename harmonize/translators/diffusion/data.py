@@ -26,7 +26,7 @@ from tqdm import tqdm
 from harmonize.data.datasets import load_image_tensor, resize_square
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
-from harmonize.data.manifest import load_manifest
+from harmonize.data.manifest import select_rows as select_manifest_rows
 from harmonize.translators import polarity as pol
 from harmonize.translators.diffusion.config import ConfigError, DiffusionConfig
 
@@ -56,21 +56,8 @@ class TrainingSet:
 def select_rows(config: DiffusionConfig) -> pd.DataFrame:
     """Manifest rows to train on; raises ConfigError naming what does not match."""
     data = config.data
-    df = load_manifest(data.manifest)
-    where = f"{data.manifest}"
-    if data.split is not None:
-        if "split" not in df.columns:
-            raise ConfigError(f"data.split='{data.split}' but {where} has no split column")
-        df = df[df["split"] == data.split.lower()]
-        if df.empty:
-            raise ConfigError(f"{where}: no rows with split '{data.split}'")
-        where += f" (split {data.split})"
-    present = sorted(df["site"].astype(str).unique())
+    df, present, where = select_manifest_rows(data.manifest, data.sites, data.split)
     wanted = data.sites if data.sites is not None else present
-    missing = [s for s in wanted if s not in present]
-    if missing:
-        raise ConfigError(f"data.sites names {missing}, not in {where}; sites present: "
-                          f"{', '.join(present)}")
     ref = data.reference_site
     if ref not in wanted:
         hint = "add it to data.sites" if ref in present else f"sites present: {', '.join(present)}"
