@@ -3,9 +3,12 @@
 4 sites (one node each), patient split (25% held out per site). Central: the classifier
 trained on all training images pooled, for rounds x local_epochs epochs with a constant
 learning rate, with the same per-step code (`run_epochs`). Federated: FedAvg, FedProx
-and FedBN over the 4 nodes for the same rounds x local_epochs. Every final global model
-is scored on the same held-out images of all sites: AUC and accuracy with 95% bootstrap
-CIs, and the paired AUC difference to central.
+and FedBN over the 4 nodes for the same rounds x local_epochs, and FedAvg of the CNN
+with GroupNorm (`fedavg-gn`, compared with a central GroupNorm CNN). Every final global
+model is scored on the same held-out images of all sites: pooled AUC (one score scale
+across sites, what a single threshold at several hospitals needs) with 95% bootstrap CI
+and the paired AUC difference to central, and the mean of the per-site AUCs (ranking
+within each site, what Flower's federated evaluation reports).
 
     python eval/federated_classifier.py --out eval_out/federated_classifier
 
@@ -27,7 +30,11 @@ import pandas as pd
 import torch
 
 from harmonize.classify.eval_report import markdown_table
-from harmonize.classify.metrics import bootstrap_metrics, paired_bootstrap_difference
+from harmonize.classify.metrics import (
+    binary_metrics,
+    bootstrap_metrics,
+    paired_bootstrap_difference,
+)
 from harmonize.classify.train import load_classifier, load_images, predict
 from harmonize.data.manifest import binary_targets, load_manifest, save_manifest
 from harmonize.data.splits import patient_split
@@ -44,8 +51,8 @@ def main() -> None:
     ap.add_argument("--out", default="eval_out/federated_classifier")
     ap.add_argument("--config", default=str(ROOT / "configs/federated/classifier-quick.yaml"))
     ap.add_argument("--per-site", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--variants", default="fedavg,fedprox,fedbn")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--variants", default="fedavg,fedprox,fedbn,fedavg-gn")
     ap.add_argument("--seeds", default="0", help="comma-separated; data, split and "
                     "training all follow the seed")
     args = ap.parse_args()
@@ -56,8 +63,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     out = Path(args.out)
     table.to_csv(out / "results.csv", index=False)
-    mean = table.groupby("method", sort=False)[["auc", "accuracy", "auc_minus_central",
-                                                 "wall_s"]].mean().reset_index()
+    mean = table.groupby("method", sort=False)[["auc", "auc_per_site", "accuracy",
+                                                 "auc_minus_central", "wall_s"]].mean().reset_index()
     text = (f"4 nodes, {args.rounds} rounds; seeds {args.seeds}\n\nper seed:\n\n"
             + markdown_table(table) + "\nmean over seeds:\n\n" + markdown_table(mean))
     (out / "results.md").write_text(text)
@@ -74,45 +81,54 @@ def run_seed(args, out: Path) -> list[dict]:
     manifest = out / "manifest.csv"
     save_manifest(df, manifest)
     test = df[df["split"] == "test"]
-    base = load_federated_config(args.config, {"manifest": str(manifest),
-                                               "rounds": args.rounds, "seed": args.seed,
-                                               "progress": False})
+    common = {"manifest": str(manifest), "rounds": args.rounds, "seed": args.seed,
+              "progress": False}
+    base = load_federated_config(args.config, common)
     size = base.classifier.image_size
     x_test = load_images(test["path"].tolist(), size, progress=False)
     y_test = binary_targets(test)
-    probs, rows = {}, []
-
-    # central: the same training step on all training rows pooled, same epochs in total
-    t = time.perf_counter()
-    task = ClassifierTask(base)
-    arrays = task.initial_arrays()
-    central = base.model_copy(deep=True)
-    central.classifier.local_epochs = base.rounds * base.classifier.local_epochs
     train = df[df["split"] == "train"].reset_index(drop=True)
-    arrays, _, _ = ClassifierTask(central).train(arrays, None, train, {"server-round": 1})
-    model = task.build()
-    model.load_state_dict(arrays)
-    probs["central"] = predict(model.eval(), x_test)
-    seconds = {"central": time.perf_counter() - t}
-
+    probs, seconds, rows = {}, {}, []
     variants = {"fedavg": {}, "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
-                "fedbn": {"classifier.local_bn": True}}
+                "fedbn": {"classifier.local_bn": True},
+                "fedavg-gn": {"classifier.model.norm": "group"}}
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    centrals = {"central": {}}
+    if "fedavg-gn" in variants:
+        centrals["central-gn"] = {"classifier.model.norm": "group"}
+    for name, overrides in centrals.items():
+        # the same training step on all training rows pooled, same epochs in total
+        t = time.perf_counter()
+        cfg = load_federated_config(args.config, {**common, **overrides})
+        task = ClassifierTask(cfg)
+        arrays = task.initial_arrays()
+        central = cfg.model_copy(deep=True)
+        central.classifier.local_epochs = cfg.rounds * cfg.classifier.local_epochs
+        arrays, _, _ = ClassifierTask(central).train(arrays, None, train, {"server-round": 1})
+        model = task.build()
+        model.load_state_dict(arrays)
+        probs[name] = predict(model.eval(), x_test)
+        seconds[name] = time.perf_counter() - t
+
     for name, overrides in variants.items():
-        cfg = load_federated_config(args.config, {
-            "manifest": str(manifest), "out": str(out / "runs" / name),
-            "rounds": args.rounds, "seed": args.seed, "progress": False, **overrides})
+        cfg = load_federated_config(args.config, {**common, "out": str(out / "runs" / name),
+                                                  **overrides})
         summary = run_federated(cfg)
         seconds[name] = summary["wall_seconds"]
         model, _, _ = load_classifier(summary["model"])
         probs[name] = predict(model, x_test)
 
     torch.manual_seed(0)
+    sites = test["site"].astype(str).to_numpy()
     for name, p in probs.items():
+        reference = "central-gn" if name.endswith("-gn") else "central"
         m = bootstrap_metrics(y_test, p, seed=args.seed)
-        d = paired_bootstrap_difference(y_test, p, probs["central"], seed=args.seed)
+        d = paired_bootstrap_difference(y_test, p, probs[reference], seed=args.seed)
+        per_site = [binary_metrics(y_test[sites == s], p[sites == s])["auc"]
+                    for s in np.unique(sites)]
         rows.append({"seed": args.seed, "method": name, "auc": m["auc"], "auc_lo": m["auc_lo"],
-                     "auc_hi": m["auc_hi"], "accuracy": m["accuracy"],
+                     "auc_hi": m["auc_hi"], "auc_per_site": float(np.nanmean(per_site)),
+                     "accuracy": m["accuracy"],
                      "auc_minus_central": d["diff"], "diff_lo": d["diff_lo"],
                      "diff_hi": d["diff_hi"], "p_value": d["p_value"],
                      "wall_s": seconds[name]})

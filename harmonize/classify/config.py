@@ -33,6 +33,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     arch: str = Field("cnn", description=f"one of {', '.join(ARCHITECTURES)}")
     width: int = Field(16, ge=4, description="cnn channels of the first block / vit width")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="cnn normalization: group (GroupNorm) suits federated training")
     weights: Path | None = Field(None, description="local safetensors to start from")
 
     @field_validator("arch")

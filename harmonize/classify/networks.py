@@ -18,16 +18,18 @@ ARCHITECTURES = ("cnn", "resnet18", "densenet121", "vit")
 
 
 class SmallCNN(nn.Module):
-    """Four conv blocks (conv-BN-ReLU-maxpool), global average pooling, one linear layer:
-    the kind of baseline multi-site papers report next to the big networks."""
+    """Four conv blocks (conv-norm-ReLU-maxpool), global average pooling, one linear layer:
+    the kind of baseline multi-site papers report next to the big networks. norm "group"
+    (GroupNorm, 8 groups) has no batch statistics: a federated model then behaves the same
+    in training (one site per batch) as at test (all sites), which BatchNorm does not."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 1
         for k in range(4):
             c_out = width * 2**k
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(norm, c_out),
                        nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
@@ -37,16 +39,25 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown norm '{kind}'; choose batch or group")
+
+
 class Classifier(nn.Module):
     """Wraps a backbone so every architecture returns (B,) logits."""
 
-    def __init__(self, arch: str, image_size: int, width: int = 16) -> None:
+    def __init__(self, arch: str, image_size: int, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown classifier '{arch}'; choose one of {ARCHITECTURES}")
         self.arch = arch
+        self.norm = norm
         if arch == "cnn":
-            self.net = SmallCNN(width)
+            self.net = SmallCNN(width, norm)
         elif arch == "resnet18":
             self.net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
         elif arch == "densenet121":

@@ -133,7 +133,7 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     tc = train_cfg
     torch.manual_seed(tc.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
-    model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width)
+    model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width, model_cfg.norm)
     if model_cfg.weights is not None:
         load_weights(model, model_cfg.weights)
     loader = make_loader(images, labels, tc)
@@ -195,7 +195,7 @@ def train_classifier(config: ClassifierConfig) -> Path:
 
 def save_classifier(model: Classifier, directory: Path, config: ClassifierConfig,
                     metadata: dict) -> Path:
-    arch = {"arch": model.arch, "width": config.model.width,
+    arch = {"arch": model.arch, "width": config.model.width, "norm": model.norm,
             "image_size": config.data.image_size, "intensity": config.data.intensity}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return save_checkpoint(directory, KIND, state, arch, metadata)
@@ -207,6 +207,7 @@ def load_classifier(directory: str | Path) -> tuple[Classifier, dict, dict]:
     if ckpt.kind != KIND:
         raise ValueError(f"{directory}: a '{ckpt.kind}' checkpoint, not a classifier")
     cfg = ckpt.config
-    model = Classifier(cfg["arch"], int(cfg["image_size"]), int(cfg["width"]))
+    model = Classifier(cfg["arch"], int(cfg["image_size"]), int(cfg["width"]),
+                       cfg.get("norm", "batch"))
     model.load_state_dict(ckpt.tensors)
     return model.eval(), cfg, ckpt.metadata

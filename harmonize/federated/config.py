@@ -37,7 +37,10 @@ class ClassifierTaskConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="local optimizer, new each round (sgd: momentum 0.9)")
+        "adamw", description="local optimizer (sgd: momentum 0.9)")
+    keep_optimizer: bool = Field(False, description="the local optimizer's state (Adam "
+                                 "moments) stays at the node between rounds; else new "
+                                 "each round")
     augment: bool = False
     balance: Literal["weighted-loss", "sampler", "none"] = "weighted-loss"
     local_bn: bool = Field(False, description="FedBN: normalization layers stay local")

@@ -43,6 +43,24 @@ def cached_images(paths: list[str], size: int) -> torch.Tensor:
     return _IMAGES[key]
 
 
+def optimizer_arrays(opt: torch.optim.Optimizer) -> Arrays:
+    """The optimizer's per-parameter state (Adam moments, momentum) as flat arrays, so it
+    can stay in the node's context.state between rounds; it never leaves the node."""
+    return {f"opt.{index}.{name}": torch.as_tensor(value).detach().clone()
+            for index, state in opt.state_dict()["state"].items()
+            for name, value in state.items()}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, arrays: Arrays) -> None:
+    state: dict[int, dict] = {}
+    for key, value in arrays.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    if state:
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 class ClassifierTask:
     kind = "classifier"
 
@@ -51,7 +69,8 @@ class ClassifierTask:
         self.cc = config.classifier
 
     def build(self) -> Classifier:
-        return Classifier(self.cc.model.arch, self.cc.image_size, self.cc.model.width)
+        m = self.cc.model
+        return Classifier(m.arch, self.cc.image_size, m.width, m.norm)
 
     def initial_arrays(self) -> Arrays:
         torch.manual_seed(self.config.seed)
@@ -72,8 +91,8 @@ class ClassifierTask:
     def _model(self, arrays: Arrays, local: Arrays | None) -> Classifier:
         model = self.build()
         state = dict(arrays)
-        if local:
-            state.update(local)  # FedBN: this node's own normalization layers
+        if local:  # FedBN: this node's own normalization layers
+            state.update({k: v for k, v in local.items() if not k.startswith("opt.")})
         model.load_state_dict(state)
         return model
 
@@ -94,14 +113,18 @@ class ClassifierTask:
                                weight_decay=tc.weight_decay)
                if self.cc.optimizer == "sgd" else
                torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay))
+        if self.cc.keep_optimizer and local:
+            load_optimizer_state(opt, local)
         center = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if proximal_mu > 0 else None)
         losses = run_epochs(model, make_loader(x, y, tc), make_loss(y, tc.balance), opt,
                             self.cc.local_epochs,
                             proximal=(proximal_mu, center) if center else None)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        local_keys = self._local_keys(model)
-        return state, {k: state[k] for k in local_keys}, {
+        own = {k: state[k] for k in self._local_keys(model)}
+        if self.cc.keep_optimizer:
+            own.update(optimizer_arrays(opt))
+        return state, own, {
             "train_loss": losses[-1], "num-examples": len(y)}
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
