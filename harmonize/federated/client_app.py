@@ -83,14 +83,15 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
         node = _label(context)
         try:
             cfg, node, manifest = setup(context)
+            task = build_task(cfg)
             _, test = split_rows(node_rows(manifest, node))
             if test.empty:  # same keys as the others (Flower requires it), zero weight
-                metrics = {"auc": 0.0, "accuracy": 0.0, "num-examples": 0}
+                metrics = {**dict.fromkeys(task.eval_keys, 0.0), "num-examples": 0}
             else:
                 local = (context.state["local"].to_torch_state_dict()
                          if "local" in context.state.array_records else None)
-                metrics = build_task(cfg).evaluate(msg.content["arrays"].to_torch_state_dict(),
-                                                   local, test)
+                metrics = task.evaluate(msg.content["arrays"].to_torch_state_dict(), local,
+                                        test)
         except Exception as err:  # noqa: BLE001
             return Message(Error(code=ERROR_CODE, reason=f"node {node}: "
                                  f"{' '.join(str(err).split())}"), reply_to=msg)

@@ -52,8 +52,19 @@ class CycleGANTaskConfig(_Section):
     local_steps: int = Field(20, ge=1, description="optimizer steps per round at each node")
 
 
+class DiffusionTaskConfig(_Section):
+    config: Path | None = Field(None, description="diffusion YAML (model, diffusion, "
+                                "inference, data.image_size); trained site-conditioned, "
+                                "translated with DDIB")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
+    local_steps: int = Field(40, ge=1, description="optimizer steps per round at each node")
+    sites: list[str] | None = Field(None, description="every site, in class-label order; "
+                                    "default: the manifest's sites, sorted (give it in a "
+                                    "deployment, where the server has no manifest)")
+
+
 class FederatedConfig(_Section):
-    task: Literal["classifier", "cyclegan"]
+    task: Literal["classifier", "cyclegan", "diffusion"]
     manifest: Path | None = None
     reference_site: str | None = None
     out: Path | None = None
@@ -68,6 +79,7 @@ class FederatedConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     classifier: ClassifierTaskConfig = ClassifierTaskConfig()
     cyclegan: CycleGANTaskConfig = CycleGANTaskConfig()
+    diffusion: DiffusionTaskConfig = DiffusionTaskConfig()
     threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
     progress: bool = True
 
@@ -80,11 +92,14 @@ class FederatedConfig(_Section):
         if self.task == "cyclegan" and self.cyclegan.config is None:
             raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
                              "configs/cyclegan/quick.yaml")
+        if self.task == "diffusion" and self.diffusion.config is None:
+            raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
+                             "configs/diffusion/quick.yaml")
         return self
 
     def check_ready(self) -> None:
         missing = [k for k in ("manifest", "out") if getattr(self, k) is None]
-        if self.task == "cyclegan" and self.reference_site is None:
+        if self.task in ("cyclegan", "diffusion") and self.reference_site is None:
             missing.append("reference_site")
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (--data / --out / "

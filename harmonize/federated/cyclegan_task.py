@@ -58,6 +58,7 @@ def _init(net: torch.nn.Module) -> torch.nn.Module:
 
 class CycleGANTask:
     kind = "cyclegan"
+    eval_keys = ()
 
     def __init__(self, config: FederatedConfig) -> None:
         self.config = config

@@ -39,9 +39,15 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     cfg.out = Path(cfg.out).resolve()
     if cfg.task == "cyclegan":
         cfg.cyclegan.config = Path(cfg.cyclegan.config).resolve()
+    if cfg.task == "diffusion":
+        cfg.diffusion.config = Path(cfg.diffusion.config).resolve()
+        if cfg.diffusion.sites is None:  # class labels every node agrees on
+            cfg.diffusion.sites = sorted(load_manifest(cfg.manifest)["site"].astype(str).unique())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
+    if cfg.evaluate and not (load_manifest(cfg.manifest)["split"] == "test").any():
+        cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
     nodes = node_names(cfg.manifest)
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)

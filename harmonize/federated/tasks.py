@@ -6,7 +6,8 @@ rows) into (updated arrays, new local state, metrics); it never sends images.
   `harmonize.classify.train` (FedAvg; FedProx's proximal term; FedBN keeps the
   normalization layers local: the node trains and evaluates with its own, the server
   still averages them for the global checkpoint used at unseen sites).
-- `CycleGANTask` (harmonize.federated.cyclegan_task): the translator.
+- `CycleGANTask` (harmonize.federated.cyclegan_task) and `DiffusionTask`
+  (harmonize.federated.diffusion_task): the translators.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, arrays: Arrays) -> None:
 
 class ClassifierTask:
     kind = "classifier"
+    eval_keys = ("auc", "accuracy")  # what evaluate() reports (besides num-examples)
 
     def __init__(self, config: FederatedConfig) -> None:
         self.config = config
@@ -144,6 +146,10 @@ class ClassifierTask:
 def build_task(config: FederatedConfig):
     if config.task == "classifier":
         return ClassifierTask(config)
+    if config.task == "diffusion":
+        from harmonize.federated.diffusion_task import DiffusionTask
+
+        return DiffusionTask(config)
     from harmonize.federated.cyclegan_task import CycleGANTask
 
     return CycleGANTask(config)
