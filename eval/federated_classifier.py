@@ -63,8 +63,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     out = Path(args.out)
     table.to_csv(out / "results.csv", index=False)
-    mean = table.groupby("method", sort=False)[["auc", "auc_per_site", "accuracy",
-                                                 "auc_minus_central", "wall_s"]].mean().reset_index()
+    columns = ["auc", "auc_per_site", "accuracy", "auc_minus_central", "wall_s"]
+    mean = table.groupby("method", sort=False)[columns].mean().reset_index()
     text = (f"4 nodes, {args.rounds} rounds; seeds {args.seeds}\n\nper seed:\n\n"
             + markdown_table(table) + "\nmean over seeds:\n\n" + markdown_table(mean))
     (out / "results.md").write_text(text)
