@@ -8,7 +8,10 @@ with GroupNorm (`fedavg-gn`, compared with a central GroupNorm CNN). Every final
 model is scored on the same held-out images of all sites: pooled AUC (one score scale
 across sites, what a single threshold at several hospitals needs) with 95% bootstrap CI
 and the paired AUC difference to central, and the mean of the per-site AUCs (ranking
-within each site, what Flower's federated evaluation reports).
+within each site, what Flower's federated evaluation reports). Every BatchNorm model is
+also scored with site statistics ("+ site BN", AdaBN): each site recomputes the BN
+statistics on its own unlabelled training images before predicting, as a federated
+model was trained (every node's batches normalized by its own site's statistics).
 
     python eval/federated_classifier.py --out eval_out/federated_classifier
 
@@ -35,7 +38,7 @@ from harmonize.classify.metrics import (
     bootstrap_metrics,
     paired_bootstrap_difference,
 )
-from harmonize.classify.train import load_classifier, load_images, predict
+from harmonize.classify.train import adapt_batchnorm, load_classifier, load_images, predict
 from harmonize.data.manifest import binary_targets, load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated.config import load_federated_config
@@ -88,7 +91,19 @@ def run_seed(args, out: Path) -> list[dict]:
     x_test = load_images(test["path"].tolist(), size, progress=False)
     y_test = binary_targets(test)
     train = df[df["split"] == "train"].reset_index(drop=True)
+    sites = test["site"].astype(str).to_numpy()
+    site_images = {s: load_images(train.loc[train["site"] == s, "path"].tolist(), size,
+                                  progress=False) for s in np.unique(sites)}
     probs, seconds, rows = {}, {}, []
+
+    def score(name: str, model) -> None:
+        probs[name] = predict(model.eval(), x_test)
+        if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+            p = np.zeros(len(sites), dtype=np.float32)
+            for s, x in site_images.items():
+                p[sites == s] = predict(adapt_batchnorm(model, x), x_test[sites == s])
+            probs[f"{name} + site BN"] = p
+
     variants = {"fedavg": {}, "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
                 "fedbn": {"classifier.local_bn": True},
                 "fedavg-gn": {"classifier.model.norm": "group"}}
@@ -107,8 +122,8 @@ def run_seed(args, out: Path) -> list[dict]:
         arrays, _, _ = ClassifierTask(central).train(arrays, None, train, {"server-round": 1})
         model = task.build()
         model.load_state_dict(arrays)
-        probs[name] = predict(model.eval(), x_test)
         seconds[name] = time.perf_counter() - t
+        score(name, model)
 
     for name, overrides in variants.items():
         cfg = load_federated_config(args.config, {**common, "out": str(out / "runs" / name),
@@ -116,10 +131,9 @@ def run_seed(args, out: Path) -> list[dict]:
         summary = run_federated(cfg)
         seconds[name] = summary["wall_seconds"]
         model, _, _ = load_classifier(summary["model"])
-        probs[name] = predict(model, x_test)
+        score(name, model)
 
     torch.manual_seed(0)
-    sites = test["site"].astype(str).to_numpy()
     for name, p in probs.items():
         reference = "central-gn" if name.endswith("-gn") else "central"
         m = bootstrap_metrics(y_test, p, seed=args.seed)
@@ -131,7 +145,7 @@ def run_seed(args, out: Path) -> list[dict]:
                      "accuracy": m["accuracy"],
                      "auc_minus_central": d["diff"], "diff_lo": d["diff_lo"],
                      "diff_hi": d["diff_hi"], "p_value": d["p_value"],
-                     "wall_s": seconds[name]})
+                     "wall_s": seconds.get(name.removesuffix(" + site BN"))})
     print(f"seed {args.seed}: {len(train)} training / {len(test)} held-out images "
           f"({int(np.sum(y_test))} positive)", flush=True)
     return rows

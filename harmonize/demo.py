@@ -20,14 +20,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from harmonize.classify.eval_report import summary_table
+from harmonize.classify.eval_report import shift_table, summary_table
 from harmonize.classify.evaluate import run_evaluation
 from harmonize.classify.evaluate_config import EvalConfig
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import atomic_write, read_image
 from harmonize.data.manifest import load_manifest
 from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
-from harmonize.radiomics.shift_report import run_shift_report
 from harmonize.report.html import HtmlReport, image_grid
 from harmonize.synth.benchmark import site_names
 
@@ -58,6 +57,7 @@ def demo_config(out: Path, sites: int, per_site: int, size: int, modality: str, 
         "seeds": [seed] if quick else [seed, seed + 1, seed + 2],
         "train": {"epochs": 20 if quick else 30, "progress": False},
         "bootstrap": 500 if quick else 1000,
+        "shift_report": True,
     })
 
 
@@ -80,16 +80,6 @@ def run_demo(out: str | os.PathLike, sites: int = 4, per_site: int = 80, size: i
     reference = synth["reference_site"]
     translators = [t.name for t in config.translators]
 
-    t = time.perf_counter()
-    shifts = {}
-    for name in translators:
-        s = run_shift_report(manifest, out / "shift_report" / name,
-                             compare_with=ev / "translators" / name / "images",
-                             reference_site=reference, progress=progress)
-        shifts[name] = {r["measure"]: {"before": r["before"], "after": r["after"]}
-                        for r in s["change"]}
-    shift_s = time.perf_counter() - t
-
     df = load_manifest(manifest)
     test = df[df["site"] != reference]  # reference-site images are their own truth
     fidelity = paired_fidelity(test, manifest.parent, ev / "translators", translators,
@@ -99,10 +89,9 @@ def run_demo(out: str | os.PathLike, sites: int = 4, per_site: int = 80, size: i
     result = {
         "reference_site": reference, "sites": synth["sites"],
         "prevalence": synth["prevalence"], "quick": quick, "translators": translators,
-        "fidelity": fidelity_summary(fidelity), "site_shift": shifts,
+        "fidelity": fidelity_summary(fidelity), "site_shift": evaluation["site_shift"],
         "evaluation": summary_table(results.fillna({"translator": ""})).to_dict("records"),
-        "timings": {**evaluation["timings"], "shift_reports_s": shift_s,
-                    "total_s": time.perf_counter() - started},
+        "timings": {**evaluation["timings"], "total_s": time.perf_counter() - started},
     }
     text = json.dumps(result, indent=2, default=float) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
@@ -163,11 +152,9 @@ def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
                      "(1 = kept); column definitions in the evaluation report.")
     report.table(audit)
     report.heading("Radiomics site shift, before and after each translator")
-    rows = [{"translator": name, "measure": m, **v}
-            for name, s in result["site_shift"].items() for m, v in s.items()]
-    report.table(pd.DataFrame(rows))
+    report.table(shift_table(result["site_shift"]))
     for name in result["site_shift"]:
-        report.link(f"shift_report/{name}/report.html", f"site-shift report: {name}")
+        report.link(f"evaluate/shift_report/{name}/report.html", f"site-shift report: {name}")
     report.heading("Fidelity to the paired truth (reference-site rendering)")
     table = []
     for method, per in result["fidelity"].items():

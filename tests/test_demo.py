@@ -18,8 +18,8 @@ def test_quick_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsy
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # one grid per non-reference site
     assert "http" not in html.split("<body>")[1]  # self-contained: nothing fetched
-    for link in ("evaluate/report.html", "shift_report/histogram-matching/report.html",
-                 "shift_report/fourier/report.html"):
+    for link in ("evaluate/report.html", "evaluate/shift_report/histogram-matching/report.html",
+                 "evaluate/shift_report/fourier/report.html"):
         assert f'href="{link}"' in html and (out / link).is_file()
     results = pd.read_csv(out / "results.csv")
     assert {"regime", "translator", "auc", "auc_lo", "auc_hi", "gain_auc"} <= set(

@@ -102,6 +102,11 @@ def test_config_mistakes_are_named_before_training(tmp_path):
     assert main(["evaluate", "-q", "--config", tiny_config(
         tmp_path, translators=[{"name": "cg", "kind": "cyclegan"}]),
         "--out", str(tmp_path / "o")]) == 1
+    from harmonize.classify.evaluate_config import TranslatorSpec
+    from harmonize.classify.harmonized_sets import check_specs
+
+    with pytest.raises(ConfigError, match="'hm': federated needs kind cyclegan or diffusion"):
+        check_specs([TranslatorSpec(name="hm", kind="histogram-matching", federated=True)])
 
 
 def test_finding_contrast_ignores_style_but_sees_an_erased_finding():

@@ -99,8 +99,14 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shift_table(shifts: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"translator": name, "measure": m, **v}
+                         for name, s in shifts.items() for m, v in s.items()])
+
+
 def write_outputs(out: Path, config, data, sets, results: pd.DataFrame,
-                  predictions: pd.DataFrame, audit: dict, timings: dict) -> Path:
+                  predictions: pd.DataFrame, audit: dict, timings: dict,
+                  shifts: dict | None = None) -> Path:
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     atomic_write(out / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     table = summary_table(results)
@@ -113,9 +119,13 @@ def write_outputs(out: Path, config, data, sets, results: pd.DataFrame,
           "## AUC per regime (mean over seeds, 95% CI) and gain over plain augmentation\n",
           markdown_table(table),
           "\n## Hallucination audit\n", markdown_table(audit_table)]
+    if shifts:
+        md += ["\n## Radiomics site shift before / after each translator\n",
+               markdown_table(shift_table(shifts))]
     text = "\n".join(md)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
-    write_report(out / "report.html", config, data, sets, table, predictions, audit, timings)
+    write_report(out / "report.html", config, data, sets, table, predictions, audit, timings,
+                 shifts or {})
     return out
 
 
@@ -143,7 +153,8 @@ def _setup_text(config, data, sets) -> str:
         "AUC of the same classifier, fold and seed on the same images, paired bootstrap.")
 
 
-def write_report(path: Path, config, data, sets, table, predictions, audit, timings) -> Path:
+def write_report(path: Path, config, data, sets, table, predictions, audit, timings,
+                 shifts: dict) -> Path:
     report = HtmlReport("harmonize evaluate: does harmonization beat plain augmentation?")
     report.paragraph(_setup_text(config, data, sets))
     report.link("results.csv", "results.csv (one row per model)")
@@ -177,6 +188,17 @@ def write_report(path: Path, config, data, sets, table, predictions, audit, timi
         "Grad-CAM map outside the body ROI (markers, borders). Per-image flags are in each "
         "translator's apply_log.csv (columns risk, risk_reason).")
     report.table(audit["summary"])
+    if shifts:
+        report.heading("Radiomics site shift, before and after each translator")
+        report.paragraph(
+            "pyradiomics features in the ROI of every image, original vs translated: site "
+            "predictability (cross-validated AUC / balanced accuracy of a site classifier, "
+            "chance = 0.5), share of features that differ between sites (Kruskal-Wallis, "
+            "FDR 5%) and distances of each site to the reference (FRD, MMD). Lower after = "
+            "less site shift. Full reports per translator:")
+        report.table(shift_table(shifts))
+        for name in shifts:
+            report.link(f"shift_report/{name}/report.html", f"site-shift report: {name}")
     _image_sections(report, data, sets, audit)
     report.paragraph("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
                      css="note")

@@ -190,12 +190,35 @@ def run_evaluation(config: EvalConfig) -> Path:
     t = time.perf_counter()
     audit = run_audit(config, data, sets, images, frozen, folds[0], out)
     timings["audit_s"] = time.perf_counter() - t
-    write_outputs(out, config, data, sets, results, predictions, audit, timings)
+    shifts = {}
+    if config.shift_report:
+        t = time.perf_counter()
+        shifts = site_shift(config, data, sets, out / "shift_report")
+        timings["shift_reports_s"] = time.perf_counter() - t
+    write_outputs(out, config, data, sets, results, predictions, audit, timings, shifts)
     summary = {"results": str(out / "results.csv"), "report": str(out / "report.html"),
-               "n_models": len(cells), "timings": timings}
+               "n_models": len(cells), "site_shift": shifts, "timings": timings}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     return out
+
+
+def site_shift(config: EvalConfig, data: Dataset, sets: dict, out: Path) -> dict:
+    """Radiomics site shift (harmonize.radiomics) of the original images vs each
+    translator's output, in the ROI of data.mask_column; {translator: {measure: {before,
+    after}}}. The original images' features are cached, so they are extracted once."""
+    from harmonize.radiomics.shift_report import run_shift_report
+
+    column = config.data.mask_column
+    mask_column = column if column and column in data.df.columns else None
+    shifts = {}
+    for name, hs in sets.items():
+        s = run_shift_report(data.manifest, out / name, compare_with=hs.folder,
+                             reference_site=data.reference_site, mask_column=mask_column,
+                             cache_dir=out / "cache", progress=config.progress)
+        shifts[name] = {r["measure"]: {"before": r["before"], "after": r["after"]}
+                        for r in s["change"]}
+    return shifts
 
 
 CELL = ["classifier", "protocol", "test_site", "seed"]

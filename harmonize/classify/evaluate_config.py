@@ -58,6 +58,9 @@ class TranslatorSpec(_Section):
     config: Path | None = Field(None, description="train it with this config (cyclegan, "
                                 "diffusion)")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
+    federated: bool = Field(False, description="config is a configs/federated YAML (task "
+                            "cyclegan or diffusion): trained with Flower over the manifest's "
+                            "nodes, no image leaving its node")
 
     @property
     def resolved_kind(self) -> str:
@@ -99,6 +102,9 @@ class EvalConfig(_Section):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, progress=False))
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for CIs")
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    shift_report: bool = Field(False, description="radiomics site shift before and after "
+                               "each translator (data.mask_column as ROI when the manifest "
+                               "has it, else the automatic body ROI)")
     progress: bool = True
 
     @model_validator(mode="after")

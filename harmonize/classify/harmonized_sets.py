@@ -1,8 +1,9 @@
 """One harmonized copy of the dataset per translator, for the evaluation matrix.
 
 Each translator is fitted (classical kinds), trained (cyclegan / diffusion, from a
-config) or loaded (checkpoint), then applied to every image of the manifest with
-`harmonize apply`, so the classifier sees exactly what a user's harmonized folder holds.
+config, centrally or federated with Flower) or loaded (checkpoint), then applied to every
+image of the manifest with `harmonize apply`, so the classifier sees exactly what a
+user's harmonized folder holds.
 Translators never see labels; they do see (unlabelled) images of every site, the test
 site included, as unsupervised domain adaptation does. Reported as such.
 """
@@ -51,6 +52,9 @@ def check_specs(specs: list[TranslatorSpec]) -> None:
             problems.append(f"translator '{s.name}': config {s.config} not found")
         if kind in TRAINED_KINDS and s.checkpoint is None and s.config is None:
             problems.append(f"translator '{s.name}': a {kind} needs a checkpoint or a config")
+        if s.federated and (kind not in TRAINED_KINDS or s.config is None):
+            problems.append(f"translator '{s.name}': federated needs kind cyclegan or "
+                            "diffusion and a configs/federated YAML as config")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -61,6 +65,8 @@ def build_model(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame, referenc
     kind = spec.resolved_kind
     if spec.checkpoint is not None:
         return spec.checkpoint
+    if spec.federated:
+        return train_federated(spec, manifest, reference_site, out / "run", progress)
     if kind in TRAINED_KINDS:
         run = out / "run"
         overrides = {"data.manifest": str(manifest), "data.reference_site": reference_site,
@@ -79,6 +85,37 @@ def build_model(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame, referenc
         return train(config)
     translator = TRANSLATORS[kind](**spec.params)
     return fit_and_save(translator, df, manifest, reference_site, out / "model", progress)
+
+
+def train_federated(spec: TranslatorSpec, manifest: Path, reference_site: str, run: Path,
+                    progress: bool) -> Path:
+    """Flower simulation over the manifest's nodes (default: one per site); every node
+    trains on all its rows (no held-out split: the evaluation keeps its own)."""
+    from harmonize.federated.config import load_federated_config
+    from harmonize.federated.run import resolved_config, run_federated
+
+    overrides = {"manifest": str(Path(manifest).resolve()), "reference_site": reference_site,
+                 "out": str(run.resolve()), "evaluate": False, "progress": progress,
+                 **spec.set}
+    config = load_federated_config(spec.config, overrides)
+    if config.task not in TRAINED_KINDS:
+        raise ConfigError(f"translator '{spec.name}': {spec.config} trains a "
+                          f"'{config.task}', not a translator")
+    saved = run / "config.yaml"
+    if (run / "model" / "model.safetensors").is_file() and saved.is_file():
+        resolved = resolved_config(config.model_copy(deep=True))
+        old = yaml.safe_load(saved.read_text())
+        if _same(old, resolved.model_dump(mode="json"), "progress"):
+            return run / "model"
+    shutil.rmtree(run, ignore_errors=True)
+    return Path(run_federated(config)["model"])
+
+
+def _same(old: dict, new: dict, *ignored: str) -> bool:
+    for key in ignored:
+        old.pop(key, None)
+        new.pop(key, None)
+    return old == new
 
 
 def _finished_same_run(run: Path, config) -> bool:

@@ -10,6 +10,7 @@ Class imbalance: by default the positive class gets loss weight n_neg / n_pos
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -160,6 +161,26 @@ def predict(model: Classifier, images: torch.Tensor, batch_size: int = 64) -> np
     out = [torch.sigmoid(model(images[i:i + batch_size]).float())
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: Classifier, images: torch.Tensor, batch_size: int = 64
+                    ) -> Classifier:
+    """A copy of the model whose BatchNorm statistics are those of `images` (unlabelled
+    images of one site; AdaBN, Li et al. 2016). A federated model was trained with each
+    node's batches normalized by that site's own statistics; a site that normalizes with
+    its own statistics at test time uses it as it was trained. Labels are not needed and
+    nothing leaves the site. Models without BatchNorm are returned unchanged (copied)."""
+    adapted = copy.deepcopy(model)
+    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    if norms:
+        adapted.train()
+        for i in range(0, len(images), batch_size):
+            adapted(images[i:i + batch_size])
+    return adapted.eval()
 
 
 def train_classifier(config: ClassifierConfig) -> Path:

@@ -32,8 +32,8 @@ def with_split(manifest: Path, out: Path, seed: int) -> Path:
     return path
 
 
-def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
-    """Simulate the federation; returns summary.json's content (+ wall time)."""
+def resolved_config(cfg: FederatedConfig) -> FederatedConfig:
+    """Absolute paths (nodes run elsewhere) and the diffusion class labels, in place."""
     cfg.check_ready()
     cfg.manifest = Path(cfg.manifest).resolve()
     cfg.out = Path(cfg.out).resolve()
@@ -43,11 +43,18 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
         cfg.diffusion.config = Path(cfg.diffusion.config).resolve()
         if cfg.diffusion.sites is None:  # class labels every node agrees on
             cfg.diffusion.sites = sorted(load_manifest(cfg.manifest)["site"].astype(str).unique())
+    return cfg
+
+
+def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
+    """Simulate the federation; returns summary.json's content (+ wall time)."""
+    cfg = resolved_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
-    if cfg.evaluate and not (load_manifest(cfg.manifest)["split"] == "test").any():
-        cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
+    if cfg.evaluate:
+        cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
+        if not (load_manifest(cfg.manifest)["split"] == "test").any():
+            cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
     nodes = node_names(cfg.manifest)
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)
