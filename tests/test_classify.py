@@ -106,3 +106,21 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, {"train.epochs": 0})
     with pytest.raises(ConfigError, match="data.manifest"):
         load_config(None, {"train.out": str(tmp_path)}).check_ready()
+
+
+def test_adapt_batchnorm_uses_the_sites_own_statistics():
+    from harmonize.classify.train import adapt_batchnorm, predict
+
+    torch.manual_seed(0)
+    model = Classifier("cnn", 32, width=4).eval()
+    site = torch.rand(16, 1, 32, 32) * 0.3 + 0.6  # a bright site
+    adapted = adapt_batchnorm(model, site)
+    first = adapted.net.features[1]
+    conv = adapted.net.features[0](site)
+    assert torch.allclose(first.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.equal(model.net.features[1].running_mean, torch.zeros(4))  # original kept
+    # a brighter copy of the site: its own statistics undo most of the offset
+    before = np.abs(predict(adapted, site + 0.2) - predict(adapted, site)).mean()
+    after = np.abs(predict(adapt_batchnorm(model, site + 0.2), site + 0.2)
+                   - predict(adapted, site)).mean()
+    assert after < 0.5 * before
