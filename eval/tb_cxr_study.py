@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,13 +35,45 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
 
 
-def study_markdown(out: Path, seconds: float) -> str:
+def patient_grid(out: Path, per_label: int = 2) -> Path:
+    """OUT/patients.png: the same Montgomery patients (TB and normal) raw and after each
+    translator, for the docs."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image
+    from harmonize.data.manifest import load_manifest
+    from harmonize.report.html import image_grid
+
+    config = load_eval_config(out / "config.yaml")
+    df = load_manifest(config.data.manifest)
+    rows = pd.concat([g.head(per_label) for _, g in
+                      df[df["site"] == "montgomery"].groupby("label")])
+    names = [t.name for t in config.translators]
+    policy = IntensityPolicy()
+
+    def load(path) -> np.ndarray:
+        return np.clip(policy.to_model(read_image(path))[0], 0, 1)
+
+    grid = [[load(r["path"])] + [load(out / "translators" / n / "images" / r["relpath"])
+                                 for n in names] for r in rows.to_dict("records")]
+    titles = [f"{r['patient_id']} ({r['label']})" for r in rows.to_dict("records")]
+    fig = image_grid(grid, ["raw"] + names, titles, cell_inches=1.8)
+    fig.savefig(out / "patients.png", dpi=72)
+    plt.close(fig)
+    return out / "patients.png"
+
+
+def study_markdown(out: Path) -> str:
     summary = json.loads((out / "summary.json").read_text())
-    table = pd.read_csv(out / "summary_table.csv", keep_default_na=False, na_values=[""])
+    seconds = sum(summary["timings"].values())
+    table = pd.read_csv(out / "summary_table.csv")
+    table["translator"] = table["translator"].fillna("-")
     cols = ["classifier", "regime", "translator", "seeds", "auc", "auc_lo", "auc_hi",
             "gain_vs_augment", "seeds_better_p05", "seeds_worse_p05"]
-    parts = [f"Run: `{out}`; {summary['n_models']} classifiers; {seconds / 60:.1f} min on "
-             f"{machine()}.\n"]
+    parts = [f"Run: `{out}`; {summary['n_models']} classifiers; {seconds / 60:.1f} min "
+             f"(sum of the stages) on {machine()}.\n"]
     for (protocol, site), g in table.groupby(["protocol", "test_site"], sort=False):
         title = ("external site" if protocol == "external" else
                  "held-out patients of the training site")
@@ -67,12 +98,12 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     name = "tb_cxr_2site_quick.yaml" if args.quick else "tb_cxr_2site.yaml"
-    started = time.perf_counter()
     if not args.report_only:
         os.chdir(ROOT)  # the config's data path is relative to the repository
         config = load_eval_config(ROOT / "configs" / "eval" / name, {"out": str(out)})
         run_evaluation(config)
-    text = study_markdown(out, time.perf_counter() - started)
+    patient_grid(out)
+    text = study_markdown(out)
     (out / "study.md").write_text(text)
     print(text)
 

@@ -113,7 +113,7 @@ def run_audit(config, data, sets, images, frozen, fold, out: Path) -> dict:
     x_truth = load_images(truth_paths, size, progress=False) if has_truth else None
     p_truth = predict(frozen, x_truth) if has_truth else np.full(len(idx), np.nan)
     p_raw = predict(frozen, images["raw"][idx])
-    rois = _rois(df, config.data.mask_column, size)
+    rois = _rois(df, config.data.mask_column, size, folder)
     cam_raw = gradcam_maps(frozen, images["raw"][idx])
     policy = IntensityPolicy()
     truth_contrast = {}
@@ -122,7 +122,7 @@ def run_audit(config, data, sets, images, frozen, fold, out: Path) -> dict:
             if y[i] == 1:
                 mask = read_image(folder / rec["finding_mask"]).array > 0
                 column = config.data.mask_column
-                roi = (read_image(rec[column]).array > 0
+                roi = (read_image(folder / rec[column]).array > 0
                        if column and str(rec.get(column, "")) else None)
                 truth = _model_space(folder / rec["reference_path"], policy)
                 before = _model_space(rec["path"], policy)
@@ -195,10 +195,11 @@ def _rate(hit: np.ndarray, of: np.ndarray) -> float:
     return float(np.sum(hit & of) / n) if n else float("nan")
 
 
-def _rois(df: pd.DataFrame, column: str | None, size: int) -> np.ndarray | None:
+def _rois(df: pd.DataFrame, column: str | None, size: int, folder: Path) -> np.ndarray | None:
+    """ROI masks at the classifier's size (paths relative to the manifest's folder)."""
     if not column or column not in df.columns or (df[column].astype(str) == "").any():
         return None
-    masks = load_images([str(p) for p in df[column]], size, progress=False)
+    masks = load_images([str(folder / p) for p in df[column]], size, progress=False)
     return (masks[:, 0] > 0.5).numpy()
 
 

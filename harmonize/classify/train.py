@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
+from harmonize.accel import make_accelerator
 from harmonize.checkpoint import load_checkpoint, save_checkpoint
 from harmonize.classify.config import ClassifierConfig, ModelConfig, TrainConfig
 from harmonize.classify.networks import Classifier, load_weights
@@ -133,7 +134,7 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     check_labels(labels)
     tc = train_cfg
     torch.manual_seed(tc.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
+    accelerator = make_accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
     model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width, model_cfg.norm)
     if model_cfg.weights is not None:
         load_weights(model, model_cfg.weights)

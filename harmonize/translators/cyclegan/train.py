@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from harmonize.accel import make_accelerator
 from harmonize.fit import training_metadata
 from harmonize.translators import polarity as pol
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig, dump_config
@@ -105,7 +106,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         raise ConfigError(f"{out} holds a previous run (state/); pass --resume to continue "
                           "it or choose another --out")
     tc = config.train
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(config),
+    accelerator = make_accelerator(mixed_precision=mixed_precision_for(config),
                               gradient_accumulation_steps=tc.grad_accum)
     main = accelerator.is_main_process
     set_seed(tc.seed, device_specific=True)
