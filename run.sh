@@ -2,6 +2,7 @@
 # The two commands of the README:
 #   ./run.sh demo [harmonize demo options]   set up, then run the pipeline on the embedded default
 #   ./run.sh test [pytest options]           set up, then run the test suite
+#   ./run.sh study [--quick] [--out DIR]     set up, then the real two-site study (docs/tb_cxr_study.md)
 # Set-up makes .venv (override with HARMONIZE_VENV), installs the CPU build of torch
 # first (so no multi-GB CUDA build is pulled in) and then this package; it is skipped
 # when pyproject.toml has not changed since the last install.
@@ -39,11 +40,15 @@ case "$cmd" in
     setup
     python -m pytest -q "$@"
     ;;
+  study)
+    setup
+    python eval/tb_cxr_study.py "$@"
+    ;;
   setup)
     setup
     ;;
   *)
-    echo "usage: ./run.sh demo|test|setup [options]" >&2
+    echo "usage: ./run.sh demo|test|study|setup [options]" >&2
     exit 2
     ;;
 esac
