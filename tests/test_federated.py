@@ -33,6 +33,20 @@ def write_config(path, **extra) -> str:
     return str(path)
 
 
+def run_translator_federated(config, synth3, out):
+    """`harmonize federated` of a translator config over synth3's 3 nodes (ref site_a)."""
+    assert main(["federated", "-q", "--config", str(config), "--data",
+                 str(synth3 / "manifest.csv"), "--reference-site", "site_a", "--out",
+                 str(out)]) == 0
+    return out
+
+
+def assert_apply_harmonizes_site_b(model, synth3, harmonized):
+    assert main(["apply", "-q", "--model", str(model), str(synth3 / "site_b"),
+                 str(harmonized)]) == 0
+    assert len(list(harmonized.rglob("*.png"))) == 16
+
+
 def test_epsilon_matches_opacus_and_flower_accountants():
     # opacus RDPAccountant (q=1) and Flower's dp-accounting give 30.1266 and 7.0774
     assert gaussian_epsilon(1.0, 20, 1e-5) == pytest.approx(30.1266, abs=1e-3)
@@ -120,18 +134,12 @@ def test_federated_cyclegan_gives_a_translator_harmonize_apply_can_use(synth3, t
                      "set": {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
                              "model.ndf": 8, "train.batch_size": 2},
                      "local_steps": 2}}))
-    out = tmp_path / "run"
-    assert main(["federated", "-q", "--config", str(config), "--data",
-                 str(synth3 / "manifest.csv"), "--reference-site", "site_a", "--out",
-                 str(out)]) == 0
+    out = run_translator_federated(config, synth3, tmp_path / "run")
     rounds = pd.read_csv(out / "rounds.csv")
     assert (rounds["nodes_ok"] == 3).all() and rounds["train_loss_g"].notna().all()
     meta = json.loads((out / "model" / "metadata.json").read_text())
     assert meta["kind"] == "cyclegan" and meta["reference_site"] == "site_a"
-    harmonized = tmp_path / "harmonized"
-    assert main(["apply", "-q", "--model", str(out / "model"), str(synth3 / "site_b"),
-                 str(harmonized)]) == 0
-    assert len(list(harmonized.rglob("*.png"))) == 16
+    assert_apply_harmonizes_site_b(out / "model", synth3, tmp_path / "harmonized")
     with pytest.raises(Exception, match="cyclegan.config"):
         from harmonize.federated.config import load_federated_config
 
@@ -169,10 +177,7 @@ def test_federated_ddib_prior_trains_each_site_label_and_applies(synth3, tmp_pat
                               "model.attention": [False, False], "model.norm_num_groups": 4,
                               "train.batch_size": 2, "inference.steps": 5},
                       "local_steps": 2}}))
-    out = tmp_path / "run"
-    assert main(["federated", "-q", "--config", str(config), "--data",
-                 str(synth3 / "manifest.csv"), "--reference-site", "site_a", "--out",
-                 str(out)]) == 0
+    out = run_translator_federated(config, synth3, tmp_path / "run")
     rounds = pd.read_csv(out / "rounds.csv")
     # every node trains and scores the global prior on its own held-out patients
     assert (rounds["nodes_ok"] == 3).all() and rounds["eval_loss"].between(0, 10).all()
@@ -187,10 +192,7 @@ def test_federated_ddib_prior_trains_each_site_label_and_applies(synth3, tmp_pat
     initial = build_task(cfg).initial_arrays()["class_embedding.weight"]
     trained = translator.unets_["*"].state_dict()["class_embedding.weight"]
     assert ((trained - initial).abs().sum(dim=1)[:3] > 0).all()
-    harmonized = tmp_path / "harmonized"
-    assert main(["apply", "-q", "--model", str(out / "model"), str(synth3 / "site_b"),
-                 str(harmonized)]) == 0
-    assert len(list(harmonized.rglob("*.png"))) == 16
+    assert_apply_harmonizes_site_b(out / "model", synth3, tmp_path / "harmonized")
     with pytest.raises(Exception, match="diffusion.sites"):
         build_task(load_federated_config(config, {"reference_site": "site_a"}))
 
