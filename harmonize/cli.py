@@ -48,6 +48,8 @@ def _apply(args: argparse.Namespace) -> int:
     from harmonize.translators import load_translator
 
     translator = load_translator(args.model)
+    if args.precision is not None:
+        set_precision(translator, args.precision)
     s = apply_translator(translator, args.input, args.output, resume=args.resume,
                          batch_size=args.batch_size, io_workers=args.io_workers,
                          progress=not args.quiet)
@@ -64,6 +66,17 @@ def _apply(args: argparse.Namespace) -> int:
               f"(first: {s.error_files[0]})", file=sys.stderr)
         return 1
     return 0
+
+
+def set_precision(translator, precision: str) -> None:
+    """--precision for the network translators; the others have no arithmetic to change."""
+    if hasattr(translator, "set_params"):
+        translator.set_params(precision=precision)
+    elif hasattr(translator, "precision"):
+        translator.precision = precision
+    else:
+        print(f"note: --precision does not apply to the {translator.kind} translator",
+              file=sys.stderr)
 
 
 def _shift_report(args: argparse.Namespace) -> int:
@@ -239,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file failed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--io-workers", type=int, default=2, help="threads decoding/writing files")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="network arithmetic (CycleGAN, diffusion): auto = bf16 where the "
+                        "CPU/GPU runs it natively; fp32 turns bf16 off (default: the "
+                        "checkpoint's setting)")
     p.set_defaults(func=_apply)
 
     p = sub.add_parser(

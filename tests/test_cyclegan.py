@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
+from harmonize.precision import native_bf16
 from harmonize.synth import generate, make_phantom
 from harmonize.translators import CycleGANTranslator, load_translator
 from harmonize.translators.cyclegan import ConfigError, load_config, train_cyclegan
@@ -216,11 +217,17 @@ def test_polarity_guard_and_precision(run):
     rng = np.random.default_rng(0)
     x = make_phantom("xray", 64, False, rng).ideal.astype(np.float32)
     x = (x - x.min()) / (x.max() - x.min())
+    assert translator.precision == "auto"  # the configs' default
+    translator.precision = "fp32"
     y, y_inverted = translator.transform([x, 1.0 - x])
     np.testing.assert_allclose(y, y_inverted, atol=1e-4)  # flipped before the generator
     translator.precision = "bf16"
     y_bf16 = translator.transform([x])[0]
     assert y_bf16.dtype == np.float32 and np.abs(y_bf16 - y).mean() < 0.02
+    translator.precision = "auto"  # bf16 where the CPU runs it natively, else fp32
+    y_auto = translator.transform([x])[0]
+    expected = y_bf16 if native_bf16("cpu") else y
+    np.testing.assert_array_equal(y_auto, expected)
 
 
 def test_apply_keeps_dtype_and_range(run, tmp_path):
@@ -241,3 +248,26 @@ def test_apply_keeps_dtype_and_range(run, tmp_path):
         out = read_image(tmp_path / "out" / name)
         assert out.array.dtype == arr.dtype and out.array.shape == arr.shape
         assert out.array.max() <= {"u8.png": 255, "u12.png": 4095, "u16.tif": 65535}[name]
+
+
+def test_apply_precision_flag_turns_bf16_off(run, tmp_path):
+    """`harmonize apply --precision fp32` writes what an fp32 translator writes."""
+    from harmonize.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    x = make_phantom("xray", 64, False, np.random.default_rng(5)).ideal
+    x = (x - x.min()) / (x.max() - x.min())
+    sitk.WriteImage(sitk.GetImageFromArray(np.rint(x * 4095).astype(np.uint16)),
+                    str(inp / "a.png"))
+    translator = load_translator(run / "model")
+    translator.precision = "fp32"
+    apply_translator(translator, inp, tmp_path / "api", progress=False)
+    for precision in ("fp32", "bf16"):
+        assert main(["apply", "-q", "--model", str(run / "model"), "--precision", precision,
+                     str(inp), str(tmp_path / precision)]) == 0
+    fp32 = read_image(tmp_path / "fp32" / "a.png").array
+    np.testing.assert_array_equal(fp32, read_image(tmp_path / "api" / "a.png").array)
+    bf16 = read_image(tmp_path / "bf16" / "a.png").array
+    assert not np.array_equal(fp32, bf16)  # the flag does change the arithmetic
+    assert np.abs(fp32.astype(float) - bf16.astype(float)).mean() < 0.02 * 4095

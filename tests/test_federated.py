@@ -74,6 +74,10 @@ def test_federated_classifier_with_fedprox_fedbn_and_dp(synth3, tmp_path, capsys
     assert list(rounds["round"]) == [1, 2] and (rounds["nodes_ok"] == 3).all()
     assert rounds["train_loss"].notna().all() and rounds["eval_auc"].between(0, 1).all()
     assert rounds["train_update_norm"].gt(0).all()
+    # round times: the round's replies arrive after the nodes' own training time
+    assert rounds["seconds"].is_monotonic_increasing and rounds["seconds"].gt(0).all()
+    assert rounds["train_compute_seconds"].gt(0).all()
+    assert (rounds["seconds"].iloc[0] > rounds["train_compute_seconds"].iloc[0])
     eps = [gaussian_epsilon(0.5, r, 1e-5) for r in (1, 2)]
     np.testing.assert_allclose(rounds["epsilon"], eps)
     summary = json.loads((out / "summary.json").read_text())

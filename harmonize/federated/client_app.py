@@ -9,6 +9,8 @@ names the node, so the server can say which node failed.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -65,7 +67,9 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
                      if "local" in context.state.array_records else None)
             round_config = msg.content["config"]
             received = msg.content["arrays"].to_torch_state_dict()
+            started = time.perf_counter()
             arrays, local, metrics = task.train(received, local, rows, dict(round_config))
+            metrics["compute_seconds"] = time.perf_counter() - started  # for overhead reports
             if local:
                 context.state["local"] = ArrayRecord(local)
             metrics["update_norm"] = update_norm(arrays, received)

@@ -70,7 +70,7 @@ def record_replies(strategy, log: dict) -> None:
                 failed.append(m.error.reason)
             else:
                 ok.append(str(m.content["node"]["name"]) if "node" in m.content else "?")
-        log[server_round] = {"ok": ok, "failed": failed}
+        log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter()}
         return aggregate(server_round, replies)
 
     strategy.aggregate_train = aggregate_train
@@ -89,7 +89,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                             num_rounds=cfg.rounds,
                             train_config=ConfigRecord({"seed": cfg.seed, "nodes": n_nodes}))
     seconds = time.perf_counter() - started
-    rounds = rounds_table(cfg, result, replies)
+    rounds = rounds_table(cfg, result, replies, started)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
     plot_rounds(rounds, out / "rounds.png")
     failures = [{"round": r, "reason": reason} for r, v in sorted(replies.items())
@@ -117,10 +117,13 @@ def _epsilon(cfg: FederatedConfig, rounds: int) -> float | None:
     return eps if math.isfinite(eps) else None
 
 
-def rounds_table(cfg: FederatedConfig, result, replies: dict) -> pd.DataFrame:
+def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) -> pd.DataFrame:
+    """One row per round: metrics, epsilon, nodes that replied, and `seconds` from the
+    strategy's start to this round's training replies being in (round times)."""
     rows = []
     for r in range(1, cfg.rounds + 1):
-        row: dict = {"round": r}
+        at = replies.get(r, {}).get("at")
+        row: dict = {"round": r, "seconds": None if at is None else at - started}
         for prefix, source in (("train_", result.train_metrics_clientapp),
                                ("eval_", result.evaluate_metrics_clientapp)):
             for k, v in dict(source.get(r, {})).items():
@@ -134,7 +137,8 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict) -> pd.DataFrame:
 
 
 def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
-    metrics = [c for c in rounds.columns if c not in ("round", "nodes_ok", "failed")
+    metrics = [c for c in rounds.columns if c not in ("round", "seconds", "nodes_ok", "failed",
+                                                      "train_compute_seconds")
                and rounds[c].notna().any()]
     if not metrics:
         return

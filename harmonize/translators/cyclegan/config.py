@@ -82,7 +82,8 @@ class TrainConfig(_Section):
 class InferenceConfig(_Section):
     tile_overlap: float = Field(0.25, ge=0, le=0.5, description="fraction of the tile side")
     batch_size: int = Field(8, ge=1, description="tiles per forward pass")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device runs it natively, else fp32")
     passthrough_reference: bool = True
 
 

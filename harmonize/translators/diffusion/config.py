@@ -97,7 +97,7 @@ class InferenceConfig(_Section):
         "high-frequency detail back; resize: translate at image_size and upsample; tiles: "
         "overlapping image_size tiles at native resolution (needs data.scale: crops)")
     batch_size: int = Field(16, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     seed: int = 0
     passthrough_reference: bool = True
 

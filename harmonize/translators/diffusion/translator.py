@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harmonize.precision import resolve_precision
 from harmonize.translators import polarity as pol
 from harmonize.translators.base import Translator
 from harmonize.translators.cyclegan.tiling import tiled_map
@@ -76,7 +77,7 @@ class DiffusionTranslator(Translator):
             "sdedit_t0": 0 < new["sdedit_t0"] <= 1, "ddib_t0": 0 < new["ddib_t0"] <= 1,
             "inversion_refine": new["inversion_refine"] >= 0, "batch_size": new["batch_size"] >= 1,
             "large_images": new["large_images"] in ("residual", "resize", "tiles"),
-            "precision": new["precision"] in ("fp32", "bf16"),
+            "precision": new["precision"] in ("auto", "fp32", "bf16"),
             "polarity": new["polarity"] in ("auto", "keep"),
         }
         bad = [f"{k}={new[k]!r}" for k, ok in checks.items() if not ok]
@@ -226,7 +227,8 @@ class DiffusionTranslator(Translator):
         else:
             (site,) = set(sites)  # one site's own prior
             unet, labels = self.unets_[site], None
-        return sampling.unet_eps(unet.to(device), labels, self.precision,
+        return sampling.unet_eps(unet.to(device), labels,
+                                 resolve_precision(self.precision, device),
                                  self.scheduler_config.get("prediction_type", "epsilon"),
                                  self.scheduler_.alphas_cumprod)
 

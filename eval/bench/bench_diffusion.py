@@ -5,7 +5,7 @@ Trains the given config (default quick) for a few steps on a small synthetic set
 the steps from the training log (set-up excluded), then times `transform` on a batch of
 full-size images for SDEdit and DDIB at 5/10/20/50 DDIM steps, fp32 and bf16.
 
-    python eval/bench_diffusion.py --out eval_out/bench_diffusion
+    python eval/bench/bench_diffusion.py --out eval_out/bench_diffusion
 
 Writes OUT/bench.json and prints a table.
 """
@@ -35,7 +35,7 @@ from harmonize.translators import TRANSLATORS, load_translator
 from harmonize.translators.diffusion import DiffusionTranslator, load_config, train_diffusion
 from harmonize.translators.diffusion.config import parse_override
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRANSLATORS.setdefault("diffusion", DiffusionTranslator)  # until the registry line lands
 STEPS = (5, 10, 20, 50)
 

@@ -10,7 +10,7 @@ For each architecture (quick: configs/cyclegan/quick.yaml, default: the referenc
   256 px image and per image as apply runs it (tiles when the training size is smaller);
 - SSIM between bf16 and fp32 outputs (of a trained checkpoint when --model is given).
 
-    python eval/bench_cyclegan.py --out eval_out/bench_cyclegan [--model RUN/model]
+    python eval/bench/bench_cyclegan.py --out eval_out/bench_cyclegan [--model RUN/model]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from harmonize.translators.cyclegan import CycleGANTranslator, load_config, trai
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.cyclegan.tiling import tile_starts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 256
 
 

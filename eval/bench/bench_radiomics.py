@@ -1,17 +1,20 @@
-"""Speed of radiomics extraction: images/s with 1 and N workers, and a cached rerun.
+"""Speed of radiomics extraction: images/s with 1 and N workers, a cached rerun, and
+time vs number of images.
 
 Runs on real chest X-rays (tb_cxr_2site, 256 px, lung masks from the manifest's
 ``lung_mask`` column, or automatic body masks with --mask auto), half from each site.
-Each worker count starts from an empty cache; the rerun reuses the last one.
+Each worker count starts from an empty cache; the rerun reuses the last one. Targets:
+2 workers >= 1.8x one worker; the cached rerun >= 50x faster than the first run. The
+growth curve times the last worker count on --growth image counts (cold caches) and
+fits seconds = slope * images + intercept (the intercept: pool start-up, bin width).
 
-    python eval/bench_radiomics.py --out bench_radiomics.json
-    python eval/bench_radiomics.py --n 40 --workers 1 2 --mask auto --out auto.json
+    python eval/bench/bench_radiomics.py --out eval_out/bench
+    python eval/bench/bench_radiomics.py --n 40 --workers 1 2 --mask auto --out auto_bench
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,11 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from harmonize.data.manifest import load_manifest
-from harmonize.radiomics import RadiomicsSettings, extract_features
-from harmonize.radiomics.extract import available_cpus, feature_columns
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import linear_fit, loglog_slope, verdict, write_json  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tb_cxr_2site"
+from harmonize.data.manifest import load_manifest  # noqa: E402
+from harmonize.radiomics import RadiomicsSettings, extract_features  # noqa: E402
+from harmonize.radiomics.extract import available_cpus, feature_columns  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tb_cxr_2site"
 
 
 def pick_images(manifest: Path, n: int, mask: str, seed: int = 0) -> pd.DataFrame:
@@ -77,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="worker counts to time; the first is the baseline (default 1 2)")
     ap.add_argument("--mask", choices=("manifest", "auto"), default="manifest",
                     help="lung masks from the manifest, or automatic body masks")
-    ap.add_argument("--out", type=Path, required=True, help="JSON file for the numbers")
+    ap.add_argument("--growth", type=int, nargs="*", default=[10, 20, 40, 80],
+                    help="image counts for the time-vs-images curve (none: skip)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for radiomics.json and radiomics_growth.csv")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.data.is_file():
         print(f"error: manifest {args.data} not found (--data)", file=sys.stderr)
         return 1
@@ -101,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                          "same_as_first": bool(features.equals(reference))})
         w_last = args.workers[-1]
         cached_seconds, cached, _ = timed(df, settings, w_last, Path(tmp) / f"w{w_last}")
+        growth = []
+        for n in args.growth:
+            part = pick_images(args.data, n, args.mask)
+            seconds, _, _ = timed(part, RadiomicsSettings.from_data(part), w_last,
+                                  Path(tmp) / f"growth{n}")
+            growth.append({"images": len(part), "workers": w_last, "seconds": seconds})
+            print(f"growth: {len(part)} images, {w_last} workers: {seconds:.2f} s")
     startup = {w: pool_startup_seconds(w) for w in args.workers if w > 1}
 
     base = rows[0]
@@ -125,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus_available": available_cpus(), "load_1min_at_start": load,
                     "python": platform.python_version()},
     }
+    if len(growth) >= 2:
+        g = pd.DataFrame(growth)
+        g.to_csv(args.out / "radiomics_growth.csv", index=False)
+        slope, intercept = linear_fit(g["images"], g["seconds"])
+        result["growth"] = {"rows": growth, "seconds_per_image": slope,
+                            "fixed_seconds": intercept,
+                            "exponent": loglog_slope(g["images"], g["seconds"])}
     print(f"\n{len(df)} images ({args.mask} masks), {result['features']} features, "
           f"{available_cpus()} CPUs available, load {load}")
     print(f"{'workers':>7} {'seconds':>8} {'img/s':>7} {'speedup':>8} {'startup s':>10} "
@@ -138,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     c = result["cached_rerun"]
     print(f"cached rerun ({w_last} workers): {c['seconds']:.3f} s vs {cold:.2f} s cold "
           f"(ratio {c['cached_over_cold']:.4f}, same values: {c['same_values']})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    if len(rows) > 1:
+        print(f"{rows[-1]['workers']} workers / {rows[0]['workers']}: "
+              f"{rows[-1]['speedup_vs_first']:.2f}x {verdict(rows[-1]['speedup_vs_first'], 1.8)}")
+    print(f"cached rerun speed-up: {1 / c['cached_over_cold']:.0f}x "
+          f"{verdict(1 / c['cached_over_cold'], 50)}")
+    if "growth" in result:
+        gr = result["growth"]
+        print(f"growth: {gr['seconds_per_image']:.3f} s per image + {gr['fixed_seconds']:.2f} s "
+              f"fixed (exponent {gr['exponent']:.2f})")
+    write_json(args.out / "radiomics.json", result)
     return 0
 
 

@@ -1,0 +1,126 @@
+"""CycleGAN training speed at the reference architecture: bf16 autocast vs fp32 step
+time (target: at most 0.55x), and loss curves of the first few hundred steps of both.
+
+1. Step time: `train_cyclegan` with configs/cyclegan/default.yaml (ngf 64, 9 blocks,
+   70x70 PatchGAN) on whole 256 px synthetic images, batch 1, for each
+   `train.mixed_precision`; seconds per step from the training log, the first (warm-up)
+   step left out.
+2. Loss curves: the same architecture and code trained on 64 px crops (cheaper; the
+   arithmetic is the same kind) for --curve-steps steps at constant lr, fp32 with two
+   seeds and bf16 with the first. "Within noise" when, for every loss, the bf16 curve is
+   no further from fp32 (seed 0) than fp32 with another seed is (ratio <= 1.5 on the
+   mean absolute difference of the logged curves after the first 50 steps).
+
+    python eval/bench/bench_train_cyclegan.py --out eval_out/bench
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench/bench_diffusion.py
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, verdict, write_json  # noqa: E402
+
+from harmonize.synth import generate  # noqa: E402
+from harmonize.translators.cyclegan import load_config, train_cyclegan  # noqa: E402
+
+CURVE_LOSSES = ("G_gan", "F_gan", "cycle", "idt", "D_B", "D_A")
+
+
+def run(config, data: Path, out: Path, *, steps: int, precision: str, seed: int,
+        crop: int, load_size: int | None, log_every: int) -> pd.DataFrame:
+    shutil.rmtree(out, ignore_errors=True)
+    config = config.model_copy(deep=True)
+    config.data.manifest = data / "manifest.csv"
+    config.data.reference_site = "site_a"
+    config.data.load_size = load_size
+    config.data.image_size = crop
+    config.data.num_workers = 0
+    t = config.train
+    t.out, t.steps, t.decay_steps, t.batch_size, t.seed = out, steps, 0, 1, seed
+    t.mixed_precision = precision
+    t.log_every = log_every
+    t.sample_every = t.checkpoint_every = 10**9
+    t.progress = False
+    train_cyclegan(config)
+    return pd.read_csv(out / "train_log.csv")
+
+
+def step_seconds(log: pd.DataFrame) -> float:
+    first, last = log.iloc[0], log.iloc[-1]  # the first step includes warm-up
+    return float((last["seconds"] - first["seconds"]) / (last["step"] - first["step"]))
+
+
+def curve_distance(a: pd.DataFrame, b: pd.DataFrame, loss: str, skip: int) -> float:
+    a, b = a[a["step"] > skip].set_index("step")[loss], b[b["step"] > skip].set_index("step")[loss]
+    return float((a - b).abs().mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("eval_out/bench"))
+    p.add_argument("--timed-steps", type=int, default=5, help="steps per precision at 256 px")
+    p.add_argument("--curve-steps", type=int, default=300)
+    args = p.parse_args(argv)
+    work = args.out / "train_cyclegan"
+    config = load_config(ROOT / "configs/cyclegan/default.yaml")
+    generate(work / "data256", sites=2, per_site=8, size=256, seed=0, progress=False)
+    generate(work / "data128", sites=2, per_site=40, size=128, seed=0, progress=False)
+
+    timing = {}
+    for precision in ("no", "bf16"):
+        log = run(config, work / "data256", work / f"time_{precision}", steps=args.timed_steps,
+                  precision=precision, seed=0, crop=256, load_size=None, log_every=1)
+        timing[precision] = step_seconds(log)
+        print(f"256 px step, mixed_precision={precision}: {timing[precision]:.2f} s")
+    ratio = timing["bf16"] / timing["no"]
+
+    curves = {}
+    for name, precision, seed in (("fp32_seed0", "no", 0), ("fp32_seed1", "no", 1),
+                                  ("bf16_seed0", "bf16", 0)):
+        curves[name] = run(config, work / "data128", work / f"curve_{name}",
+                           steps=args.curve_steps, precision=precision, seed=seed, crop=64,
+                           load_size=None, log_every=10)
+        print(f"curve {name}: {step_seconds(curves[name]):.2f} s/step at 64 px")
+    table = pd.concat([c.assign(run=name) for name, c in curves.items()])
+    table.to_csv(args.out / "train_cyclegan_curves.csv", index=False)
+    skip = 50
+    noise = {}
+    for loss in CURVE_LOSSES:
+        d_bf16 = curve_distance(curves["bf16_seed0"], curves["fp32_seed0"], loss, skip)
+        d_seed = curve_distance(curves["fp32_seed1"], curves["fp32_seed0"], loss, skip)
+        noise[loss] = {"bf16_vs_fp32": d_bf16, "seed1_vs_seed0": d_seed,
+                       "ratio": d_bf16 / d_seed if d_seed else float("inf")}
+    within = all(v["ratio"] <= 1.5 for v in noise.values())
+    result = {
+        "config": "configs/cyclegan/default.yaml (ngf 64, 9 blocks, ndf 64, 3 D layers)",
+        "step_timing": {"image_px": 256, "batch": 1, "timed_steps": args.timed_steps - 1,
+                        "seconds_fp32": timing["no"], "seconds_bf16": timing["bf16"],
+                        "bf16_over_fp32": ratio},
+        "curves": {"image_px": 64, "steps": args.curve_steps, "lr": "constant 2e-4",
+                   "compared_after_step": skip, "per_loss": noise, "within_noise": within,
+                   "bf16_seconds_per_step_64px": step_seconds(curves["bf16_seed0"]),
+                   "fp32_seconds_per_step_64px": step_seconds(curves["fp32_seed0"])},
+        "bf16_model": str(work / "curve_bf16_seed0" / "model"),
+        "machine": machine(),
+    }
+    write_json(args.out / "train_cyclegan.json", result)
+    print(f"\nbf16 / fp32 step time at 256 px: {ratio:.3f} {verdict(ratio, 0.55, at_most=True)}")
+    for loss, v in noise.items():
+        print(f"  {loss:>6}: |bf16 - fp32| {v['bf16_vs_fp32']:.4f}, |seed1 - seed0| "
+              f"{v['seed1_vs_seed0']:.4f} (ratio {v['ratio']:.2f})")
+    print(f"loss curves within noise: {within}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
