@@ -27,3 +27,14 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision != "auto":
         return precision
     return "bf16" if native_bf16(device) else "fp32"
+
+
+def training_precision(setting: str, cpu_bf16: bool = True) -> str:
+    """accelerate's mixed_precision for a training. 'auto' -> 'bf16' on a GPU that has
+    it, and on a CPU that runs bf16 natively when `cpu_bf16` (the networks where that was
+    measured to train like fp32: CycleGAN, see docs/performance.md), else 'no' (fp32)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if native_bf16("cuda") else "no"
+    return "bf16" if cpu_bf16 and native_bf16("cpu") else "no"

@@ -1,10 +1,15 @@
 """Overhead of the Flower simulation: wall time of a federated run vs the same local
 steps run centrally in one process (each node's `task.train` in turn, weights averaged
-by hand exactly as FedAvg does), measured in the same run.
+by hand exactly as FedAvg does), measured in the same run; and round time vs nodes.
 
-    python eval/bench/bench_federated.py --nodes 4 --rounds 5
+1. Ratio (target <= 1.3): `run_federated` (Flower simulation, Ray) vs `central_equivalent`
+   for --nodes x --rounds of configs/federated/classifier-quick.yaml on synthetic data.
+   The overhead is split with the round times in rounds.csv: start-up (Ray, the node
+   process, first messages) = time to the first round's replies minus its training;
+   per round = round time minus the nodes' training inside it.
+2. Growth: round time vs number of nodes (--growth-nodes), median of rounds 2..R.
 
-Prints the two wall times, their ratio (issue target: at most 1.3), and the setting.
+    python eval/bench/bench_federated.py --out eval_out/bench --nodes 4 --rounds 5
 """
 
 from __future__ import annotations
@@ -14,20 +19,23 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from harmonize.data.manifest import load_manifest
-from harmonize.federated.config import load_federated_config
-from harmonize.federated.nodes import node_rows, split_rows
-from harmonize.federated.run import run_federated
-from harmonize.federated.tasks import build_task
-from harmonize.synth import generate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, linear_fit, machine, verdict, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+from harmonize.data.manifest import load_manifest, save_manifest  # noqa: E402
+from harmonize.federated.config import load_federated_config  # noqa: E402
+from harmonize.federated.nodes import node_rows, split_rows  # noqa: E402
+from harmonize.federated.run import run_federated  # noqa: E402
+from harmonize.federated.tasks import build_task  # noqa: E402
+from harmonize.synth import generate  # noqa: E402
 
 
 def central_equivalent(cfg, manifest: Path) -> float:
@@ -47,30 +55,98 @@ def central_equivalent(cfg, manifest: Path) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def federated(config: str, manifest: Path, out: Path, rounds: int) -> tuple[dict, pd.DataFrame]:
+    cfg = load_federated_config(config, {"manifest": str(manifest), "out": str(out),
+                                         "rounds": rounds, "evaluate": False,
+                                         "progress": False})
+    summary = run_federated(cfg)
+    return summary, pd.read_csv(out / "rounds.csv")
+
+
+def first_sites(manifest: Path, k: int, out: Path) -> Path:
+    df = load_manifest(manifest)
+    keep = sorted(df["site"].unique())[:k]
+    path = out / f"manifest_{k}.csv"
+    save_manifest(df[df["site"].isin(keep)], path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("eval_out/bench"))
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-site", type=int, default=60)
+    ap.add_argument("--growth-nodes", type=int, nargs="*", default=[2, 4, 6, 8])
+    ap.add_argument("--growth-rounds", type=int, default=3)
     ap.add_argument("--config", default=str(ROOT / "configs/federated/classifier-quick.yaml"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate(tmp / "data", sites=args.nodes, per_site=args.per_site, size=64,
-                 progress=False)
-        cfg = load_federated_config(args.config, {
-            "manifest": str(tmp / "data" / "manifest.csv"), "out": str(tmp / "run"),
-            "rounds": args.rounds, "evaluate": False, "progress": False})
-        summary = run_federated(cfg)
+        sites = max([args.nodes, *args.growth_nodes])
+        generate(tmp / "data", sites=sites, per_site=args.per_site, size=64, progress=False)
+        manifest = first_sites(tmp / "data" / "manifest.csv", args.nodes, tmp)
+        summary, rounds = federated(args.config, manifest, tmp / "run", args.rounds)
         fed = summary["wall_seconds"]
-        central = central_equivalent(cfg, Path(cfg.manifest))
-    print(f"{args.nodes} nodes x {args.rounds} rounds, classifier "
-          f"{cfg.classifier.model.arch} at {cfg.classifier.image_size} px, "
+        cfg = load_federated_config(args.config, {"manifest": str(manifest),
+                                                  "rounds": args.rounds})
+        central = central_equivalent(cfg, manifest)
+        compute = rounds["train_compute_seconds"] * args.nodes  # nodes train one by one
+        round_time = rounds["seconds"].diff().fillna(rounds["seconds"])
+        growth = []
+        for k in args.growth_nodes:
+            _, r = federated(args.config, first_sites(tmp / "data" / "manifest.csv", k, tmp),
+                             tmp / f"run{k}", args.growth_rounds)
+            later = r.iloc[1:]
+            growth.append({"nodes": k, "round_seconds": float(later["seconds"].diff()
+                                                              .dropna().median()
+                                                              if len(later) > 1 else
+                                                              r["seconds"].diff().iloc[-1]),
+                           "compute_seconds": float(later["train_compute_seconds"].median()
+                                                    * k)})
+            print(f"{k} nodes: {growth[-1]['round_seconds']:.2f} s per round "
+                  f"({growth[-1]['compute_seconds']:.2f} s of it local training)")
+    ratio = fed / central
+    result = {
+        "setting": {"nodes": args.nodes, "rounds": args.rounds, "images_per_node":
+                    args.per_site, "config": Path(args.config).name,
+                    "classifier": f"{cfg.classifier.model.arch} width {cfg.classifier.model.width}"
+                                  f" at {cfg.classifier.image_size} px",
+                    "local_epochs": cfg.classifier.local_epochs},
+        "federated_seconds": fed, "strategy_seconds": summary["seconds"],
+        "central_seconds": central, "ratio": ratio,
+        "breakdown": {
+            "outside_strategy_s": fed - summary["seconds"],
+            "first_round_s": float(round_time.iloc[0]),
+            "first_round_compute_s": float(compute.iloc[0]),
+            "later_round_s_median": float(round_time.iloc[1:].median()),
+            "later_round_compute_s_median": float(compute.iloc[1:].median()),
+            "central_per_round_s": central / args.rounds},
+        "machine": machine(),
+    }
+    if len(growth) >= 2:
+        g = pd.DataFrame(growth)
+        args.out.mkdir(parents=True, exist_ok=True)
+        g.to_csv(args.out / "federated_nodes.csv", index=False)
+        slope, intercept = linear_fit(g["nodes"], g["round_seconds"])
+        result["growth"] = {"rows": growth, "seconds_per_node": slope,
+                            "fixed_seconds_per_round": intercept}
+    write_json(args.out / "federated.json", result)
+    b = result["breakdown"]
+    print(f"\n{args.nodes} nodes x {args.rounds} rounds, {result['setting']['classifier']}, "
           f"{cfg.classifier.local_epochs} local epoch(s), {args.per_site} images per node")
     print(f"federated (Flower simulation, Ray): {fed:.1f} s (strategy {summary['seconds']:.1f} s)")
     print(f"same local steps in one process:    {central:.1f} s")
-    print(f"ratio federated / central: {fed / central:.2f} (target <= 1.3)")
+    print(f"  outside the strategy (Ray start/stop): {b['outside_strategy_s']:.1f} s; first round "
+          f"{b['first_round_s']:.1f} s ({b['first_round_compute_s']:.1f} s training); later "
+          f"rounds {b['later_round_s_median']:.2f} s ({b['later_round_compute_s_median']:.2f} s "
+          f"training; central {b['central_per_round_s']:.2f} s)")
+    print(f"ratio federated / central: {ratio:.2f} {verdict(ratio, 1.3, at_most=True)}")
+    if "growth" in result:
+        print(f"round time vs nodes: {result['growth']['seconds_per_node']:.2f} s per node + "
+              f"{result['growth']['fixed_seconds_per_round']:.2f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA / "manifest.csv",
                     help="manifest with a lung_mask column (default: tb_cxr_2site)")
-    ap.add_argument("--n", type=int, default=40, help="images (default 40)")
+    ap.add_argument("--n", type=int, default=300, help="images (default 300)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                     help="worker counts to time; the first is the baseline (default 1 2)")
     ap.add_argument("--mask", choices=("manifest", "auto"), default="manifest",
                     help="lung masks from the manifest, or automatic body masks")
-    ap.add_argument("--growth", type=int, nargs="*", default=[10, 20, 40, 80],
+    ap.add_argument("--growth", type=int, nargs="*", default=[25, 50, 100, 200, 400],
                     help="image counts for the time-vs-images curve (none: skip)")
     ap.add_argument("--out", type=Path, required=True,
                     help="folder for radiomics.json and radiomics_growth.csv")

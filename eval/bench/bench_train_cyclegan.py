@@ -56,8 +56,9 @@ def run(config, data: Path, out: Path, *, steps: int, precision: str, seed: int,
 
 
 def step_seconds(log: pd.DataFrame) -> float:
-    first, last = log.iloc[0], log.iloc[-1]  # the first step includes warm-up
-    return float((last["seconds"] - first["seconds"]) / (last["step"] - first["step"]))
+    """Median seconds per step between log rows (the first row, with the warm-up, is
+    only a start; the median shrugs off a step slowed by a busy neighbour)."""
+    return float((log["seconds"].diff() / log["step"].diff()).dropna().median())
 
 
 def curve_distance(a: pd.DataFrame, b: pd.DataFrame, loss: str, skip: int) -> float:
@@ -68,8 +69,8 @@ def curve_distance(a: pd.DataFrame, b: pd.DataFrame, loss: str, skip: int) -> fl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("eval_out/bench"))
-    p.add_argument("--timed-steps", type=int, default=5, help="steps per precision at 256 px")
-    p.add_argument("--curve-steps", type=int, default=300)
+    p.add_argument("--timed-steps", type=int, default=7, help="steps per precision at 256 px")
+    p.add_argument("--curve-steps", type=int, default=300, help="0: time the steps only")
     args = p.parse_args(argv)
     work = args.out / "train_cyclegan"
     config = load_config(ROOT / "configs/cyclegan/default.yaml")
@@ -83,16 +84,31 @@ def main(argv: list[str] | None = None) -> int:
         timing[precision] = step_seconds(log)
         print(f"256 px step, mixed_precision={precision}: {timing[precision]:.2f} s")
     ratio = timing["bf16"] / timing["no"]
+    result = {
+        "config": "configs/cyclegan/default.yaml (ngf 64, 9 blocks, ndf 64, 3 D layers)",
+        "step_timing": {"image_px": 256, "batch": 1, "timed_steps": args.timed_steps - 1,
+                        "seconds_fp32": timing["no"], "seconds_bf16": timing["bf16"],
+                        "bf16_over_fp32": ratio},
+        "machine": machine(),
+    }
+    print(f"\nbf16 / fp32 step time at 256 px: {ratio:.3f} {verdict(ratio, 0.55, at_most=True)}")
+    if args.curve_steps:
+        result.update(loss_curves(config, work, args.out, args.curve_steps))
+    write_json(args.out / ("train_cyclegan.json" if args.curve_steps else
+                           "train_cyclegan_timing.json"), result)
+    return 0
 
+
+def loss_curves(config, work: Path, out: Path, steps: int) -> dict:
     curves = {}
     for name, precision, seed in (("fp32_seed0", "no", 0), ("fp32_seed1", "no", 1),
                                   ("bf16_seed0", "bf16", 0)):
-        curves[name] = run(config, work / "data128", work / f"curve_{name}",
-                           steps=args.curve_steps, precision=precision, seed=seed, crop=64,
-                           load_size=None, log_every=10)
+        curves[name] = run(config, work / "data128", work / f"curve_{name}", steps=steps,
+                           precision=precision, seed=seed, crop=64, load_size=None,
+                           log_every=10)
         print(f"curve {name}: {step_seconds(curves[name]):.2f} s/step at 64 px")
     table = pd.concat([c.assign(run=name) for name, c in curves.items()])
-    table.to_csv(args.out / "train_cyclegan_curves.csv", index=False)
+    table.to_csv(out / "train_cyclegan_curves.csv", index=False)
     skip = 50
     noise = {}
     for loss in CURVE_LOSSES:
@@ -101,25 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         noise[loss] = {"bf16_vs_fp32": d_bf16, "seed1_vs_seed0": d_seed,
                        "ratio": d_bf16 / d_seed if d_seed else float("inf")}
     within = all(v["ratio"] <= 1.5 for v in noise.values())
-    result = {
-        "config": "configs/cyclegan/default.yaml (ngf 64, 9 blocks, ndf 64, 3 D layers)",
-        "step_timing": {"image_px": 256, "batch": 1, "timed_steps": args.timed_steps - 1,
-                        "seconds_fp32": timing["no"], "seconds_bf16": timing["bf16"],
-                        "bf16_over_fp32": ratio},
-        "curves": {"image_px": 64, "steps": args.curve_steps, "lr": "constant 2e-4",
-                   "compared_after_step": skip, "per_loss": noise, "within_noise": within,
-                   "bf16_seconds_per_step_64px": step_seconds(curves["bf16_seed0"]),
-                   "fp32_seconds_per_step_64px": step_seconds(curves["fp32_seed0"])},
-        "bf16_model": str(work / "curve_bf16_seed0" / "model"),
-        "machine": machine(),
-    }
-    write_json(args.out / "train_cyclegan.json", result)
-    print(f"\nbf16 / fp32 step time at 256 px: {ratio:.3f} {verdict(ratio, 0.55, at_most=True)}")
     for loss, v in noise.items():
         print(f"  {loss:>6}: |bf16 - fp32| {v['bf16_vs_fp32']:.4f}, |seed1 - seed0| "
               f"{v['seed1_vs_seed0']:.4f} (ratio {v['ratio']:.2f})")
     print(f"loss curves within noise: {within}")
-    return 0
+    return {"curves": {"image_px": 64, "steps": steps, "lr": "constant 2e-4",
+                       "compared_after_step": skip, "per_loss": noise, "within_noise": within,
+                       "bf16_seconds_per_step_64px": step_seconds(curves["bf16_seed0"]),
+                       "fp32_seconds_per_step_64px": step_seconds(curves["fp32_seed0"])},
+            "bf16_model": str(work / "curve_bf16_seed0" / "model")}
 
 
 if __name__ == "__main__":

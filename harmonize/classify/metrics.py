@@ -27,8 +27,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy import stats
-from sklearn.metrics import roc_auc_score, roc_curve
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 PAIRED_METRICS = ("auc", "accuracy")
@@ -183,6 +181,8 @@ def binary_metrics(y_true: ArrayLike, p: ArrayLike, threshold: float = 0.5) -> d
     fn = int(np.sum(~pred & pos))
     tn = int(np.sum(~pred & ~pos))
     both = 0 < tp + fn < y.size
+    from sklearn.metrics import roc_auc_score  # ~0.5 s to load: only where scores are made
+
     out: dict = {"auc": float(roc_auc_score(y, s)) if both else float("nan")}
     out.update({k: float(v) for k, v in _from_counts(tp, fp, tn, fn).items()})
     out["n"] = int(y.size)
@@ -296,6 +296,8 @@ def roc_points(y_true: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]
     s = _check_scores(p, y.size)
     if np.unique(y).size < 2:
         raise ValueError("ROC curve needs both classes in y_true, found only one")
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(y, s)
     return fpr, tpr
 
@@ -324,6 +326,8 @@ def mean_over_seeds(df: pd.DataFrame, group_cols: str | Sequence[str], metric: s
     mean = out["mean"].to_numpy(dtype=np.float64)
     half = np.full(len(out), np.nan)
     ok = count > 1
+    from scipy import stats  # ~0.4 s to load: only for summaries
+
     t = stats.t.ppf(0.5 + level / 2.0, count[ok] - 1)
     half[ok] = t * std[ok] / np.sqrt(count[ok])
     out["ci_lo"] = mean - half

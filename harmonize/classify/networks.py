@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.networks.nets import DenseNet121, ViT, resnet18
 from safetensors.torch import load_file
 from torch import nn
 
@@ -58,7 +57,12 @@ class Classifier(nn.Module):
         self.norm = norm
         if arch == "cnn":
             self.net = SmallCNN(width, norm)
-        elif arch == "resnet18":
+            return
+        # imported here: MONAI's networks package loads its data and transform stacks
+        # (~2 s), which every federated node process and CLI call would otherwise pay
+        from monai.networks.nets import DenseNet121, ViT, resnet18
+
+        if arch == "resnet18":
             self.net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
         elif arch == "densenet121":
             self.net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)

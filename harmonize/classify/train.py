@@ -32,6 +32,7 @@ from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.manifest import binary_targets, positive_label, select_rows
 from harmonize.data.transforms import augment, plain_augmentation
 from harmonize.fit import training_metadata
+from harmonize.precision import training_precision
 
 KIND = "classifier"
 
@@ -64,12 +65,6 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int):
         x = self.images[index]
         return (augment(self.aug, x) if self.aug is not None else x), self.labels[index]
-
-
-def mixed_precision_for(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def make_loader(images: torch.Tensor, labels: np.ndarray, tc: TrainConfig) -> DataLoader:
@@ -134,7 +129,8 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     check_labels(labels)
     tc = train_cfg
     torch.manual_seed(tc.seed)
-    accelerator = make_accelerator(mixed_precision=mixed_precision_for(tc.mixed_precision))
+    accelerator = make_accelerator(mixed_precision=training_precision(tc.mixed_precision,
+                                                                     cpu_bf16=False))
     model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width, model_cfg.norm)
     if model_cfg.weights is not None:
         load_weights(model, model_cfg.weights)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai import transforms as T
 
 AUGMENTATION_DOC = (
     "flip (p 0.5); affine (p 0.8): rotate +-10 deg, scale +-10%, translate +-6%, shear "
@@ -22,8 +21,13 @@ AUGMENTATION_DOC = (
     "0.25-1 px (p 0.3); Gaussian noise sd 0.03 (p 0.5)")
 
 
-def plain_augmentation(image_size: int, seed: int = 0) -> T.Compose:
-    """The augmentation pipeline for images of image_size x image_size pixels."""
+def plain_augmentation(image_size: int, seed: int = 0):
+    """The augmentation pipeline for images of image_size x image_size pixels (a seeded
+    MONAI Compose)."""
+    # imported here: MONAI's transforms take ~1 s to load, which every federated node
+    # process and CLI call that never augments would pay
+    from monai import transforms as T
+
     shift = round(0.06 * image_size)
     aug = T.Compose([
         T.RandFlip(prob=0.5, spatial_axis=1),
@@ -39,7 +43,7 @@ def plain_augmentation(image_size: int, seed: int = 0) -> T.Compose:
     return aug
 
 
-def augment(aug: T.Compose, image: torch.Tensor) -> torch.Tensor:
+def augment(aug, image: torch.Tensor) -> torch.Tensor:
     """Apply to one (1, H, W) tensor; returns a plain float32 tensor clipped to [0, 1]."""
     out = torch.as_tensor(aug(image)).as_subclass(torch.Tensor)
     return out.float().clamp_(0.0, 1.0)

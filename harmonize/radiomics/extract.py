@@ -203,8 +203,9 @@ def _lookup(cache: FeatureCache, paths: list[str], masks: list[str | None],
 
 
 def _auto_chunk(n_todo: int, workers: int) -> int:
-    """About 4 chunks per worker (load balance), at most 32 images (progress, memory)."""
-    return max(1, min(32, -(-n_todo // (workers * 4))))
+    """About 8 chunks per worker (load balance: the calling process takes whole chunks
+    between collecting the others'), at most 16 images (progress, memory)."""
+    return max(1, min(16, -(-n_todo // (workers * 8))))
 
 
 def _frames(frame: pd.DataFrame, records: list[dict | None],

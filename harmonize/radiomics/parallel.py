@@ -1,8 +1,8 @@
 """Where extraction chunks run: this process, local worker processes, or Ray.
 
 All three call `extract.extract_chunk` on lists of (index, path, mask) and hand each
-finished chunk to `on_chunk` in the calling process, which caches the records and
-moves the progress bar; indices put the rows back in manifest order. A chunk whose
+finished chunk to `on_chunk` in the calling process, which caches the records and moves
+the progress bar (and, with local processes, extracts chunks itself too); indices put the rows back in manifest order. A chunk whose
 worker dies (out of memory, a crash in a C extension) becomes error records for its
 images, so a report still covers the rest.
 """
@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+
+import SimpleITK as sitk
 
 from harmonize.radiomics.extract import Item, Result, extract_chunk
 from harmonize.radiomics.settings import RadiomicsSettings
@@ -30,23 +33,52 @@ def run_inline(chunks: Sequence[Sequence[Item]], settings: RadiomicsSettings,
 
 def run_processes(chunks: Sequence[Sequence[Item]], settings: RadiomicsSettings, workers: int,
                   on_chunk: OnChunk) -> None:
-    """A process pool; 'spawn' because the caller may hold threads (torch, Ray, tqdm)
-    that a fork would copy in a locked state. Workers start in about a second; as with
-    any spawned pool, a calling script needs the ``if __name__ == "__main__":`` guard."""
+    """`workers - 1` spawned processes plus this one. A spawned worker needs ~0.8 s to
+    start and import pyradiomics, in which this (already warm) process gets through a
+    dozen images, and this process takes a chunk whenever it is free (measured on 288
+    chest X-rays: 2 workers 1.87x one worker, against 1.62x with two spawned processes;
+    docs/performance.md). If a helper dies, its chunks in flight become error records
+    and this process does the rest. 'spawn' because the caller may hold
+    threads (torch, Ray, tqdm) that a fork would copy in a locked state; as with any
+    spawned pool, a calling script needs the ``if __name__ == "__main__":`` guard."""
+    queue = deque(chunks)
+    helpers = min(workers - 1, len(chunks) - 1)
+    sitk_threads = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
-        pending: dict[Future, Sequence[Item]] = {
-            pool.submit(extract_chunk, chunk, settings, True): chunk for chunk in chunks
-        }
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                chunk = pending.pop(fut)
-                try:
-                    results = fut.result()
-                except Exception as err:  # BrokenProcessPool and the like
-                    results = _failed(chunk, err)
-                on_chunk(results)
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, helpers), mp_context=ctx) as pool:
+            pending: dict[Future, Sequence[Item]] = {}
+            broken: list[bool] = []
+
+            def feed() -> None:  # two chunks per helper in flight: none waits for this one
+                while queue and len(pending) < 2 * helpers and not broken:
+                    chunk = queue.popleft()
+                    try:
+                        pending[pool.submit(extract_chunk, chunk, settings, True)] = chunk
+                    except BrokenProcessPool:  # a helper died: this process does the rest
+                        queue.appendleft(chunk)
+                        broken.append(True)
+
+            def collect(block: bool) -> None:
+                done, _ = wait(pending, timeout=None if block else 0,
+                               return_when=FIRST_COMPLETED)
+                for fut in done:
+                    chunk = pending.pop(fut)
+                    try:
+                        results = fut.result()
+                    except Exception as err:  # BrokenProcessPool and the like
+                        results = _failed(chunk, err)
+                    on_chunk(results)
+
+            feed()
+            while queue or pending:
+                if queue:  # this process works on the next chunk itself
+                    on_chunk(extract_chunk(queue.popleft(), settings, True))
+                if pending:
+                    collect(block=not queue)
+                feed()
+    finally:  # extract_chunk made this process single-threaded for SimpleITK: undo it
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(sitk_threads)
 
 
 def run_ray(chunks: Sequence[Sequence[Item]], settings: RadiomicsSettings, address: str,

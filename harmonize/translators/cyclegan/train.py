@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from harmonize.accel import make_accelerator
 from harmonize.fit import training_metadata
+from harmonize.precision import training_precision
 from harmonize.translators import polarity as pol
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig, dump_config
 from harmonize.translators.cyclegan.data import (
@@ -87,14 +88,6 @@ def lr_factor(step: int, steps: int, decay: int) -> float:
     return max(0.0, (steps - step) / (decay + 1))
 
 
-def mixed_precision_for(config: CycleGANConfig) -> str:
-    """auto: bf16 on a GPU that supports it; fp32 on CPU (bf16 training there is unmeasured)."""
-    mp = config.train.mixed_precision
-    if mp != "auto":
-        return mp
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def train_cyclegan(config: CycleGANConfig) -> Path:
     """Train (or resume) and return the checkpoint directory OUT/model."""
     config.check_ready()
@@ -106,7 +99,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         raise ConfigError(f"{out} holds a previous run (state/); pass --resume to continue "
                           "it or choose another --out")
     tc = config.train
-    accelerator = make_accelerator(mixed_precision=mixed_precision_for(config),
+    accelerator = make_accelerator(mixed_precision=training_precision(tc.mixed_precision),
                               gradient_accumulation_steps=tc.grad_accum)
     main = accelerator.is_main_process
     set_seed(tc.seed, device_specific=True)

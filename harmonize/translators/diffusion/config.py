@@ -76,7 +76,7 @@ class TrainConfig(_Section):
     ema_power: float = Field(0.75, gt=0, description="EMA warm-up: decay = 1-(1+step)^-power")
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on a GPU that has it, else fp32")
+        "auto", description="auto: bf16 on a GPU or CPU that runs it natively, else fp32")
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(1000, ge=1)
     checkpoint_every: int = Field(5000, ge=1)

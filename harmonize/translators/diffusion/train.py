@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from harmonize.accel import make_accelerator
 from harmonize.fit import training_metadata
+from harmonize.precision import training_precision
 from harmonize.translators.cyclegan.data import EpochShuffle
-from harmonize.translators.cyclegan.train import mixed_precision_for
 from harmonize.translators.diffusion.config import (
     ConfigError,
     DiffusionConfig,
@@ -77,8 +77,8 @@ def train_diffusion(config: DiffusionConfig) -> Path:
         raise ConfigError(f"{out} holds a previous run (state/); pass --resume to continue "
                           "it or choose another --out")
     tc = config.train
-    accelerator = make_accelerator(mixed_precision=mixed_precision_for(config),
-                              gradient_accumulation_steps=tc.grad_accum)
+    accelerator = make_accelerator(mixed_precision=training_precision(tc.mixed_precision),
+                                   gradient_accumulation_steps=tc.grad_accum)
     main = accelerator.is_main_process
     set_seed(tc.seed, device_specific=True)
     ts = prepare_training_set(config, progress=tc.progress and main)
