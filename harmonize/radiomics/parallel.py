@@ -2,9 +2,9 @@
 
 All three call `extract.extract_chunk` on lists of (index, path, mask) and hand each
 finished chunk to `on_chunk` in the calling process, which caches the records and moves
-the progress bar (and, with local processes, extracts chunks itself too); indices put the rows back in manifest order. A chunk whose
-worker dies (out of memory, a crash in a C extension) becomes error records for its
-images, so a report still covers the rest.
+the progress bar (and, with local processes, extracts chunks itself too); indices put
+the rows back in manifest order. A chunk whose worker dies (out of memory, a crash in a
+C extension) becomes error records for its images, so a report still covers the rest.
 """
 
 from __future__ import annotations
