@@ -271,3 +271,12 @@ def test_apply_precision_flag_turns_bf16_off(run, tmp_path):
     bf16 = read_image(tmp_path / "bf16" / "a.png").array
     assert not np.array_equal(fp32, bf16)  # the flag does change the arithmetic
     assert np.abs(fp32.astype(float) - bf16.astype(float)).mean() < 0.02 * 4095
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU rule")
+def test_training_precision_auto_follows_native_bf16():
+    from harmonize.precision import training_precision
+
+    assert training_precision("no") == "no" and training_precision("bf16") == "bf16"
+    assert training_precision("auto") == ("bf16" if native_bf16("cpu") else "no")
+    assert training_precision("auto", cpu_bf16=False) == "no"  # classifiers: fp32 on CPU

@@ -222,9 +222,12 @@ def test_two_workers_equal_one_worker(cxr, settings):
     df = cxr.iloc[[0, 1, 3, 4]].copy()
     df.loc[df.index[1], "mask"] = ""  # one automatic mask among manifest masks
     one, _ = extract_features(df, settings, workers=1, use_cache=False, progress=False)
+    threads = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
     two, errors = extract_features(df, settings, workers=2, use_cache=False, progress=False,
                                    chunk_size=1)
     assert errors.empty
+    # this process extracted chunks too, single-threaded; its SimpleITK setting is back
+    assert sitk.ProcessObject_GetGlobalDefaultNumberOfThreads() == threads
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     assert one["path"].tolist() == df.path.tolist()
     assert one["mask_source"].tolist() == ["manifest", "otsu", "manifest", "manifest"]

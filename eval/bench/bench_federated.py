@@ -3,13 +3,15 @@ steps run centrally in one process (each node's `task.train` in turn, weights av
 by hand exactly as FedAvg does), measured in the same run; and round time vs nodes.
 
 1. Ratio (target <= 1.3): `run_federated` (Flower simulation, Ray) vs `central_equivalent`
-   for --nodes x --rounds of configs/federated/classifier-quick.yaml on synthetic data.
+   (2 torch threads) for --nodes x each of --rounds (default 5, and 30 as in
+   eval/federated_classifier.py) of configs/federated/classifier-quick.yaml on synthetic
+   data; --parallel 2 trains two nodes at once with one thread each.
    The overhead is split with the round times in rounds.csv: start-up (Ray, the node
    process, first messages) = time to the first round's replies minus its training;
    per round = round time minus the nodes' training inside it.
 2. Growth: round time vs number of nodes (--growth-nodes), median of rounds 2..R.
 
-    python eval/bench/bench_federated.py --out eval_out/bench --nodes 4 --rounds 5
+    python eval/bench/bench_federated.py --out eval_out/bench [--parallel 2]
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def central_equivalent(cfg, manifest: Path) -> float:
     return time.perf_counter() - started
 
 
-def federated(config: str, manifest: Path, out: Path, rounds: int) -> tuple[dict, pd.DataFrame]:
+def federated(config: str, manifest: Path, out: Path, rounds: int, parallel: int
+              ) -> tuple[dict, pd.DataFrame]:
     cfg = load_federated_config(config, {"manifest": str(manifest), "out": str(out),
                                          "rounds": rounds, "evaluate": False,
-                                         "progress": False})
+                                         "progress": False, "parallel_nodes": parallel,
+                                         "threads_per_node": 2 // parallel or 1})
     summary = run_federated(cfg)
     return summary, pd.read_csv(out / "rounds.csv")
 
@@ -71,14 +75,49 @@ def first_sites(manifest: Path, k: int, out: Path) -> Path:
     return path
 
 
+def central_seconds(config: str, manifest: Path, rounds: int) -> float:
+    cfg = load_federated_config(config, {"manifest": str(manifest), "rounds": rounds,
+                                         "threads_per_node": 2})
+    return central_equivalent(cfg, manifest)
+
+
+def compare(config: str, manifest: Path, out: Path, nodes: int, rounds: int,
+            parallel: int, central: float) -> dict:
+    """One federated run against its central equivalent, the overhead split by round."""
+    summary, table = federated(config, manifest, out, rounds, parallel)
+    fed = summary["wall_seconds"]
+    # the nodes' training inside a round: one after the other, or `parallel` at a time
+    compute = table["train_compute_seconds"] * nodes / parallel
+    round_time = table["seconds"].diff().fillna(table["seconds"])
+    run = {"rounds": rounds, "federated_seconds": fed, "strategy_seconds": summary["seconds"],
+           "central_seconds": central, "ratio": fed / central,
+           "outside_strategy_s": fed - summary["seconds"],
+           "first_round_s": float(round_time.iloc[0]),
+           "first_round_compute_s": float(compute.iloc[0]),
+           "later_round_s_median": float(round_time.iloc[1:].median()),
+           "later_round_compute_s_median": float(compute.iloc[1:].median()),
+           "central_per_round_s": central / rounds}
+    print(f"{nodes} nodes x {rounds} rounds: federated {fed:.1f} s (Ray start/stop "
+          f"{run['outside_strategy_s']:.1f} s; first round {run['first_round_s']:.1f} s, "
+          f"{run['first_round_compute_s']:.1f} s of it training; later rounds "
+          f"{run['later_round_s_median']:.2f} s, {run['later_round_compute_s_median']:.2f} s "
+          f"training) vs central {central:.1f} s ({run['central_per_round_s']:.2f} s per round)"
+          f": ratio {run['ratio']:.2f} {verdict(run['ratio'], 1.3, at_most=True)}")
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("eval_out/bench"))
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, nargs="+", default=[5, 30],
+                    help="round counts to compare (30: the federated classifier study)")
     ap.add_argument("--per-site", type=int, default=60)
     ap.add_argument("--growth-nodes", type=int, nargs="*", default=[2, 4, 6, 8])
     ap.add_argument("--growth-rounds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=1, choices=[1, 2],
+                    help="nodes training at once in the simulation (2: one thread each); "
+                         "the central run always uses 2 threads")
     ap.add_argument("--config", default=str(ROOT / "configs/federated/classifier-quick.yaml"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,65 +125,45 @@ def main(argv: list[str] | None = None) -> int:
         sites = max([args.nodes, *args.growth_nodes])
         generate(tmp / "data", sites=sites, per_site=args.per_site, size=64, progress=False)
         manifest = first_sites(tmp / "data" / "manifest.csv", args.nodes, tmp)
-        summary, rounds = federated(args.config, manifest, tmp / "run", args.rounds)
-        fed = summary["wall_seconds"]
-        cfg = load_federated_config(args.config, {"manifest": str(manifest),
-                                                  "rounds": args.rounds})
-        central = central_equivalent(cfg, manifest)
-        compute = rounds["train_compute_seconds"] * args.nodes  # nodes train one by one
-        round_time = rounds["seconds"].diff().fillna(rounds["seconds"])
+        # central runs first: Ray's processes take a few seconds to go after a run, and
+        # must not slow the baseline down
+        central = {r: central_seconds(args.config, manifest, r) for r in args.rounds}
+        runs = [compare(args.config, manifest, tmp / f"run_r{r}", args.nodes, r, args.parallel,
+                        central[r]) for r in args.rounds]
         growth = []
         for k in args.growth_nodes:
             _, r = federated(args.config, first_sites(tmp / "data" / "manifest.csv", k, tmp),
-                             tmp / f"run{k}", args.growth_rounds)
+                             tmp / f"run{k}", args.growth_rounds, args.parallel)
             later = r.iloc[1:]
             growth.append({"nodes": k, "round_seconds": float(later["seconds"].diff()
                                                               .dropna().median()
                                                               if len(later) > 1 else
                                                               r["seconds"].diff().iloc[-1]),
                            "compute_seconds": float(later["train_compute_seconds"].median()
-                                                    * k)})
+                                                    * k / args.parallel)})
             print(f"{k} nodes: {growth[-1]['round_seconds']:.2f} s per round "
                   f"({growth[-1]['compute_seconds']:.2f} s of it local training)")
-    ratio = fed / central
+    cfg = load_federated_config(args.config)
     result = {
-        "setting": {"nodes": args.nodes, "rounds": args.rounds, "images_per_node":
-                    args.per_site, "config": Path(args.config).name,
+        "setting": {"nodes": args.nodes, "images_per_node": args.per_site,
+                    "config": Path(args.config).name,
                     "classifier": f"{cfg.classifier.model.arch} width {cfg.classifier.model.width}"
                                   f" at {cfg.classifier.image_size} px",
-                    "local_epochs": cfg.classifier.local_epochs},
-        "federated_seconds": fed, "strategy_seconds": summary["seconds"],
-        "central_seconds": central, "ratio": ratio,
-        "breakdown": {
-            "outside_strategy_s": fed - summary["seconds"],
-            "first_round_s": float(round_time.iloc[0]),
-            "first_round_compute_s": float(compute.iloc[0]),
-            "later_round_s_median": float(round_time.iloc[1:].median()),
-            "later_round_compute_s_median": float(compute.iloc[1:].median()),
-            "central_per_round_s": central / args.rounds},
-        "machine": machine(),
+                    "local_epochs": cfg.classifier.local_epochs,
+                    "parallel_nodes": args.parallel,
+                    "threads_per_node": 2 // args.parallel, "central_threads": 2},
+        "runs": runs, "machine": machine(),
     }
+    suffix = "" if args.parallel == 1 else f"_parallel{args.parallel}"
     if len(growth) >= 2:
         g = pd.DataFrame(growth)
         args.out.mkdir(parents=True, exist_ok=True)
-        g.to_csv(args.out / "federated_nodes.csv", index=False)
+        g.to_csv(args.out / f"federated_nodes{suffix}.csv", index=False)
         slope, intercept = linear_fit(g["nodes"], g["round_seconds"])
         result["growth"] = {"rows": growth, "seconds_per_node": slope,
                             "fixed_seconds_per_round": intercept}
-    write_json(args.out / "federated.json", result)
-    b = result["breakdown"]
-    print(f"\n{args.nodes} nodes x {args.rounds} rounds, {result['setting']['classifier']}, "
-          f"{cfg.classifier.local_epochs} local epoch(s), {args.per_site} images per node")
-    print(f"federated (Flower simulation, Ray): {fed:.1f} s (strategy {summary['seconds']:.1f} s)")
-    print(f"same local steps in one process:    {central:.1f} s")
-    print(f"  outside the strategy (Ray start/stop): {b['outside_strategy_s']:.1f} s; first round "
-          f"{b['first_round_s']:.1f} s ({b['first_round_compute_s']:.1f} s training); later "
-          f"rounds {b['later_round_s_median']:.2f} s ({b['later_round_compute_s_median']:.2f} s "
-          f"training; central {b['central_per_round_s']:.2f} s)")
-    print(f"ratio federated / central: {ratio:.2f} {verdict(ratio, 1.3, at_most=True)}")
-    if "growth" in result:
-        print(f"round time vs nodes: {result['growth']['seconds_per_node']:.2f} s per node + "
-              f"{result['growth']['fixed_seconds_per_round']:.2f} s")
+        print(f"round time vs nodes: {slope:.2f} s per node + {intercept:.2f} s")
+    write_json(args.out / f"federated{suffix}.json", result)
     return 0
 
 

@@ -78,10 +78,15 @@ def plot_radiomics(bench: Path, img: Path) -> None:
 
 
 def plot_federated(bench: Path, img: Path) -> None:
-    g = pd.read_csv(bench / "federated_nodes.csv")
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    ax.plot(g["nodes"], g["round_seconds"], "o-", label="round (Flower simulation)")
-    ax.plot(g["nodes"], g["compute_seconds"], "s--", label="local training inside it")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, label, color in (("federated_nodes.csv", "1 node at a time", "C0"),
+                               ("federated_nodes_parallel.csv", "2 at a time", "C1")):
+        if not (bench / name).is_file():
+            continue
+        g = pd.read_csv(bench / name)
+        ax.plot(g["nodes"], g["round_seconds"], "o-", color=color, label=f"round, {label}")
+        ax.plot(g["nodes"], g["compute_seconds"], "s--", color=color, alpha=0.6,
+                label=f"training in it, {label}")
     ax.set(xlabel="nodes", ylabel="seconds per round", title="federated round time vs nodes")
     ax.legend(fontsize=8)
     save(fig, img / "perf_federated_nodes.png")

@@ -81,6 +81,8 @@ class FederatedConfig(_Section):
     cyclegan: CycleGANTaskConfig = CycleGANTaskConfig()
     diffusion: DiffusionTaskConfig = DiffusionTaskConfig()
     threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
+    parallel_nodes: int = Field(1, ge=1, description="simulation: nodes training at once, "
+                                "each with threads_per_node threads (Ray actors)")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -60,9 +60,9 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     (out / "summary.json").unlink(missing_ok=True)
     from flwr.simulation import run_simulation
 
-    # one client at a time, each with all the cores: on a small machine, parallel clients
-    # only fight over the same cores
-    cpus = cpus or 1
+    # parallel_nodes Ray actors, one node's training each; with threads_per_node threads
+    # each, parallel_nodes x threads_per_node should not exceed the cores
+    cpus = cpus or cfg.parallel_nodes
     if not cfg.progress:  # Flower logs every round at INFO and warns about deprecations
         logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.perf_counter()
