@@ -36,6 +36,7 @@ def plot_apply(bench: Path, img: Path) -> None:
           title="apply time vs size (tiles of 256)")
     b.plot(g["side"], g["peak_rss_mb"], "o-")
     b.axhline(2048, color="r", lw=0.8, ls="--", label="2 GB target")
+    b.set_ylim(0, 2300)
     b.set(xlabel="image side (px)", ylabel="peak RSS (MB)", title="apply peak memory")
     b.legend()
     save(fig, img / "perf_apply_growth.png")
@@ -80,7 +81,7 @@ def plot_radiomics(bench: Path, img: Path) -> None:
 def plot_federated(bench: Path, img: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for name, label, color in (("federated_nodes.csv", "1 node at a time", "C0"),
-                               ("federated_nodes_parallel.csv", "2 at a time", "C1")):
+                               ("federated_nodes_parallel2.csv", "2 at a time", "C1")):
         if not (bench / name).is_file():
             continue
         g = pd.read_csv(bench / name)
