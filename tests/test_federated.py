@@ -61,7 +61,8 @@ def test_federated_classifier_with_fedprox_fedbn_and_dp(synth3, tmp_path, capsys
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", strategy="fedprox", proximal_mu=0.01,
                           privacy={"dp": "server-fixed", "noise_multiplier": 0.5,
-                                   "clipping_norm": 5.0})
+                                   "clipping_norm": 5.0},
+                          parallel_nodes=2)  # two Ray actors train nodes at once
     with open(config) as fh:
         raw = yaml.safe_load(fh)
     raw["classifier"]["local_bn"] = True
