@@ -169,6 +169,19 @@ def test_a_node_without_rows_or_with_an_unreadable_manifest_says_so(synth3, tmp_
         resolve_node({"partition-id": 5}, synth3 / "manifest.csv")
 
 
+def test_nodes_read_the_manifest_once_until_it_changes(synth3, tmp_path):
+    from harmonize.data.manifest import load_manifest, save_manifest
+    from harmonize.federated.nodes import node_rows, read_manifest
+
+    path = tmp_path / "m.csv"
+    save_manifest(load_manifest(synth3 / "manifest.csv"), path)
+    assert read_manifest(path) is read_manifest(path)  # every round's messages: no re-read
+    full = len(node_rows(path, "site_b"))
+    df = load_manifest(path)
+    save_manifest(df[~((df["node"] == "site_b") & (df.index % 2 == 0))], path)
+    assert 0 < len(node_rows(path, "site_b")) < full  # a changed file is read again
+
+
 def test_federated_ddib_prior_trains_each_site_label_and_applies(synth3, tmp_path):
     from pathlib import Path
 

@@ -4,6 +4,8 @@ points at its own manifest (``--node-config "node='site_b' manifest='/data/m.csv
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +13,22 @@ import pandas as pd
 from harmonize.data.manifest import load_manifest
 
 
+def read_manifest(manifest: str | Path) -> pd.DataFrame:
+    """The manifest, read once per process while the file is unchanged: every message of
+    every round needs the node's rows, and re-reading cost 26 ms per message (a third of
+    the simulation's per-round overhead, docs/performance.md). Do not modify the frame."""
+    st = os.stat(manifest)
+    return _read_manifest(str(manifest), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_manifest(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    return load_manifest(path)
+
+
 def node_names(manifest: str | Path) -> list[str]:
     """Sorted node names; partition-id i of the simulation is the i-th."""
-    return sorted(load_manifest(manifest)["node"].astype(str).unique())
+    return sorted(read_manifest(manifest)["node"].astype(str).unique())
 
 
 def resolve_node(node_config: dict, manifest: str | Path | None) -> tuple[str, Path]:
@@ -35,7 +50,7 @@ def resolve_node(node_config: dict, manifest: str | Path | None) -> tuple[str, P
 def node_rows(manifest: str | Path, node: str) -> pd.DataFrame:
     """This node's rows; a clear error when the manifest is unreadable or has none."""
     try:
-        df = load_manifest(manifest)
+        df = read_manifest(manifest)
     except (OSError, ValueError) as err:
         raise ValueError(f"node '{node}': cannot read its manifest {manifest}: {err}") from None
     rows = df[df["node"].astype(str) == node]
