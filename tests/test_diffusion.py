@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
 from harmonize.data.manifest import load_manifest
+from harmonize.precision import native_bf16
 from harmonize.translators import TRANSLATORS, load_translator
 from harmonize.translators.diffusion import (
     ConfigError,
@@ -159,6 +160,14 @@ def test_translation_is_deterministic_for_a_seed_whatever_the_batch():
     assert np.abs(other[0] - t.transform(images[:1])[0]).max() > 1e-3
     assert t.transform(images[:1], ["site_a"])[0] is not images[0]  # reference: passthrough
     np.testing.assert_array_equal(t.transform(images[:1], ["site_a"])[0], images[0])
+    # precision "auto" (harmonize apply --precision auto) = bf16 where native, else fp32
+    fp32 = t.transform(images[:1])[0]
+    t.set_params(precision="auto")
+    auto = t.transform(images[:1])[0]
+    if native_bf16("cpu"):
+        assert 0 < np.abs(auto - fp32).max() < 0.1
+    else:
+        np.testing.assert_array_equal(auto, fp32)
 
 
 def test_ddib_without_a_model_for_the_site_falls_back_to_sdedit(caplog):
