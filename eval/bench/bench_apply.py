@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cyclegan import forward_speed  # noqa: E402
 from common import loglog_slope, machine, verdict, write_json  # noqa: E402
 
 from harmonize.apply import apply_translator  # noqa: E402
@@ -84,18 +84,6 @@ def write_inputs(folder: Path, side: int, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def forward_img_per_s(g: torch.nn.Module, n: int, batch: int, precision: str) -> float:
-    x = torch.rand(batch, 1, TILE, TILE) * 2 - 1
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                enabled=precision == "bf16"):
-        g(x)  # warm-up
-        started, done = time.perf_counter(), 0
-        while done < n:
-            g(x[: min(batch, n - done)])
-            done += min(batch, n - done)
-    return n / (time.perf_counter() - started)
-
-
 def apply_img_per_s(t: CycleGANTranslator, folder: Path, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t.transform([np.zeros((TILE, TILE), np.float32)])  # warm-up, as forward had
@@ -113,7 +101,7 @@ def throughput(t: CycleGANTranslator, work: Path, n: int, trained: bool) -> dict
     res: dict = {}
     for precision in ("fp32", "bf16"):
         t.precision = precision
-        fwd = forward_img_per_s(t.generator_, n, t.batch_size, precision)
+        fwd = forward_speed(t.generator_, n, t.batch_size, precision)
         app = apply_img_per_s(t, folder, work / f"out256_{precision}")
         res[precision] = {"forward_img_per_s": fwd, "apply_img_per_s": app,
                           "apply_over_forward": app / fwd}

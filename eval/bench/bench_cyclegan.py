@@ -24,11 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,11 +38,14 @@ from harmonize.data.io import read_image
 from harmonize.metrics import ssim
 from harmonize.synth import generate
 from harmonize.translators import IdentityTranslator, load_translator
-from harmonize.translators.cyclegan import CycleGANTranslator, load_config, train_cyclegan
+from harmonize.translators.cyclegan import CycleGANTranslator, load_config
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.cyclegan.tiling import tile_starts
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_cyclegan import run, step_seconds  # noqa: E402
+
 SIZE = 256
 
 
@@ -108,24 +111,10 @@ def io_speed(data: Path, out: Path, n: int) -> float:
 
 
 def train_speed(config, data: Path, out: Path, steps: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    config = config.model_copy(deep=True)
-    config.data.manifest = data / "manifest.csv"
-    config.data.reference_site = "site_a"
-    config.data.load_size = None
-    config.data.image_size = SIZE  # whole 256 px images, whatever the config trains on
-    config.data.num_workers = 0  # decoding two 256 px PNGs per step is not the bottleneck
-    config.train.out = out
-    config.train.steps = steps
-    config.train.decay_steps = None
-    config.train.batch_size = 1
-    config.train.log_every = 1
-    config.train.sample_every = config.train.checkpoint_every = 10**9
-    config.train.progress = False
-    train_cyclegan(config)
-    log = pd.read_csv(out / "train_log.csv")
-    first, last = log.iloc[0], log.iloc[-1]  # the first step includes warm-up: leave it out
-    return float((last["step"] - first["step"]) / (last["seconds"] - first["seconds"]))
+    """Steps/s of `train_cyclegan` on whole 256 px images, batch 1, the config's precision."""
+    log = run(config, data, out, steps=steps, precision=config.train.mixed_precision, seed=0,
+              crop=SIZE, load_size=None, log_every=1)
+    return 1.0 / step_seconds(log)
 
 
 def flops(g: torch.nn.Module, side: int) -> int:
@@ -138,7 +127,7 @@ def forward_speed(g: torch.nn.Module, n: int, batch: int, precision: str) -> flo
     x = torch.rand(batch, 1, SIZE, SIZE) * 2 - 1
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                 enabled=precision == "bf16"):
-        g(x[:1])  # warm-up
+        g(x)  # warm-up (the kernels for this batch shape)
         started = time.perf_counter()
         done = 0
         while done < n:
