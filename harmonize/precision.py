@@ -31,8 +31,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 def training_precision(setting: str, cpu_bf16: bool = True) -> str:
     """accelerate's mixed_precision for a training. 'auto' -> 'bf16' on a GPU that has
-    it, and on a CPU that runs bf16 natively when `cpu_bf16` (the networks where that was
-    measured to train like fp32: CycleGAN, see docs/performance.md), else 'no' (fp32)."""
+    it, and on a CPU that runs bf16 natively when `cpu_bf16` (networks measured to train
+    like fp32 there: CycleGAN, docs/performance.md; the diffusion priors, whose quick
+    config trains in bf16), else 'no' (fp32)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():

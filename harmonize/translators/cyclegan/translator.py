@@ -36,7 +36,7 @@ from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.cyclegan.tiling import tiled_map
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CycleGANTranslator(Translator):
@@ -53,8 +53,8 @@ class CycleGANTranslator(Translator):
             raise ValueError(f"tile_size={tile_size}: must be a multiple of 4")
         if not 0 <= tile_overlap <= 0.5:
             raise ValueError(f"tile_overlap={tile_overlap}: expected a fraction in [0, 0.5]")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision='{precision}': use {', '.join(PRECISIONS)}")
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision='{precision}': use auto, {', '.join(PRECISIONS)}")
         if polarity not in ("auto", "keep"):
             raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
         self.ngf = ngf
