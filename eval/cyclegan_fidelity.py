@@ -41,7 +41,7 @@ from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 from harmonize.translators import HistogramMatching, load_translator
 from harmonize.translators.cyclegan import load_config, train_cyclegan
 from harmonize.translators.cyclegan.config import parse_override
-from harmonize.translators.cyclegan.tiling import seam_ratio, tile_borders
+from harmonize.translators.tiling import seam_ratio, tile_borders
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("identity", "histogram-matching", "cyclegan")

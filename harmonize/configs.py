@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and key."""
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def load_yaml_config(model: type[M], path: str | Path | None = None,

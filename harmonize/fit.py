@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from harmonize.checkpoint import file_sha256
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
-from harmonize.translators import Translator
+from harmonize.training.metadata import training_metadata
+from harmonize.translators.base import Translator
 
 
 def check_reference_site(df: pd.DataFrame, reference_site: str, source: str = "manifest") -> None:
@@ -31,19 +31,6 @@ def model_space_images(df: pd.DataFrame, policy: IntensityPolicy, progress: bool
                            unit="img", disable=not progress):
         x, _ = policy.to_model(read_image(path))
         yield x, site
-
-
-def training_metadata(df: pd.DataFrame, reference_site: str, manifest_path: str | os.PathLike,
-                      policy: IntensityPolicy, image_size: int | None = None) -> dict:
-    counts = df["site"].value_counts().sort_index()
-    return {
-        "reference_site": reference_site,
-        "training_sites": {str(s): int(n) for s, n in counts.items()},
-        "image_size": image_size,
-        "intensity_policy": policy.to_dict(),
-        "training_manifest": str(Path(manifest_path).resolve()),
-        "training_manifest_sha256": file_sha256(manifest_path),
-    }
 
 
 def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | os.PathLike,

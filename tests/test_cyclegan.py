@@ -16,18 +16,18 @@ from safetensors.torch import load_file
 
 from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
-from harmonize.precision import native_bf16
 from harmonize.synth import generate, make_phantom
+from harmonize.training.device import native_bf16, pick_device
 from harmonize.translators import CycleGANTranslator, load_translator
 from harmonize.translators.cyclegan import ConfigError, load_config, train_cyclegan
 from harmonize.translators.cyclegan.networks import NLayerDiscriminator, ResnetGenerator
-from harmonize.translators.cyclegan.tiling import (
+from harmonize.translators.cyclegan.train import lr_factor
+from harmonize.translators.tiling import (
     pad_to_multiple,
     seam_ratio,
     tile_borders,
     tile_starts,
 )
-from harmonize.translators.cyclegan.train import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.image_size": 64, "model.ngf": 4, "model.n_blocks": 1, "model.ndf": 8,
@@ -224,10 +224,13 @@ def test_polarity_guard_and_precision(run):
     translator.precision = "bf16"
     y_bf16 = translator.transform([x])[0]
     assert y_bf16.dtype == np.float32 and np.abs(y_bf16 - y).mean() < 0.02
-    translator.precision = "auto"  # bf16 where the CPU runs it natively, else fp32
+    translator.precision = "auto"  # bf16 where the device runs it natively, else fp32
     y_auto = translator.transform([x])[0]
-    expected = y_bf16 if native_bf16("cpu") else y
-    np.testing.assert_array_equal(y_auto, expected)
+    # the device the translator actually used; kernels may pick other reduction orders
+    # between calls (seen on CPU: 4e-7), far below the bf16/fp32 difference
+    expected = y_bf16 if native_bf16(pick_device(translator.device)) else y
+    np.testing.assert_allclose(y_auto, expected, atol=1e-4)
+    assert np.abs(y_auto - expected).mean() < 0.1 * np.abs(y_bf16 - y).mean()
 
 
 def test_apply_keeps_dtype_and_range(run, tmp_path):
@@ -275,7 +278,7 @@ def test_apply_precision_flag_turns_bf16_off(run, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU rule")
 def test_training_precision_auto_follows_native_bf16():
-    from harmonize.precision import training_precision
+    from harmonize.training.device import training_precision
 
     assert training_precision("no") == "no" and training_precision("bf16") == "bf16"
     assert training_precision("auto") == ("bf16" if native_bf16("cpu") else "no")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
 from harmonize.data.manifest import load_manifest
-from harmonize.precision import native_bf16
+from harmonize.training.device import native_bf16
 from harmonize.translators import TRANSLATORS, load_translator
 from harmonize.translators.diffusion import (
     ConfigError,

@@ -40,7 +40,7 @@ from harmonize.synth import generate
 from harmonize.translators import IdentityTranslator, load_translator
 from harmonize.translators.cyclegan import CycleGANTranslator, load_config
 from harmonize.translators.cyclegan.networks import ResnetGenerator
-from harmonize.translators.cyclegan.tiling import tile_starts
+from harmonize.translators.tiling import tile_starts
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -21,7 +21,7 @@ def machine() -> dict:
     """What the numbers were measured on (the machines are noisy: ratios, not absolutes)."""
     import torch
 
-    from harmonize.precision import native_bf16
+    from harmonize.training.device import native_bf16
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {

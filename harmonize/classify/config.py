@@ -9,19 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from harmonize.classify.networks import ARCHITECTURES
-from harmonize.configs import ConfigError, load_yaml_config
+from harmonize.configs import ConfigError, Section, load_yaml_config
 
 __all__ = ["ClassifierConfig", "ConfigError", "load_config"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     manifest: Path | None = Field(None, description="manifest CSV (required to train)")
     sites: list[str] | None = Field(None, description="train on these sites; None: all")
     split: str | None = Field(None, description="use only rows with this split, e.g. train")
@@ -30,7 +26,7 @@ class DataConfig(_Section):
     intensity: Literal["auto", "bit-depth", "percentile"] = "auto"
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     arch: str = Field("cnn", description=f"one of {', '.join(ARCHITECTURES)}")
     width: int = Field(16, ge=4, description="cnn channels of the first block / vit width")
     norm: Literal["batch", "group"] = Field(
@@ -45,7 +41,7 @@ class ModelConfig(_Section):
         return arch
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     out: Path | None = Field(None, description="run folder (required to train)")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -61,7 +57,7 @@ class TrainConfig(_Section):
     progress: bool = True
 
 
-class ClassifierConfig(_Section):
+class ClassifierConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -7,19 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from harmonize.classify.config import ModelConfig, TrainConfig
-from harmonize.configs import ConfigError, load_yaml_config
+from harmonize.configs import ConfigError, Section, load_yaml_config
 
 REGIMES = ("raw", "augment", "harmonized", "harmonized+augment")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SynthData(_Section):
+class SynthData(Section):
     """Generate the embedded synthetic benchmark (paired truth: enables the full audit)."""
     sites: int = Field(4, ge=2)
     per_site: int = Field(60, ge=10)
@@ -31,7 +27,7 @@ class SynthData(_Section):
     finding_scale: float = Field(1.0, gt=0, description="finding radius factor")
 
 
-class EvalData(_Section):
+class EvalData(Section):
     manifest: Path | None = Field(None, description="manifest CSV (path,site,label,...)")
     synth: SynthData | None = Field(None, description="or: generate synthetic data")
     reference_site: str | None = Field(None, description="default: synth's reference site")
@@ -49,7 +45,7 @@ class EvalData(_Section):
         return self
 
 
-class TranslatorSpec(_Section):
+class TranslatorSpec(Section):
     name: str = Field(description="label in the results (e.g. cyclegan, ddib)")
     kind: str | None = Field(None, description="translator kind; default: name")
     params: dict[str, Any] = Field(default_factory=dict, description="constructor arguments "
@@ -67,7 +63,7 @@ class TranslatorSpec(_Section):
         return self.kind or self.name
 
 
-class Protocol(_Section):
+class Protocol(Section):
     kind: Literal["external", "loso"]
     train_sites: list[str] | None = Field(None, description="external: training sites")
     test_site: str | None = Field(None, description="external: the unseen site")
@@ -81,7 +77,7 @@ class Protocol(_Section):
         return self
 
 
-class AuditConfig(_Section):
+class AuditConfig(Section):
     gradcam_images: int = Field(4, ge=0, description="images per translator in the grid")
     contrast_erased_below: float = Field(0.5, gt=0, description="finding contrast ratio "
                                          "(translated / truth) below which a finding counts "
@@ -90,7 +86,7 @@ class AuditConfig(_Section):
                                            "as exaggerated")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     out: Path | None = None
     data: EvalData
     translators: list[TranslatorSpec] = Field(default_factory=list)

@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
-from harmonize.accel import make_accelerator
 from harmonize.checkpoint import load_checkpoint, save_checkpoint
 from harmonize.classify.config import ClassifierConfig, ModelConfig, TrainConfig
 from harmonize.classify.networks import Classifier, load_weights
@@ -31,8 +30,8 @@ from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.manifest import binary_targets, positive_label, select_rows
 from harmonize.data.transforms import augment, plain_augmentation
-from harmonize.fit import training_metadata
-from harmonize.precision import training_precision
+from harmonize.training.device import make_accelerator, training_precision
+from harmonize.training.metadata import training_metadata
 
 KIND = "classifier"
 

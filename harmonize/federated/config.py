@@ -5,19 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from harmonize.classify.config import ModelConfig
-from harmonize.configs import ConfigError, load_yaml_config
+from harmonize.configs import ConfigError, Section, load_yaml_config
 
 __all__ = ["ConfigError", "FederatedConfig", "load_federated_config"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     dp: Literal["none", "server-fixed", "client-fixed"] = Field(
         "none", description="central DP on the aggregate: clip each node's update to "
         "clipping_norm (server side, or client side with fixedclipping_mod) and add Gaussian "
@@ -29,7 +25,7 @@ class PrivacyConfig(_Section):
                          "Message API strategies in flwr 1.41)")
 
 
-class ClassifierTaskConfig(_Section):
+class ClassifierTaskConfig(Section):
     model: ModelConfig = ModelConfig()
     image_size: int = Field(64, ge=16)
     local_epochs: int = Field(1, ge=1, description="epochs per round at each node")
@@ -46,13 +42,13 @@ class ClassifierTaskConfig(_Section):
     local_bn: bool = Field(False, description="FedBN: normalization layers stay local")
 
 
-class CycleGANTaskConfig(_Section):
+class CycleGANTaskConfig(Section):
     config: Path | None = Field(None, description="CycleGAN YAML (model, loss, data.image_size)")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
     local_steps: int = Field(20, ge=1, description="optimizer steps per round at each node")
 
 
-class DiffusionTaskConfig(_Section):
+class DiffusionTaskConfig(Section):
     config: Path | None = Field(None, description="diffusion YAML (model, diffusion, "
                                 "inference, data.image_size); trained site-conditioned, "
                                 "translated with DDIB")
@@ -63,7 +59,7 @@ class DiffusionTaskConfig(_Section):
                                     "deployment, where the server has no manifest)")
 
 
-class FederatedConfig(_Section):
+class FederatedConfig(Section):
     task: Literal["classifier", "cyclegan", "diffusion"]
     manifest: Path | None = None
     reference_site: str | None = None

@@ -27,33 +27,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.tasks import Arrays, cached_images
+from harmonize.training.device import autocast, pick_device
+from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import load_config
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
     ResnetGenerator,
+    init_weights,
     local_ncc_loss,
-    lsgan_loss,
 )
 from harmonize.translators.cyclegan.translator import CycleGANTranslator
 
 
 def _split(arrays: Arrays, prefix: str) -> Arrays:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-
-def _init(net: torch.nn.Module) -> torch.nn.Module:
-    for m in net.modules():  # reference initialization: N(0, 0.02) convolutions
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-    return net
 
 
 class CycleGANTask:
@@ -76,7 +68,7 @@ class CycleGANTask:
 
     def initial_arrays(self) -> Arrays:
         torch.manual_seed(self.config.seed)
-        g, d = _init(self._g()), _init(self._d())
+        g, d = init_weights(self._g()), init_weights(self._d())
         return {**{f"g.{k}": v for k, v in g.state_dict().items()},
                 **{f"d_b.{k}": v for k, v in d.state_dict().items()}}
 
@@ -87,10 +79,11 @@ class CycleGANTask:
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
         server_round = int(round_config.get("server-round", 0))
+        device = pick_device()
         ref_site = self.config.reference_site
         is_ref = (rows["site"].astype(str) == ref_site).to_numpy()
-        xa = self._images(rows[~is_ref]) if (~is_ref).any() else None
-        xb = self._images(rows[is_ref]) if is_ref.any() else None
+        xa = self._images(rows[~is_ref]).to(device) if (~is_ref).any() else None
+        xb = self._images(rows[is_ref]).to(device) if is_ref.any() else None
         node_seed = zlib.crc32(",".join(sorted(rows["site"].astype(str).unique())).encode())
         torch.manual_seed(self.config.seed * 100_003 + node_seed + server_round)
         g, d_b = self._g(), self._d()
@@ -100,8 +93,10 @@ class CycleGANTask:
         if local:
             f.load_state_dict(_split(local, "f."))
         else:
-            _init(f)
+            init_weights(f)
+        g, d_b, f = g.to(device), d_b.to(device), f.to(device)
         lw, tc = self.cg.loss, self.cg.train
+        w = losses.LossWeights.from_config(lw)
         opt_g = torch.optim.Adam([*g.parameters(), *f.parameters()], lr=tc.lr,
                                  betas=(tc.beta1, tc.beta2))
         # FedAvg averages one "real" D_B update (reference node) with n - 1 "fake" ones;
@@ -113,46 +108,48 @@ class CycleGANTask:
         pool = ImagePool(lw.pool_size, self.config.seed + server_round)
         rng = np.random.default_rng([self.config.seed, server_round, node_seed])
         bs = tc.batch_size
-        sums = {"loss_g": 0.0, "loss_d": 0.0}
+        sums = torch.zeros(2, device=device)  # (generator, discriminator), read once
         for _ in range(self.config.cyclegan.local_steps):
-            for p in d_b.parameters():
-                p.requires_grad_(False)
-            loss_g = torch.zeros(())
+            # generator step: the terms this node's images allow (losses.py)
+            d_b.requires_grad_(False)
+            terms: losses.Terms = {}
             fake_b = None
-            if xa is not None:
-                a = xa[rng.integers(len(xa), size=bs)]
-                fake_b = g(a)
-                loss_g = (lsgan_loss(d_b(fake_b), True)
-                          + lw.lambda_cycle * F.l1_loss(f(fake_b), a)
-                          + lw.lambda_cycle * lw.lambda_identity * F.l1_loss(f(a), a))
-                if lw.lambda_structure > 0:
-                    loss_g = loss_g + lw.lambda_structure * local_ncc_loss(a, fake_b)
-            if xb is not None:
-                b = xb[rng.integers(len(xb), size=bs)]
-                loss_g = loss_g + lw.lambda_cycle * lw.lambda_identity * F.l1_loss(g(b), b)
+            with autocast(device, tc.mixed_precision):
+                if xa is not None:  # source half, without D_A (no reference images here)
+                    a = xa[torch.from_numpy(rng.integers(len(xa), size=bs)).to(device)]
+                    fake_b = g(a)
+                    terms["G_gan"] = losses.adversarial_term(d_b, fake_b)
+                    terms["cycle"] = losses.cycle_term(f(fake_b), a)
+                    terms["idt"] = losses.identity_term(f, a)
+                    if w.structure > 0:
+                        terms["struct"] = local_ncc_loss(a, fake_b)
+                if xb is not None:  # reference node: G leaves reference images as they are
+                    b = xb[torch.from_numpy(rng.integers(len(xb), size=bs)).to(device)]
+                    terms = losses.merge(terms, {"idt": losses.identity_term(g, b)})
+                loss_g = losses.generator_loss(terms, w)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            for p in d_b.parameters():
-                p.requires_grad_(True)
-            loss_d = torch.zeros(())
-            if fake_b is not None:
-                pooled, _ = pool.query(fake_b.detach())
-                loss_d = loss_d + 0.5 * lsgan_loss(d_b(pooled), False)
-            if xb is not None:
-                loss_d = loss_d + 0.5 * lsgan_loss(d_b(b), True)
+            # discriminator step: real terms here if reference images, fake terms if not
+            d_b.requires_grad_(True)
+            with autocast(device, tc.mixed_precision):
+                loss_d = torch.zeros((), device=device)
+                if fake_b is not None:
+                    pooled, _ = pool.query(fake_b.detach())
+                    loss_d = loss_d + losses.discriminator_fake(d_b, pooled)
+                if xb is not None:
+                    loss_d = loss_d + losses.discriminator_real(d_b, b)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-            sums["loss_g"] += float(loss_g.detach())
-            sums["loss_d"] += float(loss_d.detach())
+            sums += torch.stack([loss_g.detach(), loss_d.detach()])
         steps = self.config.cyclegan.local_steps
-        shared = {**{f"g.{k}": v.detach().clone() for k, v in g.state_dict().items()},
-                  **{f"d_b.{k}": v.detach().clone() for k, v in d_b.state_dict().items()}}
-        own = ({f"f.{k}": v.detach().clone() for k, v in f.state_dict().items()}
+        mean_g, mean_d = (sums / steps).tolist()
+        shared = {**{f"g.{k}": v.detach().cpu().clone() for k, v in g.state_dict().items()},
+                  **{f"d_b.{k}": v.detach().cpu().clone() for k, v in d_b.state_dict().items()}}
+        own = ({f"f.{k}": v.detach().cpu().clone() for k, v in f.state_dict().items()}
                if xa is not None else {})
-        return shared, own, {"loss_g": sums["loss_g"] / steps, "loss_d": sums["loss_d"] / steps,
-                             "num-examples": steps}
+        return shared, own, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": steps}
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         return {"num-examples": 0}

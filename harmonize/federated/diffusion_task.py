@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.tasks import Arrays, cached_images, load_optimizer_state, optimizer_arrays
+from harmonize.training.device import autocast, pick_device
+from harmonize.training.run import set_lr
+from harmonize.translators.diffusion import losses
 from harmonize.translators.diffusion.config import load_config
 from harmonize.translators.diffusion.data import ALL_SITES
 from harmonize.translators.diffusion.translator import INFERENCE_KEYS, DiffusionTranslator
@@ -84,61 +86,55 @@ class DiffusionTask:
         x = cached_images(rows["path"].astype(str).tolist(), self.size) * 2 - 1
         return x, torch.tensor([self.sites.index(s) for s in sites])
 
-    def _loss(self, unet, scheduler, x0, labels, generator=None) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),),
-                          generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16,
-                            enabled=self.dc.train.mixed_precision == "bf16"):
-            pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
-        v_target = self.dc.diffusion.prediction_type == "v_prediction"
-        target = scheduler.get_velocity(x0, noise, t) if v_target else noise
-        return F.mse_loss(pred.float(), target)
-
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
         server_round = int(round_config.get("server-round", 1))
         nodes = int(round_config.get("nodes", 1))
+        device = pick_device()
         x, labels = self._data(rows)
+        x, labels = x.to(device), labels.to(device)
         node_seed = zlib.crc32(",".join(sorted(rows["site"].astype(str).unique())).encode())
         torch.manual_seed(self.config.seed * 100_003 + node_seed + server_round)
         rng = np.random.default_rng([self.config.seed, server_round, node_seed])
-        unet, scheduler, tc = self._unet(arrays), self._scheduler(), self.dc.train
+        unet, scheduler, tc = self._unet(arrays).to(device), self._scheduler(), self.dc.train
         unet.train()
         opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         if local:
-            load_optimizer_state(opt, local)
+            load_optimizer_state(opt, {k: v.to(device) for k, v in local.items()})
         steps = self.config.diffusion.local_steps
-        total = 0.0
+        total = torch.zeros((), device=device)  # read once, after the last step
         for i in range(steps):
             done = (server_round - 1) * steps + i + 1  # this node's steps so far: warm-up
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * min(1.0, done / max(tc.lr_warmup_steps, 1))
-            idx = torch.from_numpy(rng.integers(len(x), size=tc.batch_size))
-            drop = torch.rand(len(idx)) < self.dc.model.class_dropout
-            loss = self._loss(unet, scheduler, x[idx],
-                              torch.where(drop, self.null_class, labels[idx]))
+            set_lr([opt], tc.lr * min(1.0, done / max(tc.lr_warmup_steps, 1)))
+            idx = torch.from_numpy(rng.integers(len(x), size=tc.batch_size)).to(device)
+            classes = losses.drop_classes(labels[idx], self.dc.model.class_dropout,
+                                          self.null_class)
+            with autocast(device, tc.mixed_precision):
+                loss = losses.denoising_loss(unet, scheduler, x[idx], classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
             opt.step()
-            total += float(loss.detach())
-        shared = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        own_rows = labels.unique()
+            total += loss.detach()
+        shared = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+        own_rows = labels.unique().cpu()
         if nodes > 1 and len(own_rows) == 1:  # see the module docstring
             before = arrays[CLASS_ROWS][own_rows]
             shared[CLASS_ROWS][own_rows] = before + nodes * (shared[CLASS_ROWS][own_rows] - before)
-        return shared, optimizer_arrays(opt), {"train_loss": total / steps,
-                                               "num-examples": steps}
+        own = {k: v.cpu() for k, v in optimizer_arrays(opt).items()}
+        return shared, own, {"train_loss": float(total) / steps, "num-examples": steps}
 
     @torch.no_grad()
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         """The denoising loss of the global model on this node's held-out images (fixed
         noise and timesteps, so rounds compare); one number, nothing per image."""
+        device = pick_device()
         x, labels = self._data(rows)
-        unet = self._unet(arrays).eval()
+        unet = self._unet(arrays).to(device).eval()
         g = torch.Generator().manual_seed(self.config.seed)
-        loss = self._loss(unet, self._scheduler(), x, labels, generator=g)
+        with autocast(device, self.dc.train.mixed_precision):
+            loss = losses.denoising_loss(unet, self._scheduler(), x.to(device),
+                                         labels.to(device), generator=g)
         return {"loss": float(loss), "num-examples": len(x)}
 
     def translator(self, arrays: Arrays) -> DiffusionTranslator:

@@ -43,3 +43,15 @@ def upright(x: np.ndarray, template: np.ndarray, mode: str = "auto") -> np.ndarr
     if mode == "auto" and is_inverted(x, template):
         return invert(x)
     return x
+
+
+@torch.no_grad()
+def inverted_share(real: torch.Tensor, fake: torch.Tensor, size: int = THUMB) -> torch.Tensor:
+    """Share of a (B, C, H, W) batch whose translation anti-correlates with its input
+    (should be 0), as a tensor on the batch's device: training logs it without a host
+    sync per step. Same thumbnails and correlation as `is_inverted`."""
+    a = F.adaptive_avg_pool2d(real[:, :1].float(), size).flatten(1)
+    b = F.adaptive_avg_pool2d(fake[:, :1].float(), size).flatten(1)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return ((a * b).sum(dim=1) < 0).float().mean()

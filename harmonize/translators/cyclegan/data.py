@@ -7,14 +7,13 @@ stops the run at once, not after an hour.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from harmonize.data.datasets import UnpairedSiteDataset, resize_square
@@ -77,25 +76,6 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
         flipped = {p for p in df["path"][~is_ref] if pol.correlation(thumbs[p], template) < 0}
     sources = sorted(df["site"][~is_ref].unique())
     return TrainingSet(df, ref, sources, template, flipped, policy)
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation seeded by (seed, epoch): the same order on every rerun and resume."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class UnpairedCrops(Dataset):

@@ -130,6 +130,16 @@ class NLayerDiscriminator(nn.Module):
         return self.model(_with_condition(x, condition, self.n_conditions))
 
 
+def init_weights(net: nn.Module) -> nn.Module:
+    """Reference initialization: N(0, 0.02) convolutions, zero biases; returns `net`."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return net
+
+
 def min_discriminator_size(n_layers: int) -> int:
     """Smallest input side for which the PatchGAN still gives a 2x2 score map.
 
@@ -169,7 +179,9 @@ def local_ncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.T
 
 class ImagePool:
     """History of generated images (Shrivastava et al. 2017): the discriminator sees a
-    mix of current and past fakes, which damps oscillation. Conditions travel along."""
+    mix of current and past fakes, which damps oscillation. Conditions travel along.
+    Images stay on their device (no copy to the host per step); the random choices use
+    a CPU generator, which needs no device sync."""
 
     def __init__(self, size: int = 50, seed: int = 0) -> None:
         self.size = size
@@ -186,15 +198,15 @@ class ImagePool:
         out_images, out_conds = [], []
         for image, cond in zip(images.detach(), conditions.detach(), strict=True):
             if len(self.images) < self.size:
-                self.images.append(image.cpu())
-                self.conditions.append(cond.cpu())
+                self.images.append(image)
+                self.conditions.append(cond)
                 out_images.append(image)
                 out_conds.append(cond)
             elif torch.rand((), generator=self.generator) < 0.5:
                 k = int(torch.randint(self.size, (), generator=self.generator))
                 out_images.append(self.images[k].to(image.device))
                 out_conds.append(self.conditions[k].to(cond.device))
-                self.images[k], self.conditions[k] = image.cpu(), cond.cpu()
+                self.images[k], self.conditions[k] = image, cond
             else:
                 out_images.append(image)
                 out_conds.append(cond)
@@ -202,7 +214,8 @@ class ImagePool:
         return torch.stack(out_images), (conds if conds.shape[1] else None)
 
     def state_dict(self) -> dict:
-        return {"images": list(self.images), "conditions": list(self.conditions),
+        return {"images": [t.cpu() for t in self.images],
+                "conditions": [t.cpu() for t in self.conditions],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -21,7 +21,6 @@ transform, per image:
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -29,11 +28,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from harmonize.precision import resolve_precision
+from harmonize.training.device import pick_device, resolve_precision
 from harmonize.translators import polarity as pol
 from harmonize.translators.base import Translator
 from harmonize.translators.cyclegan.networks import ResnetGenerator
-from harmonize.translators.cyclegan.tiling import tiled_map
+from harmonize.translators.tiling import tiled_map
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,14 +93,6 @@ class CycleGANTranslator(Translator):
             "`harmonize train cyclegan --config configs/cyclegan/quick.yaml ...`")
 
     # --- inference ------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        if self.device != "auto":
-            return torch.device(self.device)
-        if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
         self.check_fitted()
@@ -130,7 +121,7 @@ class CycleGANTranslator(Translator):
 
     @torch.inference_mode()
     def _translate(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = self._device()
+        device = pick_device(self.device)
         g = self.generator_.to(device)
         dtype = PRECISIONS[resolve_precision(self.precision, device)]
 

@@ -10,36 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from harmonize.configs import ConfigError, dump_config, load_yaml_config, parse_override
+from harmonize.configs import ConfigError, Section, dump_config, load_yaml_config, parse_override
+from harmonize.training.config import LoopConfig, TranslatorDataConfig, TranslatorTrainingConfig
 
 __all__ = ["ConfigError", "DiffusionConfig", "dump_config", "load_config", "parse_override"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Section):
-    manifest: Path | None = Field(None, description="manifest CSV (required to train)")
-    reference_site: str | None = Field(None, description="the site every image is mapped to")
-    sites: list[str] | None = Field(None, description="train on these sites; None: all")
-    split: str | None = Field(None, description="use only rows with this split, e.g. train")
+class DataConfig(TranslatorDataConfig):
     image_size: int = Field(256, description="the prior's input side (whole images resized "
                             "to it, or crops of it)")
     scale: Literal["whole", "crops"] = Field(
         "whole", description="whole: train on whole images resized to image_size; crops: "
         "on random image_size crops at native resolution (then inference uses tiles)")
-    intensity: Literal["auto", "bit-depth", "percentile"] = "auto"
-    bits: int | None = None
-    polarity: Literal["auto", "keep"] = Field(
-        "auto", description="flip images inverted relative to the reference site")
     cache_mb: int = Field(2048, ge=0, description="keep resized images in memory up to this")
-    num_workers: int = Field(0, ge=0)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     conditioning: Literal["per-site", "site-conditioned"] = Field(
         "per-site", description="per-site: one UNet per site, each trained on its own data "
         "only (sdedit: the reference site only); site-conditioned: one UNet, class = site")
@@ -55,7 +43,7 @@ class ModelConfig(_Section):
                                  "images trained with the 'unknown site' label")
 
 
-class DiffusionSchedule(_Section):
+class DiffusionSchedule(Section):
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
@@ -63,28 +51,18 @@ class DiffusionSchedule(_Section):
         "high noise, so few-step DDIM from pure noise (DDIB) stays stable")
 
 
-class TrainConfig(_Section):
-    out: Path | None = Field(None, description="run folder (required to train)")
+class TrainConfig(LoopConfig):
     steps: int = Field(100_000, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="per device and per model")
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     lr_warmup_steps: int = Field(500, ge=0, description="linear lr warm-up")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="upper bound of the EMA decay")
     ema_power: float = Field(0.75, gt=0, description="EMA warm-up: decay = 1-(1+step)^-power")
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on a GPU or CPU that runs it natively, else fp32")
-    log_every: int = Field(10, ge=1)
-    sample_every: int = Field(1000, ge=1)
-    checkpoint_every: int = Field(5000, ge=1)
-    resume: bool = False
-    progress: bool = True
 
 
-class InferenceConfig(_Section):
+class InferenceConfig(Section):
     mode: Literal["sdedit", "ddib"] = "sdedit"
     steps: int = Field(50, ge=1, description="DDIM steps over the whole noise range; SDEdit "
                        "runs int(t0 * steps) of them, DDIB twice int(ddib_t0 * steps)")
@@ -97,12 +75,13 @@ class InferenceConfig(_Section):
         "high-frequency detail back; resize: translate at image_size and upsample; tiles: "
         "overlapping image_size tiles at native resolution (needs data.scale: crops)")
     batch_size: int = Field(16, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the device runs it natively, else fp32")
     seed: int = 0
     passthrough_reference: bool = True
 
 
-class DiffusionConfig(_Section):
+class DiffusionConfig(TranslatorTrainingConfig):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionSchedule = DiffusionSchedule()
@@ -145,15 +124,6 @@ class DiffusionConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def check_ready(self) -> None:
-        """What training needs beyond a valid file: where the data is and where to write."""
-        missing = [k for k, v in (("data.manifest", self.data.manifest),
-                                  ("data.reference_site", self.data.reference_site),
-                                  ("train.out", self.train.out)) if v is None]
-        if missing:
-            raise ConfigError(f"config misses {', '.join(missing)} (set them in the YAML or "
-                              "with --data / --reference-site / --out)")
 
     def unet_config(self, num_class_embeds: int | None) -> dict[str, Any]:
         """Keyword arguments of `diffusers.UNet2DModel` (1 channel in and out)."""

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harmonize.precision import resolve_precision
+from harmonize.training.device import pick_device, resolve_precision
 from harmonize.translators import polarity as pol
 from harmonize.translators.base import Translator
-from harmonize.translators.cyclegan.tiling import tiled_map
 from harmonize.translators.diffusion import sampling
 from harmonize.translators.diffusion.data import ALL_SITES, pad_to_at_least
+from harmonize.translators.tiling import tiled_map
 
 log = logging.getLogger(__name__)
 MODES = ("sdedit", "ddib")
@@ -125,15 +125,6 @@ class DiffusionTranslator(Translator):
             "diffusion --config configs/diffusion/quick.yaml ...`")
 
     # --- inference ------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        if self.device != "auto":
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            from accelerate import PartialState  # one GPU per process under accelerate launch
-
-            return PartialState().device
-        return torch.device("cpu")
-
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
         self.check_fitted()
@@ -173,7 +164,7 @@ class DiffusionTranslator(Translator):
     @torch.inference_mode()
     def translate_at_size(self, x: torch.Tensor, sites: Sequence[str | None]) -> torch.Tensor:
         """(B, 1, S, S) images in [0, 1] of the given sites -> reference style, [0, 1]."""
-        device = self._device()
+        device = pick_device(self.device)
         out = torch.empty_like(x)
         for idx, site, ddib in self._plan(sites):
             for start in range(0, len(idx), self.batch_size):
@@ -187,7 +178,7 @@ class DiffusionTranslator(Translator):
                         ) -> list[torch.Tensor]:
         """(1, H, W) images in [0, 1] at native resolution, in overlapping S x S tiles
         blended linearly (CycleGAN's `tiled_map`); images smaller than S are padded."""
-        device = self._device()
+        device = pick_device(self.device)
         s = self.image_size
         out: list[torch.Tensor | None] = [None] * len(images)
         for idx, site, ddib in self._plan(sites):
@@ -253,7 +244,7 @@ class DiffusionTranslator(Translator):
     def sample_prior(self, n: int, site: str | None = None) -> torch.Tensor:
         """n images drawn from a site's prior (default: the reference), [0, 1]; for the
         training sample grids: shows what the prior has learned."""
-        device = self._device()
+        device = pick_device(self.device)
         s = self.image_size
         g = torch.Generator().manual_seed(int(self.seed) + 1)
         x = torch.randn((n, 1, s, s), generator=g).to(device)
