@@ -104,8 +104,10 @@ class UnpairedSiteDataset(Dataset):
         seed: int = 0,
         policy: IntensityPolicy | None = None,
         sites: Sequence[str] | None = None,
+        cache: dict[str, torch.Tensor] | None = None,
     ) -> None:
         _check_size(size)
+        self.cache = cache if cache is not None else {}  # path -> decoded, resized tensor
         present = sorted(df["site"].astype(str).unique())
         site = df["site"].astype(str)
         if reference_site not in present:
@@ -140,14 +142,19 @@ class UnpairedSiteDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source_paths)
 
+    def _load(self, path: str) -> torch.Tensor:
+        if path in self.cache:
+            return self.cache[path]
+        return load_image_tensor(path, self.size, self.policy)
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} source images")
         ref_path = self.reference_paths[self.reference_index(index)]
         source_site = self.source_sites[index]
         return {
-            "source": load_image_tensor(self.source_paths[index], self.size, self.policy),
-            "reference": load_image_tensor(ref_path, self.size, self.policy),
+            "source": self._load(self.source_paths[index]),
+            "reference": self._load(ref_path),
             "source_site": source_site,
             "source_site_index": self.site_to_index[source_site],
             "source_path": self.source_paths[index],

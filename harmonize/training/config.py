@@ -24,6 +24,7 @@ class TranslatorDataConfig(Section):
     bits: int | None = None
     polarity: Literal["auto", "keep"] = Field(
         "auto", description="flip images inverted relative to the reference site")
+    cache_mb: int = Field(2048, ge=0, description="keep decoded images in memory up to this")
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader workers; None: 4 on a GPU, 0 on the CPU")
 
@@ -44,6 +45,16 @@ class LoopConfig(Section):
     checkpoint_every: int = Field(5000, ge=1)
     resume: bool = False
     progress: bool = True
+
+
+class TranslatorInferenceConfig(Section):
+    """How a trained translator runs (`harmonize apply`); each kind adds its own."""
+
+    batch_size: int = Field(8, ge=1, description="images or tiles per forward pass")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device runs it natively, else fp32")
+    passthrough_reference: bool = Field(
+        True, description="reference-site images are returned unchanged")
 
 
 class TranslatorTrainingConfig(Section):

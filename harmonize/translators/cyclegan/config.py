@@ -14,7 +14,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harmonize.configs import ConfigError, Section, dump_config, load_yaml_config, parse_override
-from harmonize.training.config import LoopConfig, TranslatorDataConfig, TranslatorTrainingConfig
+from harmonize.training.config import (
+    LoopConfig,
+    TranslatorDataConfig,
+    TranslatorInferenceConfig,
+    TranslatorTrainingConfig,
+)
 from harmonize.translators.cyclegan.networks import min_discriminator_size
 
 __all__ = ["ConfigError", "CycleGANConfig", "dump_config", "load_config", "parse_override"]
@@ -55,12 +60,8 @@ class TrainConfig(LoopConfig):
         return self.steps // 2 if self.decay_steps is None else self.decay_steps
 
 
-class InferenceConfig(Section):
+class InferenceConfig(TranslatorInferenceConfig):
     tile_overlap: float = Field(0.25, ge=0, le=0.5, description="fraction of the tile side")
-    batch_size: int = Field(8, ge=1, description="tiles per forward pass")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 where the device runs it natively, else fp32")
-    passthrough_reference: bool = True
 
 
 class CycleGANConfig(TranslatorTrainingConfig):

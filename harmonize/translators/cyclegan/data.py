@@ -7,21 +7,24 @@ stops the run at once, not after an hour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from harmonize.data.datasets import UnpairedSiteDataset, resize_square
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
-from harmonize.data.manifest import select_rows as select_manifest_rows
-from harmonize.translators import polarity as pol
-from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
+from harmonize.training.data import (
+    ImageCache,
+    flipped_per_site,
+    scan_images,
+    select_training_rows,
+)
+from harmonize.translators.cyclegan.config import CycleGANConfig
 
 
 @dataclass
@@ -34,48 +37,23 @@ class TrainingSet:
     template: np.ndarray  # reference site's mean thumbnail (polarity guard)
     flipped: set[str]  # source paths whose grey scale is inverted (flipped on load)
     policy: IntensityPolicy
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded once, reused
 
     def flipped_per_site(self) -> dict[str, int]:
-        rows = self.df[self.df["path"].isin(self.flipped)]
-        return {str(s): int(n) for s, n in rows["site"].value_counts().sort_index().items()}
-
-
-def select_rows(config: CycleGANConfig) -> pd.DataFrame:
-    """Manifest rows to train on; raises ConfigError naming what does not match."""
-    data = config.data
-    df, present, where = select_manifest_rows(data.manifest, data.sites, data.split)
-    wanted = data.sites if data.sites is not None else present
-    if data.reference_site not in wanted:
-        hint = "add it to data.sites" if data.reference_site in present else \
-            f"sites present: {', '.join(present)}"
-        raise ConfigError(f"data.reference_site '{data.reference_site}' is not among the "
-                          f"training sites of {where}; {hint}")
-    if len(wanted) < 2:
-        raise ConfigError(f"only the reference site '{data.reference_site}' to train on; "
-                          "CycleGAN needs at least one other site")
-    return df[df["site"].isin(wanted)].reset_index(drop=True)
+        return flipped_per_site(self.df, self.flipped)
 
 
 def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> TrainingSet:
     """Select rows, then read every image once: the reference template and which source
     images are inverted (also proves every file is readable before training starts)."""
-    df = select_rows(config)
+    df = select_training_rows(config.data, needs_others="CycleGAN needs at least one "
+                              "other site")
     ref = str(config.data.reference_site)
     policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
-    thumbs: dict[str, np.ndarray] = {}
-    for path in tqdm(df["path"], desc="scan images", unit="img", disable=not progress):
-        try:
-            x, _ = policy.to_model(read_image(path))
-        except Exception as err:  # noqa: BLE001 - one message naming the file
-            raise ConfigError(f"{path}: cannot be read for training: {err}") from None
-        thumbs[path] = pol.thumbnail(x)
-    is_ref = (df["site"] == ref).to_numpy()
-    template = np.mean([thumbs[p] for p in df["path"][is_ref]], axis=0).astype(np.float32)
-    flipped: set[str] = set()
-    if config.data.polarity == "auto":
-        flipped = {p for p in df["path"][~is_ref] if pol.correlation(thumbs[p], template) < 0}
-    sources = sorted(df["site"][~is_ref].unique())
-    return TrainingSet(df, ref, sources, template, flipped, policy)
+    cache = ImageCache(config.data.cache_mb, config.data.load_size)
+    template, flipped = scan_images(df, policy, ref, config.data.polarity, progress, cache.keep)
+    sources = sorted(df["site"][df["site"] != ref].unique())
+    return TrainingSet(df, ref, sources, template, flipped, policy, cache)
 
 
 class UnpairedCrops(Dataset):
@@ -90,7 +68,7 @@ class UnpairedCrops(Dataset):
     def __init__(self, ts: TrainingSet, image_size: int, load_size: int | None,
                  seed: int) -> None:
         self.pairs = UnpairedSiteDataset(ts.df, ts.reference_site, size=load_size, seed=seed,
-                                         policy=ts.policy)
+                                         policy=ts.policy, cache=ts.cache)
         self.flipped = ts.flipped
         self.site_index = {s: i for i, s in enumerate(ts.source_sites)}
         self.image_size = image_size

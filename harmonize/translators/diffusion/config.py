@@ -13,7 +13,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harmonize.configs import ConfigError, Section, dump_config, load_yaml_config, parse_override
-from harmonize.training.config import LoopConfig, TranslatorDataConfig, TranslatorTrainingConfig
+from harmonize.training.config import (
+    LoopConfig,
+    TranslatorDataConfig,
+    TranslatorInferenceConfig,
+    TranslatorTrainingConfig,
+)
 
 __all__ = ["ConfigError", "DiffusionConfig", "dump_config", "load_config", "parse_override"]
 
@@ -24,7 +29,6 @@ class DataConfig(TranslatorDataConfig):
     scale: Literal["whole", "crops"] = Field(
         "whole", description="whole: train on whole images resized to image_size; crops: "
         "on random image_size crops at native resolution (then inference uses tiles)")
-    cache_mb: int = Field(2048, ge=0, description="keep resized images in memory up to this")
 
 
 class ModelConfig(Section):
@@ -62,7 +66,7 @@ class TrainConfig(LoopConfig):
     ema_power: float = Field(0.75, gt=0, description="EMA warm-up: decay = 1-(1+step)^-power")
 
 
-class InferenceConfig(Section):
+class InferenceConfig(TranslatorInferenceConfig):
     mode: Literal["sdedit", "ddib"] = "sdedit"
     steps: int = Field(50, ge=1, description="DDIM steps over the whole noise range; SDEdit "
                        "runs int(t0 * steps) of them, DDIB twice int(ddib_t0 * steps)")
@@ -78,7 +82,6 @@ class InferenceConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 where the device runs it natively, else fp32")
     seed: int = 0
-    passthrough_reference: bool = True
 
 
 class DiffusionConfig(TranslatorTrainingConfig):

@@ -21,14 +21,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from harmonize.data.datasets import load_image_tensor, resize_square
+from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import read_image
-from harmonize.data.manifest import select_rows as select_manifest_rows
-from harmonize.translators import polarity as pol
-from harmonize.translators.diffusion.config import ConfigError, DiffusionConfig
+from harmonize.training.data import (
+    ImageCache,
+    flipped_per_site,
+    scan_images,
+    select_training_rows,
+)
+from harmonize.translators.diffusion.config import DiffusionConfig
 
 ALL_SITES = "*"  # model key of the one site-conditioned UNet
 
@@ -49,57 +51,24 @@ class TrainingSet:
     crops: bool = False  # random crops at native size instead of whole resized images
 
     def flipped_per_site(self) -> dict[str, int]:
-        rows = self.df[self.df["path"].isin(self.flipped)]
-        return {str(s): int(n) for s, n in rows["site"].value_counts().sort_index().items()}
-
-
-def select_rows(config: DiffusionConfig) -> pd.DataFrame:
-    """Manifest rows to train on; raises ConfigError naming what does not match."""
-    data = config.data
-    df, present, where = select_manifest_rows(data.manifest, data.sites, data.split)
-    wanted = data.sites if data.sites is not None else present
-    ref = data.reference_site
-    if ref not in wanted:
-        hint = "add it to data.sites" if ref in present else f"sites present: {', '.join(present)}"
-        raise ConfigError(f"data.reference_site '{ref}' is not among the training sites of "
-                          f"{where}; {hint}")
-    per_site = config.model.conditioning == "per-site"
-    if per_site and config.inference.mode == "sdedit":
-        wanted = [ref]  # SDEdit needs the reference prior only
-    elif len(wanted) < 2:
-        raise ConfigError(f"only the reference site '{ref}' to train on; DDIB and "
-                          "site-conditioned models need other sites (or use --mode sdedit)")
-    return df[df["site"].astype(str).isin(wanted)].reset_index(drop=True)
+        return flipped_per_site(self.df, self.flipped)
 
 
 def prepare_training_set(config: DiffusionConfig, progress: bool = True) -> TrainingSet:
     """Select rows, read every image once (polarity scan, resize, cache), group by model."""
-    df = select_rows(config)
+    per_site = config.model.conditioning == "per-site"
+    df = select_training_rows(  # SDEdit with per-site priors needs the reference prior only
+        config.data, reference_only=per_site and config.inference.mode == "sdedit",
+        needs_others="DDIB and site-conditioned models need other sites (or use --mode "
+        "sdedit)")
     ref = str(config.data.reference_site)
-    size = config.data.image_size
     policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
-    budget = config.data.cache_mb * 2**20
-    thumbs: dict[str, np.ndarray] = {}
-    cache: dict[str, torch.Tensor] = {}
-    for path in tqdm(df["path"], desc="scan images", unit="img", disable=not progress):
-        try:
-            x, _ = policy.to_model(read_image(path))
-        except Exception as err:  # noqa: BLE001 - one message naming the file
-            raise ConfigError(f"{path}: cannot be read for training: {err}") from None
-        thumbs[path] = pol.thumbnail(x)
-        t = torch.from_numpy(np.clip(x, 0.0, 1.0).astype(np.float32))[None]
-        t = resize_square(t, size) if config.data.scale == "whole" else t
-        if t.numel() * 4 <= budget:
-            cache[path] = t
-            budget -= t.numel() * 4
+    cache = ImageCache(config.data.cache_mb,
+                       config.data.image_size if config.data.scale == "whole" else None)
+    template, flipped = scan_images(df, policy, ref, config.data.polarity, progress, cache.keep)
     sites = df["site"].astype(str)
-    is_ref = (sites == ref).to_numpy()
-    template = np.mean([thumbs[p] for p in df["path"][is_ref]], axis=0).astype(np.float32)
-    flipped: set[str] = set()
-    if config.data.polarity == "auto":
-        flipped = {p for p in df["path"][~is_ref] if pol.correlation(thumbs[p], template) < 0}
     class_sites = sorted(sites.unique())
-    if config.model.conditioning == "per-site":
+    if per_site:
         keys = class_sites
         groups = [np.flatnonzero((sites == s).to_numpy()) for s in keys]
     else:
