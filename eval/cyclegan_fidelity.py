@@ -32,12 +32,11 @@ import pandas as pd
 import torch
 
 from harmonize.apply import apply_translator
-from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import read_image
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
+from harmonize.evaluation import fidelity
+from harmonize.evaluation.fidelity import score_files
 from harmonize.fit import fit_and_save
-from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 from harmonize.translators import HistogramMatching, load_translator
 from harmonize.translators.cyclegan import load_config, train_cyclegan
 from harmonize.translators.cyclegan.config import parse_override
@@ -148,40 +147,17 @@ def seam_check(translator, tile: int, seed: int, n: int = 6) -> dict:
 
 
 def score(test: pd.DataFrame, out: Path) -> pd.DataFrame:
-    policy = IntensityPolicy()
-
-    def model_space(path) -> np.ndarray:
-        return policy.to_model(read_image(path))[0]
-
-    rows = []
-    for rec in test.to_dict("records"):
-        truth = model_space(out / "synth" / rec["reference_path"])
-        for method in METHODS:
-            path = rec["path"] if method == "identity" else \
-                out / "harmonized" / method / rec["relpath"]
-            x = model_space(path)
-            rows.append({"relpath": rec["relpath"], "site": rec["site"], "method": method,
-                         "ssim": ssim(x, truth), "psnr": psnr(x, truth)})
-    return pd.DataFrame(rows)
+    return score_files(test, out / "synth", {
+        m: (lambda rec, m=m: rec["path"] if m == "identity"
+            else out / "harmonized" / m / rec["relpath"]) for m in METHODS})
 
 
 def summarize(rows: pd.DataFrame) -> dict:
     """Mean and 95% bootstrap CI per method (all sites, then per site), and the paired
     CycleGAN - histogram matching difference per image."""
-
-    def ci(values) -> dict:
-        mean, lo, hi = bootstrap_mean_ci(np.asarray(values))
-        return {"mean": mean, "ci95": [lo, hi]}
-
-    out: dict = {}
-    for scope, part in [("all", rows)] + list(rows.groupby("site")):
-        entry = {}
-        for method, g in part.groupby("method"):
-            entry[method] = {"n": len(g), "ssim": ci(g["ssim"]), "psnr": ci(g["psnr"])}
-        wide = part.pivot(index="relpath", columns="method", values=["ssim", "psnr"])
-        entry["cyclegan_minus_hm"] = {
-            m: ci(wide[m]["cyclegan"] - wide[m]["histogram-matching"]) for m in ("ssim", "psnr")}
-        out[str(scope)] = entry
+    out = fidelity.summarize(rows, baseline="histogram-matching")
+    for entry in out.values():
+        entry["cyclegan_minus_hm"] = entry["cyclegan"].pop("minus_histogram-matching")
     return out
 
 

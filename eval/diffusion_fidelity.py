@@ -38,12 +38,11 @@ import pandas as pd
 import torch
 
 from harmonize.apply import apply_translator
-from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import read_image
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
+from harmonize.evaluation import fidelity
+from harmonize.evaluation.fidelity import fidelity_image, score_files, score_pair
 from harmonize.fit import fit_and_save
-from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 from harmonize.translators import TRANSLATORS, HistogramMatching, load_translator
 from harmonize.translators import polarity as pol
 from harmonize.translators.diffusion import DiffusionTranslator, load_config, train_diffusion
@@ -144,53 +143,23 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-POLICY = IntensityPolicy()
-
-
-def model_space(path) -> np.ndarray:
-    return POLICY.to_model(read_image(path))[0]
-
-
 def score(test: pd.DataFrame, out: Path, methods: list[str]) -> pd.DataFrame:
-    rows = []
-    for rec in test.to_dict("records"):
-        truth = model_space(out / "synth" / rec["reference_path"])
-        for method in methods:
-            path = rec["path"] if method == "identity" else \
-                out / "harmonized" / method / rec["relpath"]
-            x = model_space(path)
-            rows.append({"relpath": rec["relpath"], "site": rec["site"], "method": method,
-                         "ssim": ssim(x, truth), "psnr": psnr(x, truth)})
-    return pd.DataFrame(rows)
-
-
-def ci(values) -> dict:
-    mean, lo, hi = bootstrap_mean_ci(np.asarray(values))
-    return {"mean": mean, "ci95": [lo, hi]}
+    return score_files(test, out / "synth", {
+        m: (lambda rec, m=m: rec["path"] if m == "identity"
+            else out / "harmonized" / m / rec["relpath"]) for m in methods})
 
 
 def summarize(rows: pd.DataFrame, methods: list[str]) -> dict:
     """Mean and 95% bootstrap CI per method (all sites, then per site), and the paired
     difference of each method to identity per image."""
-    out: dict = {}
-    for scope, part in [("all", rows)] + list(rows.groupby("site")):
-        entry: dict = {}
-        wide = part.pivot(index="relpath", columns="method", values=["ssim", "psnr"])
-        for method in methods:
-            g = part[part["method"] == method]
-            entry[method] = {"n": len(g), "ssim": ci(g["ssim"]), "psnr": ci(g["psnr"])}
-            if method != "identity":
-                entry[method]["minus_identity"] = {
-                    m: ci(wide[m][method] - wide[m]["identity"]) for m in ("ssim", "psnr")}
-        out[str(scope)] = entry
-    return out
+    return fidelity.summarize(rows[rows["method"].isin(methods)], baseline="identity")
 
 
 def faithfulness_curve(t: DiffusionTranslator, subset: pd.DataFrame, out: Path
                        ) -> pd.DataFrame:
     """SSIM/PSNR to the truth and SSIM to the input versus the knobs (in memory)."""
-    images = [model_space(p) for p in subset["path"]]
-    truths = [model_space(out / "synth" / r) for r in subset["reference_path"]]
+    images = [fidelity_image(p) for p in subset["path"]]
+    truths = [fidelity_image(out / "synth" / r) for r in subset["reference_path"]]
     inputs = [pol.invert(x) if pol.is_inverted(x, t.template_) else x for x in images]
     sites = list(subset["site"])
     default = {"steps": t.steps, "sdedit_t0": t.sdedit_t0, "ddib_t0": t.ddib_t0}
@@ -215,16 +184,17 @@ def faithfulness_curve(t: DiffusionTranslator, subset: pd.DataFrame, out: Path
 
 def _scores(outs: list, truths: list, inputs: list) -> dict:
     pairs = list(zip(outs, truths, inputs, strict=True))
-    return {"ssim_truth": float(np.mean([ssim(y, g) for y, g, _ in pairs])),
-            "psnr_truth": float(np.mean([psnr(y, g) for y, g, _ in pairs])),
-            "ssim_input": float(np.mean([ssim(y, x) for y, _, x in pairs]))}
+    to_truth = [score_pair(y, g) for y, g, _ in pairs]
+    return {"ssim_truth": float(np.mean([r["ssim"] for r in to_truth])),
+            "psnr_truth": float(np.mean([r["psnr"] for r in to_truth])),
+            "ssim_input": float(np.mean([score_pair(y, x)["ssim"] for y, _, x in pairs]))}
 
 
 def reconstruction(t: DiffusionTranslator, test: pd.DataFrame, ref: str, n: int = 8) -> dict:
     """DDIM-invert then generate with the same (reference) prior, at the training size:
     mean |error| in model space (0..1) per step count, plain and refined inversion."""
     rows = test[test["site"] == ref].head(n)
-    x = torch.stack([torch.from_numpy(model_space(p))[None] for p in rows["path"]])
+    x = torch.stack([torch.from_numpy(fidelity_image(p))[None] for p in rows["path"]])
     s = t.image_size
     x0 = torch.nn.functional.interpolate(x, size=(s, s), mode="area").clamp(0, 1) * 2 - 1
     eps = t.eps_fn([ref] * len(x0), torch.device("cpu"))

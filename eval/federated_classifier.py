@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonize.classify.eval_report import markdown_table
 from harmonize.classify.metrics import (
     binary_metrics,
     bootstrap_metrics,
@@ -41,9 +40,10 @@ from harmonize.classify.metrics import (
 from harmonize.classify.train import adapt_batchnorm, load_classifier, load_images, predict
 from harmonize.data.manifest import binary_targets, load_manifest, save_manifest
 from harmonize.data.splits import patient_split
+from harmonize.evaluation.report import markdown_table
+from harmonize.federated.classifier_task import ClassifierTask
 from harmonize.federated.config import load_federated_config
 from harmonize.federated.run import run_federated
-from harmonize.federated.tasks import ClassifierTask
 from harmonize.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,16 +32,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harmonize.classify.eval_report import markdown_table
-from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import read_image
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
+from harmonize.evaluation.fidelity import fidelity_image, score_images
+from harmonize.evaluation.report import markdown_table
 from harmonize.federated.config import load_federated_config
 from harmonize.federated.privacy import noise_for_epsilon
 from harmonize.federated.run import run_federated
 from harmonize.memorization import memorization_report
-from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
+from harmonize.metrics import bootstrap_mean_ci
 from harmonize.synth import generate
 from harmonize.translators import HistogramMatching, load_translator
 
@@ -49,8 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_space(paths) -> list[np.ndarray]:
-    policy = IntensityPolicy()
-    return [np.clip(policy.to_model(read_image(p))[0], 0, 1) for p in paths]
+    return [fidelity_image(p) for p in paths]
 
 
 def main() -> None:
@@ -94,8 +92,8 @@ def main() -> None:
     rows, per_image = [], []
 
     def score(method: str, outputs: list[np.ndarray], extra: dict) -> None:
-        s = [ssim(o, t) for o, t in zip(outputs, truth, strict=True)]
-        p = [psnr(o, t) for o, t in zip(outputs, truth, strict=True)]
+        scores = score_images(outputs, truth)
+        s, p = scores["ssim"].tolist(), scores["psnr"].tolist()
         mean, lo, hi = bootstrap_mean_ci(s)
         mem = memorization_report(outputs, ref_train, ref_new)
         rows.append({"method": method, **extra, "ssim": mean, "ssim_lo": lo, "ssim_hi": hi,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harmonize.classify.eval_report import markdown_table, shift_table
-from harmonize.classify.evaluate import run_evaluation
-from harmonize.classify.evaluate_config import load_eval_config
+from harmonize.evaluation.config import load_eval_config
+from harmonize.evaluation.evaluate import run_evaluation
+from harmonize.evaluation.report import markdown_table, shift_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

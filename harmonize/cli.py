@@ -100,9 +100,9 @@ def _shift_report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from harmonize.classify.evaluate import run_evaluation
-    from harmonize.classify.evaluate_config import load_eval_config
     from harmonize.configs import with_overrides
+    from harmonize.evaluation.config import load_eval_config
+    from harmonize.evaluation.evaluate import run_evaluation
 
     overrides = {"out": args.out, "progress": False if args.quiet else None}
     out = run_evaluation(load_eval_config(args.config, with_overrides(overrides,

@@ -16,17 +16,15 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from harmonize.classify.eval_report import shift_table, summary_table
-from harmonize.classify.evaluate import run_evaluation
-from harmonize.classify.evaluate_config import EvalConfig
-from harmonize.data.intensity import IntensityPolicy
-from harmonize.data.io import atomic_write, read_image
+from harmonize.data.io import atomic_write
 from harmonize.data.manifest import load_manifest
-from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
+from harmonize.evaluation.config import EvalConfig
+from harmonize.evaluation.evaluate import run_evaluation
+from harmonize.evaluation.fidelity import fidelity_image, score_files
+from harmonize.evaluation.report import shift_table, summary_table
+from harmonize.metrics import bootstrap_mean_ci
 from harmonize.report.html import HtmlReport, image_grid
 from harmonize.synth.benchmark import site_names
 
@@ -102,20 +100,10 @@ def run_demo(out: str | os.PathLike, sites: int = 4, per_site: int = 80, size: i
 def paired_fidelity(test: pd.DataFrame, synth_dir: Path, translators_dir: Path,
                     translators: list[str], progress: bool = True) -> pd.DataFrame:
     """SSIM/PSNR of each image against its reference rendering, before and after."""
-    policy = IntensityPolicy()
-    rows = []
-    for rec in tqdm(test.to_dict("records"), desc="fidelity", unit="img",
-                    disable=not progress):
-        truth_path = synth_dir / rec["reference_path"]
-        truth, _ = policy.to_model(read_image(truth_path))
-        methods = [("identity", Path(rec["path"]))] + [
-            (name, translators_dir / name / "images" / rec["relpath"]) for name in translators]
-        for method, path in methods:
-            x = np.clip(policy.to_model(read_image(path))[0], 0, 1)
-            rows.append({"relpath": rec["relpath"], "site": rec["site"], "label": rec["label"],
-                         "method": method, "ssim": ssim(x, truth), "psnr": psnr(x, truth),
-                         "image_path": str(path), "truth_path": str(truth_path)})
-    return pd.DataFrame(rows)
+    methods = {"identity": lambda rec: rec["path"],
+               **{name: (lambda rec, name=name: translators_dir / name / "images" / rec["relpath"])
+                  for name in translators}}
+    return score_files(test, synth_dir, methods, progress)
 
 
 def fidelity_summary(metrics: pd.DataFrame) -> dict:
@@ -166,11 +154,7 @@ def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
                           "PSNR 95% CI": "[{:.1f}, {:.1f}]".format(*e["psnr"]["ci95"])})
     report.table(pd.DataFrame(table).sort_values(["site", "method"]))
     report.heading("Before / after, per site")
-    policy = IntensityPolicy()
-
-    def load(p: str) -> np.ndarray:
-        return np.clip(policy.to_model(read_image(p))[0], 0, 1)
-
+    load = fidelity_image
     methods = list(result["fidelity"])
     by = metrics.set_index(["method", "relpath"])
     for site, g in metrics[metrics["method"] == "identity"].groupby("site"):

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from harmonize.classify.audit import finding_contrast, outside_share
-from harmonize.classify.evaluate_config import load_eval_config
 from harmonize.cli import main
 from harmonize.configs import ConfigError
+from harmonize.evaluation.audit import finding_contrast, outside_share
+from harmonize.evaluation.config import load_eval_config
 from harmonize.synth import make_phantom
 
 REQUIRED = ["regime", "translator", "classifier", "protocol", "test_site", "seed", "auc",
@@ -102,8 +102,8 @@ def test_config_mistakes_are_named_before_training(tmp_path):
     assert main(["evaluate", "-q", "--config", tiny_config(
         tmp_path, translators=[{"name": "cg", "kind": "cyclegan"}]),
         "--out", str(tmp_path / "o")]) == 1
-    from harmonize.classify.evaluate_config import TranslatorSpec
-    from harmonize.classify.harmonized_sets import check_specs
+    from harmonize.evaluation.config import TranslatorSpec
+    from harmonize.evaluation.harmonized_sets import check_specs
 
     with pytest.raises(ConfigError, match="'hm': federated needs kind cyclegan or diffusion"):
         check_specs([TranslatorSpec(name="hm", kind="histogram-matching", federated=True)])
@@ -135,8 +135,8 @@ def test_gradcam_share_outside_roi():
 
 
 def test_a_rerun_reuses_a_finished_identical_translator_training_only(tmp_path):
-    from harmonize.classify.harmonized_sets import _finished_same_run
     from harmonize.configs import dump_config
+    from harmonize.evaluation.harmonized_sets import _finished_same_run
     from harmonize.translators.cyclegan.config import load_config
 
     run = tmp_path / "run"
@@ -157,8 +157,8 @@ def test_gradcam_highlights_what_drives_the_logit():
     """The map sits where the only structure of the image drives the logit."""
     import torch
 
-    from harmonize.classify.audit import gradcam_maps
     from harmonize.classify.networks import Classifier
+    from harmonize.evaluation.audit import gradcam_maps
 
     torch.manual_seed(0)
     model = Classifier("cnn", 32, width=4).eval()

@@ -219,7 +219,7 @@ def test_optimizer_state_survives_the_round_trip_through_arrays():
     import torch
 
     from harmonize.classify.networks import Classifier
-    from harmonize.federated.tasks import load_optimizer_state, optimizer_arrays
+    from harmonize.federated.node_state import load_optimizer_state, optimizer_arrays
 
     model = Classifier("cnn", 32, width=4, norm="group")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -24,7 +24,7 @@ from harmonize.radiomics import (
     extract_features,
     extract_image,
 )
-from harmonize.radiomics import extract as extract_mod
+from harmonize.radiomics import image_features as extract_mod
 from harmonize.radiomics.cache import cache_key
 from harmonize.radiomics.extract import feature_columns
 from harmonize.radiomics.masks import ROIError, load_roi

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harmonize.classify.evaluate import run_evaluation
-from harmonize.classify.evaluate_config import load_eval_config
+from harmonize.evaluation.config import load_eval_config
+from harmonize.evaluation.evaluate import run_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,8 +39,8 @@ from common import loglog_slope, machine, verdict, write_json  # noqa: E402
 from harmonize.apply import apply_translator  # noqa: E402
 from harmonize.data.io import read_image  # noqa: E402
 from harmonize.metrics import ssim  # noqa: E402
-from harmonize.training.device import resolve_precision  # noqa: E402
 from harmonize.synth import make_phantom  # noqa: E402
+from harmonize.training.device import resolve_precision  # noqa: E402
 from harmonize.translators import CycleGANTranslator, load_translator  # noqa: E402
 from harmonize.translators.cyclegan.networks import ResnetGenerator  # noqa: E402
 

@@ -1,1 +1,2 @@
-"""Downstream classifiers: networks, training, evaluation with confidence intervals."""
+"""Downstream classifiers: networks, training and metrics with confidence intervals.
+The benchmark that uses them lives in `harmonize.evaluation`."""

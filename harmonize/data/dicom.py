@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from harmonize import __version__
-from harmonize.data.io import ImageReadError, MedicalImage, cast_to_storage
+from harmonize.data.image import ImageReadError, MedicalImage, cast_to_storage
 
 # JPEG baseline / extended: sequential DCT, whose scan header must say Ss=0, Se=63
 _SEQUENTIAL_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from harmonize.data.image import ImageReadError, ImageWriteError, MedicalImage, cast_to_storage
+
+__all__ = ["ImageReadError", "ImageWriteError", "MedicalImage", "cast_to_storage",
+           "read_image", "write_image", "atomic_write", "image_format", "is_image_file"]
 
 # suffix -> format name; checked longest first so ".nii.gz" wins over ".gz"
 ITK_FORMATS = {
@@ -38,43 +41,6 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the usual mode
 SUPPORTED = "PNG, JPEG, TIFF, DICOM, NIfTI, MHA/MHD, NRRD"
-
-
-class ImageReadError(ValueError):
-    """A file could not be read as a 2D image; the message names the file and a fix."""
-
-    def __init__(self, path: str | os.PathLike, problem: str, fix: str = "") -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{path}: {problem}" + (f" ({fix})" if fix else ""))
-
-
-class ImageWriteError(OSError):
-    """An output could not be written; the message names the file."""
-
-
-@dataclass
-class MedicalImage:
-    """A 2D image with everything needed to write a harmonized copy back.
-
-    array: (H, W) modality values (DICOM rescale applied, MONOCHROME1 inverted).
-    value_range: (lo, hi) the values the storage can hold, e.g. (0, 4095) for 12 bits.
-    bits_stored: meaningful bits of the stored integers, None for float data.
-    """
-
-    array: np.ndarray
-    path: Path
-    format: str
-    value_range: tuple[float, float]
-    bits_stored: int | None
-    spacing: tuple[float, float] | None = None
-    modality: str | None = None
-    header: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
 
 
 def image_format(path: str | os.PathLike) -> str | None:
@@ -161,15 +127,6 @@ def atomic_write(out_path: Path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out_path
-
-
-def cast_to_storage(values: np.ndarray, dtype: np.dtype, value_range: tuple[float, float]):
-    """Round (for integer storage), clip to the valid range and cast."""
-    dtype = np.dtype(dtype)
-    values = np.asarray(values, dtype=np.float64)
-    if dtype.kind in "ui":
-        values = np.rint(values)
-    return np.clip(values, value_range[0], value_range[1]).astype(dtype)
 
 
 # --- formats read through SimpleITK --------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.tasks import Arrays, cached_images
+from harmonize.federated.node_state import Arrays, cached_images
 from harmonize.training.device import autocast, pick_device
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import load_config

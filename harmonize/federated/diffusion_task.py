@@ -30,7 +30,12 @@ import torch
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.tasks import Arrays, cached_images, load_optimizer_state, optimizer_arrays
+from harmonize.federated.node_state import (
+    Arrays,
+    cached_images,
+    load_optimizer_state,
+    optimizer_arrays,
+)
 from harmonize.training.device import autocast, pick_device
 from harmonize.training.run import set_lr
 from harmonize.translators.diffusion import losses

@@ -10,7 +10,8 @@ extract_features, RadiomicsSettings``. (`extract.feature_columns` lists every fe
 column; `analysis.feature_columns` only those finite and varying, for statistics.)
 """
 
-from harmonize.radiomics.extract import extract_features, extract_image
+from harmonize.radiomics.extract import extract_features
+from harmonize.radiomics.image_features import extract_image
 from harmonize.radiomics.masks import AutoMaskParams, ROIError, auto_mask
 from harmonize.radiomics.settings import (
     FEATURE_CLASSES,

@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import SimpleITK as sitk
 
-from harmonize.radiomics.extract import Item, Result, extract_chunk
+from harmonize.radiomics.image_features import Item, Result, extract_chunk
 from harmonize.radiomics.settings import RadiomicsSettings
 
 OnChunk = Callable[[list[Result]], None]

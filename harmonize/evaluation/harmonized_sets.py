@@ -19,9 +19,9 @@ import pandas as pd
 import yaml
 
 from harmonize.apply import apply_translator
-from harmonize.classify.evaluate_config import TranslatorSpec
 from harmonize.configs import ConfigError
 from harmonize.data.manifest import save_manifest
+from harmonize.evaluation.config import TranslatorSpec
 from harmonize.fit import fit_and_save
 from harmonize.translators import TRANSLATORS, load_translator
 

@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from harmonize.classify.evaluate_config import EvalConfig, Protocol
-from harmonize.classify.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
 from harmonize.classify.metrics import bootstrap_metrics, paired_bootstrap_difference
 from harmonize.classify.train import fit_classifier, load_images, predict
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
 from harmonize.data.manifest import binary_targets, load_manifest, positive_label
 from harmonize.data.splits import patient_split
+from harmonize.evaluation.config import EvalConfig, Protocol
+from harmonize.evaluation.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
 
 RESULT_COLUMNS = [
     "regime", "translator", "classifier", "protocol", "test_site", "seed", "n", "n_positive",
@@ -184,8 +184,8 @@ def run_evaluation(config: EvalConfig) -> Path:
     predictions = pd.concat(preds, ignore_index=True)
     results = add_gains(pd.DataFrame(rows), predictions, config.bootstrap)
 
-    from harmonize.classify.audit import run_audit
-    from harmonize.classify.eval_report import write_outputs
+    from harmonize.evaluation.audit import run_audit
+    from harmonize.evaluation.report import write_outputs
 
     t = time.perf_counter()
     audit = run_audit(config, data, sets, images, frozen, folds[0], out)
