@@ -70,10 +70,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 def set_precision(translator, precision: str) -> None:
     """--precision for the network translators; the others have no arithmetic to change."""
-    if hasattr(translator, "set_params"):
+    if "precision" in translator.param_names():
         translator.set_params(precision=precision)
-    elif hasattr(translator, "precision"):
-        translator.precision = precision
     else:
         print(f"note: --precision does not apply to the {translator.kind} translator",
               file=sys.stderr)

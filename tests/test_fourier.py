@@ -99,5 +99,10 @@ def test_bad_arguments_and_unfitted_fail_clearly():
         FourierAmplitudeMatching().fit([(np.zeros((16, 16)), "a")], reference_site="x")
     for kwargs in ({"beta": 0}, {"strength": 1.5}, {"polarity": "flip"}, {"grid": 4,
                                                                            "beta": 0.4}):
-        with pytest.raises(ValueError):
-            FourierAmplitudeMatching(**kwargs)
+        model = FourierAmplitudeMatching(**kwargs)  # scikit-learn style: stored as given
+        assert model.get_params()[next(iter(kwargs))] == next(iter(kwargs.values()))
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=name):  # ... and checked where it is used
+            model.fit([(np.zeros((16, 16)), "a")], reference_site="a")
+        with pytest.raises(ValueError, match=name):  # set_params refuses, keeps the old value
+            FourierAmplitudeMatching().set_params(**kwargs)

@@ -137,3 +137,30 @@ def test_polarity_check_flags_exactly_the_inverted_sites(synth_xray):
                                                             strict=True) if s == ref], axis=0)
     for path, site in zip(df["path"], df["site"], strict=True):
         assert is_inverted(images[path], template) == info["acquisition"][site]["inverted"]
+
+
+def test_every_kind_follows_the_scikit_learn_contract():
+    """__init__ stores its arguments; get/set_params come from the signature; bad values
+    are refused where used; trained kinds have a train entry point, not a fit."""
+    from harmonize.translators import TRANSLATORS
+    from harmonize.translators.base import FittedTranslator, TrainedTranslator
+
+    for kind, cls in TRANSLATORS.items():
+        model = cls()
+        params = model.get_params()
+        assert list(params) == cls.param_names(), kind
+        assert not [k for k in vars(model) if k.endswith("_")], kind  # nothing learned yet
+        assert "device" not in model.get_config() and "policy" not in model.get_config()
+        with pytest.raises(ValueError, match="unknown parameter"):
+            model.set_params(no_such_parameter=1)
+        if issubclass(cls, TrainedTranslator):
+            assert not hasattr(model, "fit"), kind
+        else:
+            assert issubclass(cls, FittedTranslator), kind
+    cyclegan = TRANSLATORS["cyclegan"](tile_size=30)  # stored as given...
+    with pytest.raises(ValueError, match="tile_size=30"):
+        cyclegan.check_params()  # ... refused before use
+    diffusion = TRANSLATORS["diffusion"]()
+    with pytest.raises(ValueError, match="sdedit_t0"):
+        diffusion.set_params(sdedit_t0=2.0)
+    assert diffusion.sdedit_t0 == 0.4 and diffusion.precision == "auto"

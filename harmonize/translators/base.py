@@ -8,6 +8,7 @@ Images cross this interface in model space (see `harmonize.data.intensity`): flo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,25 +25,60 @@ class NotFittedError(RuntimeError):
 
 
 class Translator:
-    """Maps images of any site to the style of one reference site."""
+    """Maps images of any site to the style of one reference site.
+
+    scikit-learn's contract: ``__init__`` only stores its arguments (one attribute per
+    parameter, same name); `get_params` / `set_params` read the parameters from the
+    signature; values are checked where they are used (`check_params`, called by `fit`,
+    `transform` and `set_params`); learned state ends in an underscore. Classical kinds
+    learn with `fit` (`FittedTranslator`); network kinds are trained by their own
+    `train_*` entry point from a manifest and adopt the result (`TrainedTranslator`).
+    """
 
     kind: ClassVar[str] = ""
     needs_fit: ClassVar[bool] = True
-
-    @property
-    def fit_uses_all_sites(self) -> bool:
-        """False when fit only looks at the reference site (saves reading the others)."""
-        return True
+    # run-time choices, not hyperparameters: left out of a saved checkpoint's config
+    runtime_params: ClassVar[tuple[str, ...]] = ("device",)
+    # learned: the site every image is mapped to (None until fit, set_trained or load)
+    reference_site_: str | None = None
 
     def __init__(self, policy: IntensityPolicy | None = None) -> None:
-        self.policy = policy or IntensityPolicy()
-        self.reference_site_: str | None = None
+        self.policy = policy if policy is not None else IntensityPolicy()
 
-    # --- learning -------------------------------------------------------------------
-    def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str) -> Translator:
-        """Learn from (model-space image, site) pairs; returns self."""
-        raise NotImplementedError
+    # --- parameters (scikit-learn style) ----------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The keyword parameters of ``__init__``, in order."""
+        signature = inspect.signature(cls.__init__)
+        return [name for name, p in signature.parameters.items()
+                if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
+    def get_params(self, deep: bool = False) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def set_params(self, **params: Any) -> Translator:
+        """Change parameters (e.g. inference settings of a loaded translator); an unknown
+        name or an invalid value raises and leaves the translator as it was."""
+        names = self.param_names()
+        unknown = [k for k in params if k not in names]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown parameter(s) {unknown}; "
+                             f"settable: {', '.join(names)}")
+        old = {k: getattr(self, k) for k in params}
+        for key, value in params.items():
+            setattr(self, key, value)
+        try:
+            self.check_params()
+        except ValueError:
+            for key, value in old.items():
+                setattr(self, key, value)
+            raise
+        return self
+
+    def check_params(self) -> None:
+        """Raise ValueError naming any invalid parameter value (subclasses add checks)."""
+
+    # --- inference --------------------------------------------------------------------
     def transform(
         self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
     ) -> list[np.ndarray]:
@@ -51,8 +87,11 @@ class Translator:
 
     # --- persistence ----------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
-        """Hyperparameters: enough to rebuild an unfitted instance."""
-        return {}
+        """Hyperparameters saved with the checkpoint: enough to rebuild an unfitted
+        instance (every parameter but the intensity policy, saved apart, and run-time
+        choices such as the device)."""
+        return {k: v for k, v in self.get_params().items()
+                if k != "policy" and k not in self.runtime_params}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
@@ -61,6 +100,8 @@ class Translator:
         pass
 
     def check_fitted(self) -> None:
+        """Before any use of learned state: valid parameters, and fitted or loaded."""
+        self.check_params()
         if self.needs_fit and self.reference_site_ is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load()")
 
@@ -78,7 +119,29 @@ class Translator:
         config = dict(ckpt.config)
         policy = IntensityPolicy.from_dict(config.pop("intensity_policy", None))
         model = cls(policy=policy, **config)
+        model.check_params()
         model.reference_site_ = ckpt.metadata.get("reference_site")
         model.load_state_tensors(ckpt.tensors, config)
         model.metadata_ = ckpt.metadata
         return model
+
+
+class FittedTranslator(Translator):
+    """A classical translator: learns from (model-space image, site) pairs in `fit`."""
+
+    @property
+    def fit_uses_all_sites(self) -> bool:
+        """False when fit only looks at the reference site (saves reading the others)."""
+        return True
+
+    def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str
+            ) -> FittedTranslator:
+        """Learn from (model-space image, site) pairs; returns self."""
+        raise NotImplementedError
+
+
+class TrainedTranslator(Translator):
+    """A translator whose networks are trained from a manifest by the kind's own entry
+    point (`train_cyclegan(config)`, `train_diffusion(config)`: many steps, a GPU if
+    there is one, resumable), which hands them over with `set_trained`; there is no
+    `fit` on a list of images."""

@@ -30,28 +30,30 @@ import torch
 import torch.nn.functional as F
 
 from harmonize.translators import polarity as pol
-from harmonize.translators.base import Translator
+from harmonize.translators.base import FittedTranslator
 
 
-class FourierAmplitudeMatching(Translator):
+class FourierAmplitudeMatching(FittedTranslator):
     kind = "fourier"
 
     def __init__(self, beta: float = 0.01, strength: float = 1.0, grid: int = 256,
                  polarity: Literal["auto", "keep"] = "auto", policy=None) -> None:
         super().__init__(policy)
-        if not 0 < beta < 0.5:
-            raise ValueError(f"beta={beta}: expected 0 < beta < 0.5 (fraction of the side)")
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength}: expected 0..1")
-        if polarity not in ("auto", "keep"):
-            raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
-        self.beta = float(beta)
-        self.strength = float(strength)
-        self.grid = int(grid)
+        self.beta = beta
+        self.strength = strength
+        self.grid = grid
         self.polarity = polarity
+
+    def check_params(self) -> None:
+        if not 0 < self.beta < 0.5:
+            raise ValueError(f"beta={self.beta}: expected 0 < beta < 0.5 (fraction of the side)")
+        if not 0 <= self.strength <= 1:
+            raise ValueError(f"strength={self.strength}: expected 0..1")
+        if self.polarity not in ("auto", "keep"):
+            raise ValueError(f"polarity='{self.polarity}': use 'auto' or 'keep'")
         if 2 * self.half_width + 1 > self.grid:
-            raise ValueError(f"grid={grid} is smaller than the {2 * self.half_width + 1}-wide "
-                             f"low-frequency block (beta={beta})")
+            raise ValueError(f"grid={self.grid} is smaller than the {2 * self.half_width + 1}"
+                             f"-wide low-frequency block (beta={self.beta})")
 
     @property
     def fit_uses_all_sites(self) -> bool:
@@ -63,6 +65,7 @@ class FourierAmplitudeMatching(Translator):
         return max(1, round(self.beta * self.grid))
 
     def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
+        self.check_params()
         amplitudes, thumbs = [], []
         for image, site in images:
             if site != reference_site:
@@ -114,10 +117,6 @@ class FourierAmplitudeMatching(Translator):
             y = np.fft.ifft2(spectrum, norm="forward").real
             out.append(y.astype(np.float32))
         return out
-
-    def get_config(self) -> dict:
-        return {"beta": self.beta, "strength": self.strength, "grid": self.grid,
-                "polarity": self.polarity}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"reference_amplitude": torch.from_numpy(self.reference_amplitude_),

@@ -20,24 +20,26 @@ import numpy as np
 import torch
 
 from harmonize.translators import polarity as pol
-from harmonize.translators.base import Translator
+from harmonize.translators.base import FittedTranslator
 
 
-class HistogramMatching(Translator):
+class HistogramMatching(FittedTranslator):
     kind = "histogram-matching"
 
     def __init__(self, n_quantiles: int = 256, per: Literal["image", "site"] = "image",
                  polarity: Literal["auto", "keep"] = "auto", policy=None) -> None:
         super().__init__(policy)
-        if n_quantiles < 3:
-            raise ValueError(f"n_quantiles={n_quantiles}: need at least 3")
-        if per not in ("image", "site"):
-            raise ValueError(f"per='{per}': use 'image' or 'site'")
-        if polarity not in ("auto", "keep"):
-            raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
         self.n_quantiles = n_quantiles
         self.per = per
         self.polarity = polarity
+
+    def check_params(self) -> None:
+        if self.n_quantiles < 3:
+            raise ValueError(f"n_quantiles={self.n_quantiles}: need at least 3")
+        if self.per not in ("image", "site"):
+            raise ValueError(f"per='{self.per}': use 'image' or 'site'")
+        if self.polarity not in ("auto", "keep"):
+            raise ValueError(f"polarity='{self.polarity}': use 'auto' or 'keep'")
 
     @property
     def fit_uses_all_sites(self) -> bool:
@@ -51,6 +53,7 @@ class HistogramMatching(Translator):
         return np.quantile(np.asarray(x, dtype=np.float64).ravel(), self.levels)
 
     def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
+        self.check_params()
         images = list(images) if self.per == "site" else images
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
@@ -92,9 +95,6 @@ class HistogramMatching(Translator):
                 source = self._quantiles(image)
             out.append(_piecewise_map(image, source, self.reference_quantiles_))
         return out
-
-    def get_config(self) -> dict:
-        return {"n_quantiles": self.n_quantiles, "per": self.per, "polarity": self.polarity}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"reference_quantiles": torch.from_numpy(self.reference_quantiles_),

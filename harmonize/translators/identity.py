@@ -7,10 +7,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from harmonize.translators.base import Translator
+from harmonize.translators.base import FittedTranslator
 
 
-class IdentityTranslator(Translator):
+class IdentityTranslator(FittedTranslator):
     kind = "identity"
     needs_fit = False
 
@@ -22,5 +22,6 @@ class IdentityTranslator(Translator):
         return [np.asarray(x, dtype=np.float32) for x in images]
 
     def save(self, directory, metadata=None):
-        self.reference_site_ = self.reference_site_ or "any"
+        if self.reference_site_ is None:
+            self.reference_site_ = "any"
         return super().save(directory, metadata)

@@ -22,23 +22,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
-from harmonize.training.device import pick_device, resolve_precision
+from harmonize.training.device import DTYPES, autocast, pick_device
 from harmonize.translators import polarity as pol
-from harmonize.translators.base import Translator
+from harmonize.translators.base import TrainedTranslator
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.tiling import tiled_map
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CycleGANTranslator(Translator):
+class CycleGANTranslator(TrainedTranslator):
     kind = "cyclegan"
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "nearest",
@@ -48,14 +47,6 @@ class CycleGANTranslator(Translator):
                  polarity: Literal["auto", "keep"] = "auto", passthrough_reference: bool = True,
                  train_load_size: int | None = None, device: str = "auto", policy=None) -> None:
         super().__init__(policy)
-        if tile_size % 4:
-            raise ValueError(f"tile_size={tile_size}: must be a multiple of 4")
-        if not 0 <= tile_overlap <= 0.5:
-            raise ValueError(f"tile_overlap={tile_overlap}: expected a fraction in [0, 0.5]")
-        if precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"precision='{precision}': use auto, {', '.join(PRECISIONS)}")
-        if polarity not in ("auto", "keep"):
-            raise ValueError(f"polarity='{polarity}': use 'auto' or 'keep'")
         self.ngf = ngf
         self.n_blocks = n_blocks
         self.upsample = upsample
@@ -68,7 +59,17 @@ class CycleGANTranslator(Translator):
         self.passthrough_reference = passthrough_reference
         self.train_load_size = train_load_size
         self.device = device
-        self._warned_scale = False
+
+    def check_params(self) -> None:
+        if self.tile_size % 4:
+            raise ValueError(f"tile_size={self.tile_size}: must be a multiple of 4")
+        if not 0 <= self.tile_overlap <= 0.5:
+            raise ValueError(f"tile_overlap={self.tile_overlap}: expected a fraction in "
+                             "[0, 0.5]")
+        if self.precision not in ("auto", *DTYPES):
+            raise ValueError(f"precision='{self.precision}': use auto, {', '.join(DTYPES)}")
+        if self.polarity not in ("auto", "keep"):
+            raise ValueError(f"polarity='{self.polarity}': use 'auto' or 'keep'")
 
     # --- learned state ------------------------------------------------------------------
     def build_generator(self) -> ResnetGenerator:
@@ -86,13 +87,6 @@ class CycleGANTranslator(Translator):
         self.reference_site_ = reference_site
         return self
 
-    def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
-        raise NotImplementedError(
-            "CycleGAN trains from a manifest with many steps on a GPU or CPU: use "
-            "harmonize.translators.cyclegan.train_cyclegan(config) or "
-            "`harmonize train cyclegan --config configs/cyclegan/quick.yaml ...`")
-
-    # --- inference ------------------------------------------------------------------------
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
         self.check_fitted()
@@ -123,12 +117,10 @@ class CycleGANTranslator(Translator):
     def _translate(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         device = pick_device(self.device)
         g = self.generator_.to(device)
-        dtype = PRECISIONS[resolve_precision(self.precision, device)]
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             batch = batch.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
+            with autocast(device, self.precision):
                 return g(batch).float()
 
         results = tiled_map([t.to(device) for t in tensors], forward, self.tile_size,
@@ -137,25 +129,17 @@ class CycleGANTranslator(Translator):
 
     def _check_scale(self, shape: tuple[int, ...]) -> None:
         """Warn once when images are far from the scale the generator was trained at."""
-        if self.train_load_size is None or self._warned_scale:
+        if self.train_load_size is None or getattr(self, "warned_scale_", False):
             return
         ratio = max(shape) / self.train_load_size
         if ratio > 2 or ratio < 0.5:
-            self._warned_scale = True
+            self.warned_scale_ = True
             log.warning("images of %s px, but training resized whole images to %d px: "
                         "structures appear at another scale than in training (train with "
                         "data.load_size: null to learn at native resolution)",
                         "x".join(map(str, shape)), self.train_load_size)
 
     # --- persistence ----------------------------------------------------------------------
-    def get_config(self) -> dict:
-        return {"ngf": self.ngf, "n_blocks": self.n_blocks, "upsample": self.upsample,
-                "residual": self.residual, "tile_size": self.tile_size,
-                "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
-                "precision": self.precision, "polarity": self.polarity,
-                "passthrough_reference": self.passthrough_reference,
-                "train_load_size": self.train_load_size}
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"generator.{k}": v for k, v in self.generator_.state_dict().items()}
         tensors["polarity_template"] = torch.from_numpy(self.template_)

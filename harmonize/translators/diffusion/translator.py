@@ -24,7 +24,7 @@ seeded noise field; DDIB has no randomness.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from harmonize.training.device import pick_device, resolve_precision
 from harmonize.translators import polarity as pol
-from harmonize.translators.base import Translator
+from harmonize.translators.base import TrainedTranslator
 from harmonize.translators.diffusion import sampling
 from harmonize.translators.diffusion.data import ALL_SITES, pad_to_at_least
 from harmonize.translators.tiling import tiled_map
@@ -43,7 +43,7 @@ MODES = ("sdedit", "ddib")
 TILE_OVERLAP = 0.25  # fraction of the tile side shared by neighbouring tiles
 
 
-class DiffusionTranslator(Translator):
+class DiffusionTranslator(TrainedTranslator):
     kind = "diffusion"
 
     def __init__(self, unet_config: dict[str, Any] | None = None,
@@ -52,7 +52,7 @@ class DiffusionTranslator(Translator):
                  mode: str = "sdedit", steps: int = 50, sdedit_t0: float = 0.4,
                  ddib_t0: float = 1.0, inversion_refine: int = 1,
                  large_images: str = "residual", batch_size: int = 16,
-                 precision: str = "fp32", seed: int = 0, polarity: str = "auto",
+                 precision: str = "auto", seed: int = 0, polarity: str = "auto",
                  passthrough_reference: bool = True, device: str = "auto", policy=None) -> None:
         super().__init__(policy)
         self.unet_config = dict(unet_config or {})
@@ -60,38 +60,39 @@ class DiffusionTranslator(Translator):
         self.model_sites = list(model_sites or [])  # per-site: one UNet each; ["*"]: one
         self.class_sites = list(class_sites or [])  # site-conditioned: class index -> site
         self.device = device
-        self.set_params(mode=mode, steps=steps, sdedit_t0=sdedit_t0, ddib_t0=ddib_t0,
-                        inversion_refine=inversion_refine, large_images=large_images,
-                        batch_size=batch_size, precision=precision, seed=seed,
-                        polarity=polarity, passthrough_reference=passthrough_reference)
+        self.mode = mode
+        self.steps = steps
+        self.sdedit_t0 = sdedit_t0
+        self.ddib_t0 = ddib_t0
+        self.inversion_refine = inversion_refine
+        self.large_images = large_images
+        self.batch_size = batch_size
+        self.precision = precision
+        self.seed = seed
+        self.polarity = polarity
+        self.passthrough_reference = passthrough_reference
 
-    def set_params(self, **params: Any) -> DiffusionTranslator:
-        """Change inference settings (mode, steps, t0, ...) of a loaded translator; invalid
-        values raise and leave the translator as it was."""
-        unknown = [k for k in params if k not in INFERENCE_KEYS]
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; settable: {', '.join(INFERENCE_KEYS)}")
-        new = {**{k: getattr(self, k, None) for k in INFERENCE_KEYS}, **params}
+    def check_params(self) -> None:
         checks = {
-            "mode": new["mode"] in MODES,
-            "sdedit_t0": 0 < new["sdedit_t0"] <= 1, "ddib_t0": 0 < new["ddib_t0"] <= 1,
-            "inversion_refine": new["inversion_refine"] >= 0, "batch_size": new["batch_size"] >= 1,
-            "large_images": new["large_images"] in ("residual", "resize", "tiles"),
-            "precision": new["precision"] in ("auto", "fp32", "bf16"),
-            "polarity": new["polarity"] in ("auto", "keep"),
+            "mode": self.mode in MODES,
+            "sdedit_t0": 0 < self.sdedit_t0 <= 1, "ddib_t0": 0 < self.ddib_t0 <= 1,
+            "inversion_refine": self.inversion_refine >= 0, "batch_size": self.batch_size >= 1,
+            "large_images": self.large_images in ("residual", "resize", "tiles"),
+            "precision": self.precision in ("auto", "fp32", "bf16"),
+            "polarity": self.polarity in ("auto", "keep"),
         }
-        bad = [f"{k}={new[k]!r}" for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid diffusion translator settings: {', '.join(bad)} "
                              "(t0 in (0, 1]; mode sdedit|ddib; large_images residual|resize|tiles)")
-        scheduler = sampling.ddim_scheduler(self.scheduler_config) \
-            if self.scheduler_config else None
-        if scheduler is not None:
-            sampling.check_steps(scheduler, new["steps"])
-        for key, value in new.items():
-            setattr(self, key, value)
-        self.scheduler_ = scheduler
-        return self
+        if self.scheduler_config:
+            sampling.check_steps(self.scheduler, self.steps)
+
+    @property
+    def scheduler(self):
+        """A new DDIM scheduler of the trained noise schedule (cheap to build; a caller
+        keeps one instance for a whole sampling loop, since set_timesteps is state)."""
+        return sampling.ddim_scheduler(self.scheduler_config)
 
     # --- learned state ------------------------------------------------------------------
     @property
@@ -117,12 +118,6 @@ class DiffusionTranslator(Translator):
         self.template_ = np.asarray(template, dtype=np.float32)
         self.reference_site_ = reference_site
         return self
-
-    def fit(self, images: Iterable[tuple[np.ndarray, str]], reference_site: str):
-        raise NotImplementedError(
-            "diffusion priors train from a manifest with many steps: use "
-            "harmonize.translators.diffusion.train_diffusion(config) or `harmonize train "
-            "diffusion --config configs/diffusion/quick.yaml ...`")
 
     # --- inference ------------------------------------------------------------------------
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
@@ -221,7 +216,7 @@ class DiffusionTranslator(Translator):
         return sampling.unet_eps(unet.to(device), labels,
                                  resolve_precision(self.precision, device),
                                  self.scheduler_config.get("prediction_type", "epsilon"),
-                                 self.scheduler_.alphas_cumprod)
+                                 self.scheduler.alphas_cumprod)
 
     def _run(self, x0: torch.Tensor, site: str | None, ddib: bool) -> torch.Tensor:
         """Translate a batch in network space [-1, 1] of one site (or of any, for SDEdit)."""
@@ -229,10 +224,10 @@ class DiffusionTranslator(Translator):
         reference = self.eps_fn([self.reference_site_] * n, x0.device)
         if ddib:
             source = self.eps_fn([site] * n, x0.device)
-            return sampling.ddib(source, reference, x0, self.scheduler_, self.steps,
+            return sampling.ddib(source, reference, x0, self.scheduler, self.steps,
                                  self.ddib_t0, self.inversion_refine)
         noise = self.noise(x0.device)[..., :x0.shape[-2], :x0.shape[-1]]
-        return sampling.sdedit(reference, x0, self.scheduler_, self.steps, self.sdedit_t0, noise)
+        return sampling.sdedit(reference, x0, self.scheduler, self.steps, self.sdedit_t0, noise)
 
     def noise(self, device: torch.device) -> torch.Tensor:
         """The seeded SDEdit noise field (1, 1, S, S), shared by every image."""
@@ -249,16 +244,12 @@ class DiffusionTranslator(Translator):
         g = torch.Generator().manual_seed(int(self.seed) + 1)
         x = torch.randn((n, 1, s, s), generator=g).to(device)
         eps = self.eps_fn([site or self.reference_site_] * n, device)
-        timesteps = sampling.timesteps_for(self.scheduler_, self.steps, 1.0)
-        y = sampling.ddim_generate(eps, x, self.scheduler_, timesteps)
+        scheduler = self.scheduler  # one instance: set_timesteps is state
+        timesteps = sampling.timesteps_for(scheduler, self.steps, 1.0)
+        y = sampling.ddim_generate(eps, x, scheduler, timesteps)
         return ((y.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # --- persistence ----------------------------------------------------------------------
-    def get_config(self) -> dict:
-        return {"unet_config": self.unet_config, "scheduler_config": self.scheduler_config,
-                "model_sites": self.model_sites, "class_sites": self.class_sites,
-                **{k: getattr(self, k) for k in INFERENCE_KEYS}}
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"unet.{i}.{k}": v for i, key in enumerate(self.model_sites)
                    for k, v in self.unets_[key].state_dict().items()}
