@@ -30,7 +30,13 @@ from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.manifest import binary_targets, positive_label, select_rows
 from harmonize.data.transforms import augment, plain_augmentation
-from harmonize.training.device import make_accelerator, training_precision
+from harmonize.training.device import (
+    loader_options,
+    make_accelerator,
+    model_on,
+    pick_device,
+    training_precision,
+)
 from harmonize.training.metadata import training_metadata
 
 KIND = "classifier"
@@ -70,12 +76,16 @@ def make_loader(images: torch.Tensor, labels: np.ndarray, tc: TrainConfig) -> Da
     """Shuffled batches (or class-balanced draws), plainly augmented if asked; seeded."""
     data = TensorImages(images, labels, augment_seed=tc.seed if tc.augment else None)
     generator = torch.Generator().manual_seed(tc.seed)
+    # on a GPU: pinned memory, and workers for the per-image augmentation (in-memory
+    # images without augmentation need none)
+    options = loader_options(pick_device(), None if tc.augment else 0)
     if tc.balance == "sampler":
         n_pos = int(labels.sum())
         weights = np.where(labels == 1, 0.5 / n_pos, 0.5 / (len(labels) - n_pos))
         sampler = WeightedRandomSampler(weights.tolist(), len(labels), generator=generator)
-        return DataLoader(data, batch_size=tc.batch_size, sampler=sampler)
-    return DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=generator)
+        return DataLoader(data, batch_size=tc.batch_size, sampler=sampler, **options)
+    return DataLoader(data, batch_size=tc.batch_size, shuffle=True, generator=generator,
+                      **options)
 
 
 def make_loss(labels: np.ndarray, balance: str) -> torch.nn.Module:
@@ -96,10 +106,12 @@ def run_epochs(model: torch.nn.Module, loader, loss_fn, opt, epochs: int, sched=
     """The training loop proper; returns the mean loss per epoch. ``proximal`` =
     (mu, {name: tensor}) adds FedProx's (mu / 2) * ||w - w_global||^2."""
     model.train()
+    device = next(model.parameters()).device
     history = []
     for _ in range(epochs):
-        losses = []
+        losses = []  # kept on the device, read once per epoch
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model(x).float(), y)
             if proximal is not None and proximal[0] > 0:
                 mu, center = proximal
@@ -110,10 +122,10 @@ def run_epochs(model: torch.nn.Module, loader, loss_fn, opt, epochs: int, sched=
             opt.step()
             if sched is not None:
                 sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             if bar is not None:
                 bar.update(1)
-        history.append(float(np.mean(losses)))
+        history.append(float(torch.stack(losses).mean()))
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]:.3f}")
     return history
@@ -154,9 +166,11 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
 def predict(model: Classifier, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Probability of the positive class per image."""
     model.eval()
-    out = [torch.sigmoid(model(images[i:i + batch_size]).float())
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    device = pick_device()
+    with model_on(model, device):
+        out = [torch.sigmoid(model(images[i:i + batch_size].to(device, non_blocking=True))
+                             .float()) for i in range(0, len(images), batch_size)]
+        return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 @torch.no_grad()
@@ -174,8 +188,10 @@ def adapt_batchnorm(model: Classifier, images: torch.Tensor, batch_size: int = 6
         m.momentum = None  # cumulative average over the batches below
     if norms:
         adapted.train()
-        for i in range(0, len(images), batch_size):
-            adapted(images[i:i + batch_size])
+        device = pick_device()
+        with model_on(adapted, device):
+            for i in range(0, len(images), batch_size):
+                adapted(images[i:i + batch_size].to(device, non_blocking=True))
     return adapted.eval()
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from harmonize.classify.train import load_images, predict
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import atomic_write, read_image
+from harmonize.training.device import model_on, pick_device
 
 AUDIT_COLUMNS = ["p_before", "p_after", "p_truth", "flip_before_after", "flip_vs_truth",
                  "finding_contrast_ratio", "finding_contrast_vs_truth", "risk", "risk_reason"]
@@ -68,10 +69,11 @@ def gradcam_maps(model, images: torch.Tensor) -> np.ndarray | None:
     # scale each map to [0, 1] with 1 = most important instead
     cam = GradCAM(nn_module=_Logits2D(model), target_layers=f"clf.{layer}",
                   postprocessing=_unit_range)
-    with torch.enable_grad():
-        maps = [cam(images[i:i + 32], class_idx=0).detach()
+    device = pick_device()
+    with torch.enable_grad(), model_on(model, device):
+        maps = [cam(images[i:i + 32].to(device), class_idx=0).detach()
                 for i in range(0, len(images), 32)]
-    return torch.cat(maps)[:, 0].numpy()
+        return torch.cat(maps)[:, 0].cpu().numpy()
 
 
 def outside_share(maps: np.ndarray, rois: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from harmonize.federated.node_state import (
     load_optimizer_state,
     optimizer_arrays,
 )
+from harmonize.training.device import pick_device
 
 
 class ClassifierTask:
@@ -75,7 +76,7 @@ class ClassifierTask:
         proximal_mu = float(round_config.get("proximal-mu", 0.0))
         x, y = self._data(rows)
         check_labels(y)
-        model = self._model(arrays, local)
+        model = self._model(arrays, local).to(pick_device())
         seed = self.config.seed * 1000 + server_round
         torch.manual_seed(seed)
         tc = TrainConfig(batch_size=self.cc.batch_size, lr=self.cc.lr,
@@ -86,16 +87,17 @@ class ClassifierTask:
                if self.cc.optimizer == "sgd" else
                torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay))
         if self.cc.keep_optimizer and local:
-            load_optimizer_state(opt, local)
+            load_optimizer_state(opt, local)  # torch moves the moments to the parameters
         center = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if proximal_mu > 0 else None)
-        losses = run_epochs(model, make_loader(x, y, tc), make_loss(y, tc.balance), opt,
+        loss_fn = make_loss(y, tc.balance).to(pick_device())
+        losses = run_epochs(model, make_loader(x, y, tc), loss_fn, opt,
                             self.cc.local_epochs,
                             proximal=(proximal_mu, center) if center else None)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         own = {k: state[k] for k in self._local_keys(model)}
         if self.cc.keep_optimizer:
-            own.update(optimizer_arrays(opt))
+            own.update({k: v.cpu() for k, v in optimizer_arrays(opt).items()})
         return state, own, {
             "train_loss": losses[-1], "num-examples": len(y)}
 

@@ -79,7 +79,18 @@ class FederatedConfig(Section):
     threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
     parallel_nodes: int = Field(1, ge=1, description="simulation: nodes training at once, "
                                 "each with threads_per_node threads (Ray actors)")
+    gpus_per_node: float | None = Field(
+        None, ge=0, le=1, description="simulation: GPU share of each node (Ray's num_gpus); "
+        "None: 1 / parallel_nodes when a GPU is present, else 0")
     progress: bool = True
+
+    def gpu_share(self) -> float:
+        """The GPU share each simulated node asks Ray for."""
+        if self.gpus_per_node is not None:
+            return self.gpus_per_node
+        import torch
+
+        return 1.0 / self.parallel_nodes if torch.cuda.is_available() else 0.0
 
     @model_validator(mode="after")
     def _checks(self) -> FederatedConfig:

@@ -105,7 +105,7 @@ class DiffusionTask:
         unet.train()
         opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         if local:
-            load_optimizer_state(opt, {k: v.to(device) for k, v in local.items()})
+            load_optimizer_state(opt, local)  # torch moves the moments to the parameters
         steps = self.config.diffusion.local_steps
         total = torch.zeros((), device=device)  # read once, after the last step
         for i in range(steps):

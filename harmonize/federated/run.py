@@ -61,7 +61,8 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     from flwr.simulation import run_simulation
 
     # parallel_nodes Ray actors, one node's training each; with threads_per_node threads
-    # each, parallel_nodes x threads_per_node should not exceed the cores
+    # each, parallel_nodes x threads_per_node should not exceed the cores; with a GPU,
+    # each node asks for a share of it (Ray then sets the node's CUDA_VISIBLE_DEVICES)
     cpus = cpus or cfg.parallel_nodes
     if not cfg.progress:  # Flower logs every round at INFO and warns about deprecations
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -69,7 +70,8 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                    num_supernodes=len(nodes),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": 1,
+                                                        "num_gpus": cfg.gpu_share()},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                  "logging_level": "ERROR"}},
                    verbose_logging=False)

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -102,3 +104,15 @@ def loader_options(device: torch.device, num_workers: int | None) -> dict:
     cuda = device.type == "cuda"
     workers = (min(4, os.cpu_count() or 1) if cuda else 0) if num_workers is None else num_workers
     return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": workers > 0}
+
+
+@contextmanager
+def model_on(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """Run a model on `device` for a while (inference on the GPU when there is one), then
+    put it back where it was, so callers keep a CPU model they can save or pass on."""
+    original = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(original)

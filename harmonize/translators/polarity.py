@@ -55,3 +55,17 @@ def inverted_share(real: torch.Tensor, fake: torch.Tensor, size: int = THUMB) ->
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     return ((a * b).sum(dim=1) < 0).float().mean()
+
+
+@torch.no_grad()
+def inverted_flags(images: list[torch.Tensor], template: np.ndarray) -> list[bool]:
+    """`is_inverted` for (1, H, W) tensors of any sizes, computed on their device (the
+    correlation ignores any affine scaling, so network space [-1, 1] is fine)."""
+    if not images:
+        return []
+    size = template.shape[0]
+    t = torch.as_tensor(template, dtype=torch.float32, device=images[0].device).flatten()
+    t = t - t.mean()
+    thumbs = torch.stack([F.adaptive_avg_pool2d(x[:1].float(), size).flatten() for x in images])
+    thumbs = thumbs - thumbs.mean(dim=1, keepdim=True)
+    return ((thumbs @ t) < 0).tolist()

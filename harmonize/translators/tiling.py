@@ -16,6 +16,7 @@ ratio 1.12 blended, 1.06 for a whole-image pass without tiles, 32 with hard tile
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -96,18 +97,33 @@ def tiled_map(images: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Ten
         for y, x0, th, tw in plan:
             groups.setdefault((th, tw), []).append((i, y, x0))
 
+    device = padded[0].device
     outputs = [torch.zeros_like(p) for p in padded]
-    weights = [torch.zeros(p.shape[-2:], dtype=p.dtype, device=p.device) for p in padded]
     for (th, tw), members in groups.items():
-        w = ramp_weights(th, tw, ramp).to(padded[0].device)
+        w = ramp_weights(th, tw, ramp).to(device)
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             batch = torch.stack([padded[i][:, y:y + th, x0:x0 + tw] for i, y, x0 in chunk])
-            result = fn(batch).to(padded[0].dtype)
+            result = fn(batch).to(padded[0].dtype) * w  # weighted once per batch
             for (i, y, x0), r in zip(chunk, result, strict=True):
-                outputs[i][:, y:y + th, x0:x0 + tw] += r * w
-                weights[i][y:y + th, x0:x0 + tw] += w
-    return [(o / wt)[:, :h, :w_] for o, wt, (h, w_) in zip(outputs, weights, sizes, strict=True)]
+                outputs[i][:, y:y + th, x0:x0 + tw] += r
+    # the blend's normalizer depends only on the image and tile shapes: built once per
+    # shape on the CPU and cached, not accumulated tile by tile on the device
+    return [(o / _weight_sum(tuple(p.shape[-2:]), tile, ramp).to(device))[:, :h, :w_]
+            for o, p, (h, w_) in zip(outputs, padded, sizes, strict=True)]
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_sum(shape: tuple[int, int], tile: int, ramp: int) -> torch.Tensor:
+    """Sum of the tiles' ramp weights at every pixel of a padded image of `shape`."""
+    hp, wp = shape
+    th, tw = min(tile, hp), min(tile, wp)
+    w = ramp_weights(th, tw, ramp)
+    total = torch.zeros(shape)
+    for y in tile_starts(hp, th, ramp):
+        for x0 in tile_starts(wp, tw, ramp):
+            total[y:y + th, x0:x0 + tw] += w
+    return total
 
 
 def tile_borders(length: int, tile: int, overlap: float) -> list[int]:

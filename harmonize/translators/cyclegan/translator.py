@@ -106,9 +106,13 @@ class CycleGANTranslator(TrainedTranslator):
             todo.append(k)
             tensors.append(torch.from_numpy(np.clip(x, 0.0, 1.0))[None] * 2.0 - 1.0)
         if tensors:
-            for k, y in zip(todo, self._translate(tensors), strict=True):
+            results = self._translate(tensors)
+            # the output check runs where the outputs are (one host sync for the batch)
+            inverted = (pol.inverted_flags(results, self.template_) if self.polarity == "auto"
+                        else [False] * len(results))
+            for k, y, flipped in zip(todo, results, inverted, strict=True):
                 out[k] = ((y[0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
-                if self.polarity == "auto" and pol.is_inverted(out[k], self.template_):
+                if flipped:
                     warnings.warn(f"image {k} of the batch came out inverted relative to the "
                                   "reference site: check the translation", stacklevel=2)
         return out  # type: ignore[return-value]
