@@ -45,6 +45,11 @@ class LoopConfig(Section):
     checkpoint_every: int = Field(5000, ge=1)
     resume: bool = False
     progress: bool = True
+    # hardware switches, off (PyTorch's defaults) unless measured to help on your machine
+    tf32: bool | None = Field(None, description="CUDA TF32 matmuls and convolutions: true "
+                              "on, false off, null PyTorch's defaults")
+    channels_last: bool = Field(False, description="NHWC memory format for the networks")
+    compile: bool = Field(False, description="torch.compile the networks (first steps slow)")
 
 
 class TranslatorInferenceConfig(Section):

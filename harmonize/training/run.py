@@ -83,6 +83,9 @@ class TrainingRun:
             gradient_accumulation_steps=tc.grad_accum)
         self.is_main = self.accelerator.is_main_process
         set_seed(tc.seed, device_specific=True)
+        if tc.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+            torch.backends.cudnn.allow_tf32 = tc.tf32
         self.counter = StepCounter(**extra_state)
         self.accelerator.register_for_checkpointing(self.counter)
         self.desc = desc
@@ -106,6 +109,14 @@ class TrainingRun:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.out / "config.yaml")
+
+    def optimize(self, net: torch.nn.Module) -> torch.nn.Module:
+        """train.channels_last / train.compile applied to a network (before prepare)."""
+        if self.tc.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.tc.compile:
+            net = torch.compile(net)
+        return net
 
     def resume_if_asked(self) -> None:
         """Call after accelerator.prepare and any register_for_checkpointing."""

@@ -94,6 +94,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     betas = (tc.beta1, tc.beta2)
     opt_g = torch.optim.Adam([*g_ab.parameters(), *f_ba.parameters()], lr=tc.lr, betas=betas)
     opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], lr=tc.lr, betas=betas)
+    g_ab, f_ba, d_a, d_b = (run.optimize(net) for net in (g_ab, f_ba, d_a, d_b))
     g_ab, f_ba, d_a, d_b, opt_g, opt_d, loader = accelerator.prepare(
         g_ab, f_ba, d_a, d_b, opt_g, opt_d, loader)
     run.resume_if_asked()

@@ -80,6 +80,7 @@ class CycleGANTranslator(TrainedTranslator):
                     reference_site: str) -> CycleGANTranslator:
         """Adopt a generator trained by `train_cyclegan` (a copy on the CPU, eval mode)."""
         g = self.build_generator()
+        generator = getattr(generator, "_orig_mod", generator)  # torch.compile'd in training
         g.load_state_dict({k: v.detach().float().cpu() for k, v in
                            generator.state_dict().items()})
         self.generator_ = g.eval()

@@ -67,7 +67,8 @@ def train_diffusion(config: DiffusionConfig) -> Path:
     ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power,
                    foreach=True)
     noise_scheduler = DDPMScheduler(**config.scheduler_config())
-    *unets, optimizer, loader = accelerator.prepare(*unets, optimizer, loader)
+    *unets, optimizer, loader = accelerator.prepare(*(run.optimize(u) for u in unets),
+                                                    optimizer, loader)
     accelerator.register_for_checkpointing(ema)
     run.resume_if_asked()
     ema.to(accelerator.device)

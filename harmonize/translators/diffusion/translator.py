@@ -112,6 +112,7 @@ class DiffusionTranslator(TrainedTranslator):
         self.unets_ = {}
         for key, unet in unets.items():
             fresh = UNet2DModel.from_config(self.unet_config)
+            unet = getattr(unet, "_orig_mod", unet)  # torch.compile'd in training
             fresh.load_state_dict({k: v.detach().float().cpu()
                                    for k, v in unet.state_dict().items()})
             self.unets_[key] = fresh.eval()
