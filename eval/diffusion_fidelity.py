@@ -38,10 +38,9 @@ import pandas as pd
 import torch
 
 from harmonize.apply import apply_translator
-from harmonize.data.manifest import load_manifest, save_manifest
-from harmonize.data.splits import patient_split
+from harmonize.data.manifest import load_manifest
 from harmonize.evaluation import fidelity
-from harmonize.evaluation.fidelity import fidelity_image, score_files, score_pair
+from harmonize.evaluation.fidelity import fidelity_image, prepare_benchmark, score_files, score_pair
 from harmonize.fit import fit_and_save
 from harmonize.translators import TRANSLATORS, HistogramMatching, load_translator
 from harmonize.translators import polarity as pol
@@ -80,21 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from harmonize.synth import generate
-
     out = Path(args.out)
     shown = not args.quiet
-    timings: dict[str, float] = {}
     t = time.perf_counter()
-    info = generate(out / "synth", sites=args.sites, per_site=args.per_site, size=args.size,
-                    seed=args.seed, progress=shown)
-    timings["synth_s"] = time.perf_counter() - t
+    train_csv, test_csv, info = prepare_benchmark(out, args.sites, args.per_site, args.size,
+                                                  args.seed, progress=shown)
+    timings: dict[str, float] = {"synth_s": time.perf_counter() - t}
     ref = info["reference_site"]
-    df = patient_split(load_manifest(out / "synth" / "manifest.csv"), test_size=0.5,
-                       seed=args.seed)
-    train_csv, test_csv = out / "train.csv", out / "test.csv"
-    save_manifest(df[df["split"] == "train"], train_csv)
-    save_manifest(df[df["split"] == "test"], test_csv)
     fit_and_save(HistogramMatching(), load_manifest(train_csv), train_csv, ref,
                  out / "models" / "histogram-matching", progress=shown)
 

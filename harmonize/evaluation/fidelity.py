@@ -22,6 +22,26 @@ from harmonize.metrics import bootstrap_mean_ci, psnr, ssim
 METRICS = ("ssim", "psnr")
 
 
+def prepare_benchmark(out: Path, sites: int, per_site: int, size: int, seed: int = 0,
+                      test_size: float = 0.5, progress: bool = False
+                      ) -> tuple[Path, Path, dict]:
+    """The synthetic benchmark in OUT/synth, split by patient into OUT/train.csv and
+    OUT/test.csv (translators train on the first, are scored on the second): returns
+    (train manifest, test manifest, the benchmark's synth.json content)."""
+    from harmonize.data.manifest import load_manifest, save_manifest
+    from harmonize.data.splits import patient_split
+    from harmonize.synth import generate
+
+    info = generate(out / "synth", sites=sites, per_site=per_site, size=size, seed=seed,
+                    progress=progress)
+    df = patient_split(load_manifest(out / "synth" / "manifest.csv"), test_size=test_size,
+                       seed=seed)
+    train_csv, test_csv = out / "train.csv", out / "test.csv"
+    save_manifest(df[df["split"] == "train"], train_csv)
+    save_manifest(df[df["split"] == "test"], test_csv)
+    return train_csv, test_csv, info
+
+
 def fidelity_image(path: str | Path, policy: IntensityPolicy | None = None) -> np.ndarray:
     """A file as the scorer sees it: model space, clipped to [0, 1]."""
     x, _ = (policy or IntensityPolicy()).to_model(read_image(path))

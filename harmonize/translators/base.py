@@ -18,6 +18,7 @@ import torch
 
 from harmonize.checkpoint import load_checkpoint, save_checkpoint
 from harmonize.data.intensity import IntensityPolicy
+from harmonize.translators import polarity as pol
 
 
 class NotFittedError(RuntimeError):
@@ -85,6 +86,30 @@ class Translator:
         """Translate a batch of model-space images (sites may be unknown: None)."""
         raise NotImplementedError
 
+    def _split_batch(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None,
+                     passthrough: bool = True
+                     ) -> tuple[list[np.ndarray | None], list[int], list[np.ndarray], list]:
+        """Checked float32 (H, W) images of a batch: returns (out, todo, arrays, sites)
+        where `out` already holds the reference-site images passed through unchanged
+        (with `passthrough`), `todo` indexes the images still to translate and `arrays`
+        holds them, flipped first when inverted relative to the reference site (with
+        `polarity="auto"` and a `template_`; see `polarity`)."""
+        sites = list(sites) if sites is not None else [None] * len(images)
+        out: list[np.ndarray | None] = [None] * len(images)
+        todo, arrays = [], []
+        for k, (image, site) in enumerate(zip(images, sites, strict=True)):
+            x = np.asarray(image, dtype=np.float32)
+            if x.ndim != 2:
+                raise ValueError(f"expected a 2D (H, W) image, got shape {x.shape}")
+            if passthrough and site is not None and site == self.reference_site_:
+                out[k] = x.copy()
+                continue
+            if getattr(self, "polarity", "keep") == "auto" and hasattr(self, "template_"):
+                x = pol.upright(x, self.template_)
+            todo.append(k)
+            arrays.append(x)
+        return out, todo, arrays, sites
+
     # --- persistence ----------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         """Hyperparameters saved with the checkpoint: enough to rebuild an unfitted
@@ -124,6 +149,14 @@ class Translator:
         model.load_state_tensors(ckpt.tensors, config)
         model.metadata_ = ckpt.metadata
         return model
+
+
+def adopt_weights(fresh: torch.nn.Module, trained: torch.nn.Module) -> torch.nn.Module:
+    """`fresh` (same architecture) holding a float32 CPU copy of `trained`'s weights, in
+    eval mode: a translator never shares tensors with a training still running."""
+    trained = getattr(trained, "_orig_mod", trained)  # torch.compile'd in training
+    fresh.load_state_dict({k: v.detach().float().cpu() for k, v in trained.state_dict().items()})
+    return fresh.eval()
 
 
 class FittedTranslator(Translator):

@@ -96,26 +96,18 @@ class FourierAmplitudeMatching(FittedTranslator):
     def _block(self, spectrum: np.ndarray) -> np.ndarray:
         return spectrum[self._index(spectrum.shape)]
 
-    def _upright(self, image: np.ndarray) -> np.ndarray:
-        return pol.upright(image, self.template_, self.polarity)
-
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None):
         self.check_fitted()
-        sites = list(sites) if sites is not None else [None] * len(images)
-        out = []
-        for image, site in zip(images, sites, strict=True):
-            image = np.asarray(image, dtype=np.float32)
-            if site == self.reference_site_:
-                out.append(image)
-                continue
+        out, todo, arrays, _ = self._split_batch(images, sites)
+        for k, image in zip(todo, arrays, strict=True):
             index = self._index(image.shape)  # fails early on too small an image
-            spectrum = _spectrum(self._upright(image))
+            spectrum = _spectrum(image)  # already upright
             block = spectrum[index]
             amplitude = ((1 - self.strength) * np.abs(block)
                          + self.strength * self.reference_amplitude_)
             spectrum[index] = amplitude * np.exp(1j * np.angle(block))
             y = np.fft.ifft2(spectrum, norm="forward").real
-            out.append(y.astype(np.float32))
+            out[k] = y.astype(np.float32)
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -83,17 +83,12 @@ class HistogramMatching(FittedTranslator):
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None):
         self.check_fitted()
-        sites = list(sites) if sites is not None else [None] * len(images)
-        out = []
-        for image, site in zip(images, sites, strict=True):
-            if site == self.reference_site_:
-                out.append(np.asarray(image, dtype=np.float32))
-                continue
-            image = self._upright(image)
-            source = self.site_quantiles_.get(site) if self.per == "site" else None
+        out, todo, arrays, sites = self._split_batch(images, sites)
+        for k, image in zip(todo, arrays, strict=True):  # already upright
+            source = self.site_quantiles_.get(sites[k]) if self.per == "site" else None
             if source is None:
                 source = self._quantiles(image)
-            out.append(_piecewise_map(image, source, self.reference_quantiles_))
+            out[k] = _piecewise_map(image, source, self.reference_quantiles_)
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

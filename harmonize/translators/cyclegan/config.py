@@ -65,9 +65,12 @@ class InferenceConfig(TranslatorInferenceConfig):
 
 
 class CycleGANConfig(TranslatorTrainingConfig):
+    """A whole CycleGAN run: data, networks, loss weights, training loop, inference."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = Field(default_factory=LossConfig,
+                             description="weights of the terms in losses.py")
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
 

@@ -30,7 +30,7 @@ import torch
 
 from harmonize.training.device import DTYPES, autocast, pick_device
 from harmonize.translators import polarity as pol
-from harmonize.translators.base import TrainedTranslator
+from harmonize.translators.base import TrainedTranslator, adopt_weights
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.tiling import tiled_map
 
@@ -79,11 +79,7 @@ class CycleGANTranslator(TrainedTranslator):
     def set_trained(self, generator: ResnetGenerator, template: np.ndarray,
                     reference_site: str) -> CycleGANTranslator:
         """Adopt a generator trained by `train_cyclegan` (a copy on the CPU, eval mode)."""
-        g = self.build_generator()
-        generator = getattr(generator, "_orig_mod", generator)  # torch.compile'd in training
-        g.load_state_dict({k: v.detach().float().cpu() for k, v in
-                           generator.state_dict().items()})
-        self.generator_ = g.eval()
+        self.generator_ = adopt_weights(self.build_generator(), generator)
         self.template_ = np.asarray(template, dtype=np.float32)
         self.reference_site_ = reference_site
         return self
@@ -91,20 +87,10 @@ class CycleGANTranslator(TrainedTranslator):
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
         self.check_fitted()
-        sites = list(sites) if sites is not None else [None] * len(images)
-        out: list[np.ndarray | None] = [None] * len(images)
-        todo, tensors = [], []
-        for k, (image, site) in enumerate(zip(images, sites, strict=True)):
-            x = np.asarray(image, dtype=np.float32)
-            if x.ndim != 2:
-                raise ValueError(f"expected a 2D (H, W) image, got shape {x.shape}")
-            if self.passthrough_reference and site is not None and site == self.reference_site_:
-                out[k] = x.copy()
-                continue
+        out, todo, arrays, _ = self._split_batch(images, sites, self.passthrough_reference)
+        tensors = []
+        for x in arrays:  # already upright (polarity guard)
             self._check_scale(x.shape)
-            if self.polarity == "auto" and pol.is_inverted(x, self.template_):
-                x = pol.invert(x)
-            todo.append(k)
             tensors.append(torch.from_numpy(np.clip(x, 0.0, 1.0))[None] * 2.0 - 1.0)
         if tensors:
             results = self._translate(tensors)

@@ -85,9 +85,13 @@ class InferenceConfig(TranslatorInferenceConfig):
 
 
 class DiffusionConfig(TranslatorTrainingConfig):
+    """A whole diffusion-prior run: data, UNet, noise schedule, training loop and the
+    SDEdit / DDIB inference settings saved with the checkpoint."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    diffusion: DiffusionSchedule = DiffusionSchedule()
+    diffusion: DiffusionSchedule = Field(default_factory=DiffusionSchedule,
+                                         description="the DDPM noise schedule and target")
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
 

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonize.training.device import pick_device, resolve_precision
-from harmonize.translators import polarity as pol
-from harmonize.translators.base import TrainedTranslator
+from harmonize.translators.base import TrainedTranslator, adopt_weights
 from harmonize.translators.diffusion import sampling
 from harmonize.translators.diffusion.data import ALL_SITES, pad_to_at_least
 from harmonize.translators.tiling import tiled_map
@@ -111,11 +110,7 @@ class DiffusionTranslator(TrainedTranslator):
         self.model_sites = list(unets)
         self.unets_ = {}
         for key, unet in unets.items():
-            fresh = UNet2DModel.from_config(self.unet_config)
-            unet = getattr(unet, "_orig_mod", unet)  # torch.compile'd in training
-            fresh.load_state_dict({k: v.detach().float().cpu()
-                                   for k, v in unet.state_dict().items()})
-            self.unets_[key] = fresh.eval()
+            self.unets_[key] = adopt_weights(UNet2DModel.from_config(self.unet_config), unet)
         self.template_ = np.asarray(template, dtype=np.float32)
         self.reference_site_ = reference_site
         return self
@@ -124,20 +119,10 @@ class DiffusionTranslator(TrainedTranslator):
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
         self.check_fitted()
-        sites = list(sites) if sites is not None else [None] * len(images)
-        out: list[np.ndarray | None] = [None] * len(images)
-        todo, full, small = [], [], []
-        for k, (image, site) in enumerate(zip(images, sites, strict=True)):
-            x = np.asarray(image, dtype=np.float32)
-            if x.ndim != 2:
-                raise ValueError(f"expected a 2D (H, W) image, got shape {x.shape}")
-            if self.passthrough_reference and site is not None and site == self.reference_site_:
-                out[k] = x.copy()
-                continue
-            if self.polarity == "auto" and pol.is_inverted(x, self.template_):
-                x = pol.invert(x)
+        out, todo, arrays, sites = self._split_batch(images, sites, self.passthrough_reference)
+        full, small = [], []
+        for x in arrays:  # already upright (polarity guard)
             t = torch.from_numpy(x)[None]
-            todo.append(k)
             full.append(t)
             small.append(_resize(t, (self.image_size, self.image_size)))
         if not todo:
