@@ -178,3 +178,10 @@ class TrainedTranslator(Translator):
     point (`train_cyclegan(config)`, `train_diffusion(config)`: many steps, a GPU if
     there is one, resumable), which hands them over with `set_trained`; there is no
     `fit` on a list of images."""
+
+    def _trained_on(self, template: np.ndarray, reference_site: str) -> TrainedTranslator:
+        """What every set_trained records besides the networks: the reference site and
+        its mean thumbnail (the polarity guard's template)."""
+        self.template_ = np.asarray(template, dtype=np.float32)
+        self.reference_site_ = reference_site
+        return self

@@ -80,9 +80,7 @@ class CycleGANTranslator(TrainedTranslator):
                     reference_site: str) -> CycleGANTranslator:
         """Adopt a generator trained by `train_cyclegan` (a copy on the CPU, eval mode)."""
         self.generator_ = adopt_weights(self.build_generator(), generator)
-        self.template_ = np.asarray(template, dtype=np.float32)
-        self.reference_site_ = reference_site
-        return self
+        return self._trained_on(template, reference_site)
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:

@@ -90,8 +90,7 @@ class DiffusionConfig(TranslatorTrainingConfig):
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    diffusion: DiffusionSchedule = Field(default_factory=DiffusionSchedule,
-                                         description="the DDPM noise schedule and target")
+    diffusion: DiffusionSchedule = DiffusionSchedule()  # the DDPM noise schedule and target
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
 

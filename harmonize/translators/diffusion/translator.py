@@ -111,9 +111,7 @@ class DiffusionTranslator(TrainedTranslator):
         self.unets_ = {}
         for key, unet in unets.items():
             self.unets_[key] = adopt_weights(UNet2DModel.from_config(self.unet_config), unet)
-        self.template_ = np.asarray(template, dtype=np.float32)
-        self.reference_site_ = reference_site
-        return self
+        return self._trained_on(template, reference_site)
 
     # --- inference ------------------------------------------------------------------------
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
