@@ -64,3 +64,16 @@ def two_sites(tb_cxr):
     picked = pd.concat([g.head(16) for _, g in df.groupby("site")])
     return [(policy.to_model(read_image(tb_cxr / p))[0], s)
             for p, s in zip(picked["path"], picked["site"], strict=True)]
+
+
+def assert_same_run(a, b, atol: float = 1e-4) -> None:
+    """Two runs of the same seeded computation: bit-exact on the CPU; on a GPU within
+    `atol` (cuDNN may pick other reduction orders from run to run)."""
+    import torch
+
+    a, b = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            for x in (a, b))
+    if torch.cuda.is_available():
+        np.testing.assert_allclose(a, b, atol=atol)
+    else:
+        np.testing.assert_array_equal(a, b)
