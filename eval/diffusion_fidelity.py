@@ -190,12 +190,13 @@ def reconstruction(t: DiffusionTranslator, test: pd.DataFrame, ref: str, n: int 
     x0 = torch.nn.functional.interpolate(x, size=(s, s), mode="area").clamp(0, 1) * 2 - 1
     eps = t.eps_fn([ref] * len(x0), torch.device("cpu"))
     out = {}
+    scheduler = t.scheduler  # one instance for every loop below (set_timesteps is state)
     for steps in (20, 50):
-        ts = smp.timesteps_for(t.scheduler_, steps, 1.0)
+        ts = smp.timesteps_for(scheduler, steps, 1.0)
         for refine in (0, 1):
             with torch.inference_mode():
-                rec = smp.ddim_generate(eps, smp.ddim_invert(eps, x0, t.scheduler_, ts, refine),
-                                        t.scheduler_, ts)
+                rec = smp.ddim_generate(eps, smp.ddim_invert(eps, x0, scheduler, ts, refine),
+                                        scheduler, ts)
             out[f"steps{steps}_refine{refine}"] = float((rec - x0).abs().mean() / 2)
     return out
 
