@@ -69,18 +69,37 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+def checkpoint_dir(directory: str | os.PathLike) -> Path:
+    """The checkpoint directory itself, given it or a training run's folder holding one
+    in `model/` (what `harmonize train --out RUN` writes); raises CheckpointError naming
+    what is missing."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not (directory / CONFIG).is_file() and (directory / "model" / CONFIG).is_file():
+        directory = directory / "model"
     missing = [n for n in (WEIGHTS, CONFIG, METADATA) if not (directory / n).is_file()]
     if missing:
         raise CheckpointError(
             f"{directory}: not a harmonize checkpoint (missing {', '.join(missing)}); "
             "train one with `harmonize train ...`"
         )
-    config = json.loads((directory / CONFIG).read_text())
-    metadata = json.loads((directory / METADATA).read_text())
+    return directory
+
+
+def checkpoint_kind(directory: str | os.PathLike) -> str:
+    """The kind in config.json, without reading the weights."""
+    path = checkpoint_dir(directory) / CONFIG
+    kind = _read_json(path).get("kind")
+    if not kind:
+        raise CheckpointError(f"{path}: no 'kind' key")
+    return kind
+
+
+def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+    """Weights, config and metadata of a checkpoint (or of a run folder's `model/`)."""
+    directory = checkpoint_dir(directory)
+    config, metadata = _read_json(directory / CONFIG), _read_json(directory / METADATA)
     kind = config.pop("kind", None)
     if not kind:
         raise CheckpointError(f"{directory / CONFIG}: no 'kind' key")
@@ -93,6 +112,17 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged: "
+                              "train it again or restore the file") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object; the checkpoint is damaged")
+    return value
 
 
 def _write_json(path: Path, obj: dict) -> None:

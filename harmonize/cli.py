@@ -27,20 +27,36 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_histogram(args: argparse.Namespace) -> int:
+def _train_classical(args: argparse.Namespace) -> int:
+    """histogram-matching / fourier: fit on the manifest's images, save the checkpoint."""
     from harmonize.data.intensity import IntensityPolicy
     from harmonize.data.manifest import load_manifest
     from harmonize.fit import fit_and_save
-    from harmonize.translators import HistogramMatching
+    from harmonize.translators import TRANSLATORS
 
-    policy = IntensityPolicy(mode=args.intensity, bits=args.bits)
-    model = HistogramMatching(n_quantiles=args.n_quantiles, per=args.per,
-                              polarity=args.polarity, policy=policy)
+    cls = TRANSLATORS[args.kind]
+    params = {k: getattr(args, k) for k in cls.param_names() if hasattr(args, k)}
+    model = cls(**params, policy=IntensityPolicy(mode=args.intensity, bits=args.bits))
+    model.check_params()
     df = load_manifest(args.data)
     out = fit_and_save(model, df, args.data, args.reference_site, args.out,
                        progress=not args.quiet)
-    print(f"saved histogram-matching translator to {out}")
+    print(f"saved {args.kind} translator to {out} (apply: harmonize apply --model {out} IN OUT)")
     return 0
+
+
+def _classical_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every classical translator's training takes."""
+    parser.add_argument("--data", required=True, help="manifest CSV")
+    parser.add_argument("--reference-site", required=True)
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--polarity", choices=["auto", "keep"], default="auto",
+                        help="flip images whose grey scale is inverted relative to the "
+                             "reference")
+    parser.add_argument("--intensity", choices=["auto", "bit-depth", "percentile"],
+                        default="auto", help="intensity policy (harmonize.data.intensity)")
+    parser.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
+    parser.set_defaults(func=_train_classical)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -195,24 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enlarge the finding by this radius factor (default 1)")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("train", help="train a translator")
+    p = sub.add_parser("train", formatter_class=fmt, help="train a translator or classifier",
+                       epilog="examples:\n  harmonize train histogram-matching --data "
+                              "data/synth/manifest.csv --reference-site site_a --out models/hm"
+                              "\n  harmonize train cyclegan --config configs/cyclegan/quick.yaml "
+                              "--data data/synth/manifest.csv --reference-site site_a "
+                              "--out runs/cg\n(harmonize train KIND --help for each kind)")
     kinds = p.add_subparsers(dest="kind", required=True)
     h = kinds.add_parser(
         "histogram-matching", formatter_class=fmt, parents=[common],
         help="quantile histogram matching to the reference site",
         epilog="example:\n  harmonize train histogram-matching --data data/synth/manifest.csv "
                "--reference-site site_a --out models/hm")
-    h.add_argument("--data", required=True, help="manifest CSV")
-    h.add_argument("--reference-site", required=True)
-    h.add_argument("--out", required=True, help="checkpoint directory to write")
+    _classical_arguments(h)
     h.add_argument("--per", choices=["image", "site"], default="image",
                    help="match each image's own histogram, or its site's average")
-    h.add_argument("--n-quantiles", type=int, default=256)
-    h.add_argument("--polarity", choices=["auto", "keep"], default="auto",
-                   help="flip images whose grey scale is inverted relative to the reference")
-    h.add_argument("--intensity", choices=["auto", "bit-depth", "percentile"], default="auto")
-    h.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
-    h.set_defaults(func=_train_histogram)
+    h.add_argument("--n-quantiles", type=int, default=256,
+                   help="quantile landmarks (default 256)")
+    f = kinds.add_parser(
+        "fourier", formatter_class=fmt, parents=[common],
+        help="Fourier-amplitude matching (FDA / FedDG style) to the reference site",
+        epilog="example:\n  harmonize train fourier --data data/synth/manifest.csv "
+               "--reference-site site_a --out models/fourier --beta 0.01")
+    _classical_arguments(f)
+    f.add_argument("--beta", type=float, default=0.01,
+                   help="low-frequency block, fraction of the shorter side (default 0.01)")
+    f.add_argument("--strength", type=float, default=1.0,
+                   help="1: the reference amplitude; below 1: interpolate towards it")
+    f.add_argument("--grid", type=int, default=256, help="amplitude grid side (default 256)")
 
     from harmonize.translators.cyclegan import command as cyclegan_command
 

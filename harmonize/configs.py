@@ -48,11 +48,35 @@ def load_yaml_config(model: type[M], path: str | Path | None = None,
     try:
         return model.model_validate(raw)
     except ValidationError as err:
+        given = {k for k, v in (overrides or {}).items() if v is not None}
         problems = []
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "config"
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+            problem = f"{where}: {e['msg'].removeprefix('Value error, ')}"
+            if e["type"] == "extra_forbidden":
+                problem = f"{where}: unknown key{_did_you_mean(model, e['loc'])}"
+            # say where the bad value came from: the command line or the file
+            from_flags = any(g == where or g.startswith(where + ".") for g in given)
+            problems.append(f"--set {problem}" if from_flags else f"{source}: {problem}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean train.steps?)' for a misspelt key, from the section's own fields."""
+    import difflib
+
+    section: Any = model
+    for part in loc[:-1]:
+        field = getattr(section, "model_fields", {}).get(part)
+        section = getattr(field, "annotation", None) if field else None
+        if section is None or not hasattr(section, "model_fields"):
+            return ""
+    names = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    if close:
+        return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+    return f" (known: {', '.join(names)})"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

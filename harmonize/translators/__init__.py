@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harmonize.checkpoint import CheckpointError, load_checkpoint
+from harmonize.checkpoint import CheckpointError, checkpoint_kind
 from harmonize.translators.base import NotFittedError, Translator
 from harmonize.translators.cyclegan import CycleGANTranslator
 from harmonize.translators.diffusion import DiffusionTranslator
@@ -31,7 +31,7 @@ def load_translator(spec: str | Path) -> Translator:
             f"{spec}: no such checkpoint directory (or built-in name: "
             f"{', '.join(sorted(BUILTIN_UNFITTED))})"
         )
-    kind = load_checkpoint(path).kind
+    kind = checkpoint_kind(path)
     if kind not in TRANSLATORS:
         raise CheckpointError(f"{path}: unknown translator kind '{kind}'; "
                               f"this version knows {', '.join(sorted(TRANSLATORS))}")

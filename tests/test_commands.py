@@ -1,0 +1,69 @@
+"""Command-line behaviour a user meets first: the classical trainings, run folders as
+models, and messages that name the file or the key and the fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from harmonize.cli import main
+from harmonize.synth import generate
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmd") / "synth"
+    generate(out, sites=2, per_site=6, size=32, seed=0, progress=False)
+    return out
+
+
+def test_train_fourier_then_apply_from_the_run_folder(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "fourier", "-q", "--data", str(synth / "manifest.csv"),
+                 "--reference-site", "site_a", "--out", str(run / "model"),
+                 "--beta", "0.05", "--strength", "0.5"]) == 0
+    assert "saved fourier translator" in capsys.readouterr().out
+    # a run folder (what `harmonize train ... --out RUN` writes) is accepted as the model
+    out = tmp_path / "harmonized"
+    assert main(["apply", "-q", "--model", str(run), str(synth / "site_b"), str(out)]) == 0
+    assert len(list(out.rglob("*.png"))) == 6
+
+
+def test_bad_classical_parameters_fail_before_reading_images(synth, tmp_path, capsys):
+    assert main(["train", "fourier", "-q", "--data", str(synth / "manifest.csv"),
+                 "--reference-site", "site_a", "--out", str(tmp_path / "m"),
+                 "--strength", "2"]) != 0
+    assert "strength=2" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "harmonize train histogram-matching --data" in text and "fourier" in text
+
+
+def test_a_misspelt_override_names_the_flag_and_the_key_meant():
+    from harmonize.configs import ConfigError
+    from harmonize.translators.cyclegan.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/cyclegan/quick.yaml", {"train.step": 5})
+    message = str(info.value)
+    assert "--set train.step" in message and "did you mean train.steps?" in message
+    assert "quick.yaml" not in message  # the file is not to blame
+
+
+def test_a_damaged_checkpoint_config_names_the_file(synth, tmp_path, capsys):
+    model = tmp_path / "hm"
+    assert main(["train", "histogram-matching", "-q", "--data", str(synth / "manifest.csv"),
+                 "--reference-site", "site_a", "--out", str(model)]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "config.json").write_text("{not json")
+    assert main(["apply", "-q", "--model", str(broken), str(synth / "site_b"),
+                 str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert str(broken / "config.json") in err and "not valid JSON" in err
