@@ -21,7 +21,14 @@ import numpy as np
 from tqdm import tqdm
 
 from harmonize.data.intensity import IntensityParams
-from harmonize.data.io import MedicalImage, read_image, write_image
+from harmonize.data.io import (
+    SUPPORTED,
+    MedicalImage,
+    has_dicom_magic,
+    is_image_file,
+    read_image,
+    write_image,
+)
 from harmonize.translators import Translator
 
 LOG_NAME = "apply_log.csv"
@@ -39,6 +46,7 @@ class ApplyItem:
 class ApplySummary:
     ok: int = 0
     skipped: int = 0
+    not_images: int = 0  # of the skipped: files that are not images
     errors: int = 0
     log_path: Path | None = None
     error_files: list[str] = field(default_factory=list)
@@ -57,12 +65,21 @@ class _Loaded:
     started: float
 
 
+MANIFEST_NAME = "manifest.csv"
+
+
 def discover_inputs(
     inp: str | os.PathLike, out: str | os.PathLike | None = None
 ) -> list[ApplyItem]:
-    """Files to harmonize: a manifest's rows, or every visible file under a folder
-    (non-images included, so they are reported rather than silently ignored)."""
+    """Files to harmonize: a manifest's rows; a folder holding a manifest.csv (e.g. the
+    synthetic benchmark's root): that manifest's rows, so its masks/ and reference/ are
+    not taken for sites; or every visible file under a folder (non-images included, so
+    they are logged as skipped rather than silently ignored), each with its site from a
+    manifest.csv one or two folders up when that lists it (a site's own folder inside a
+    dataset), else from its first folder below IN."""
     inp = Path(inp)
+    if inp.is_dir() and (inp / MANIFEST_NAME).is_file():
+        inp = inp / MANIFEST_NAME
     if inp.is_file() and inp.suffix.lower() == ".csv":
         from harmonize.data.manifest import load_manifest
 
@@ -78,6 +95,7 @@ def discover_inputs(
     if not inp.is_dir():
         raise FileNotFoundError(f"{inp}: input is neither a folder nor a manifest .csv")
     out_resolved = Path(out).resolve() if out is not None else None
+    known_sites = _sites_from_manifest_above(inp)
     items = []
     for root, dirs, files in os.walk(inp):
         root_path = Path(root)
@@ -87,9 +105,26 @@ def discover_inputs(
             if name.startswith(".") or (name.startswith("apply_log") and name.endswith(".csv")):
                 continue
             rel = (root_path / name).relative_to(inp)
-            site = rel.parts[0] if len(rel.parts) > 1 else None
+            site = known_sites.get(str((root_path / name).resolve()))
+            if site is None:
+                site = rel.parts[0] if len(rel.parts) > 1 else None
             items.append(ApplyItem(root_path / name, rel, site))
     return items
+
+
+def _sites_from_manifest_above(folder: Path) -> dict[str, str]:
+    """resolved path -> site, from a manifest.csv in one of the two folders above."""
+    from harmonize.data.manifest import load_manifest
+
+    for parent in list(folder.resolve().parents)[:2]:
+        if (parent / MANIFEST_NAME).is_file():
+            try:
+                df = load_manifest(parent / MANIFEST_NAME)
+            except (ValueError, OSError):
+                return {}  # not a usable manifest: fall back to the folder names
+            return {str(Path(p).resolve()): str(s)
+                    for p, s in zip(df["path"], df["site"], strict=True)}
+    return {}
 
 
 class _Log:
@@ -155,6 +190,10 @@ def apply_translator(
     for item in items:
         if resume and (out / item.relpath).exists():
             record(item, "skipped", "output exists (--resume)")
+        elif not (is_image_file(item.source) or has_dicom_magic(item.source)):
+            record(item, "skipped", f"not an image file ({item.source.suffix or 'no suffix'}; "
+                   f"harmonize reads {SUPPORTED})")
+            summary.not_images += 1
         else:
             todo.append(item)
 

@@ -69,11 +69,13 @@ def _apply(args: argparse.Namespace) -> int:
     s = apply_translator(translator, args.input, args.output, resume=args.resume,
                          batch_size=args.batch_size, io_workers=args.io_workers,
                          progress=not args.quiet)
-    print(f"{s.ok} written, {s.skipped} skipped, {s.errors} failed; log: {s.log_path}")
+    not_images = f" ({s.not_images} not images)" if s.not_images else ""
+    print(f"{s.ok} written, {s.skipped} skipped{not_images}, {s.errors} failed; "
+          f"log: {s.log_path}")
     if s.total == 0:
         print(f"harmonize: error: no files found in {args.input}", file=sys.stderr)
         return 1
-    if s.ok + s.skipped == 0:
+    if s.ok + s.skipped - s.not_images == 0:
         print(f"harmonize: error: no file could be harmonized (see {s.log_path})",
               file=sys.stderr)
         return 1

@@ -45,12 +45,12 @@ def test_bad_files_are_logged_the_rest_written_and_resume_does_no_work_twice(
     out = tmp_path / "out"
 
     first = apply_translator(load_translator("identity"), mixed_folder, out, progress=False)
-    assert (first.ok, first.errors) == (len(good), 2)
+    assert (first.ok, first.skipped, first.errors) == (len(good), 1, 1)
     rows = {r["input"].rsplit("/", 1)[-1]: r for r in _log(out)}
     assert rows["corrupt.png"]["status"] == "error"
     assert "corrupt.png" in rows["corrupt.png"]["reason"]
-    assert rows["readme.txt"]["status"] == "error"
-    assert "not a supported image" in rows["readme.txt"]["reason"]
+    assert rows["readme.txt"]["status"] == "skipped"  # logged, not an error: not an image
+    assert "not an image file (.txt" in rows["readme.txt"]["reason"]
     for rel in good:
         assert (out / rel).is_file()
     assert not list(out.rglob(".*partial*")), "no temporary file may be left behind"
@@ -58,7 +58,7 @@ def test_bad_files_are_logged_the_rest_written_and_resume_does_no_work_twice(
     stamps = {rel: (out / rel).stat().st_mtime_ns for rel in good}
     second = apply_translator(load_translator("identity"), mixed_folder, out, resume=True,
                               progress=False)
-    assert (second.ok, second.skipped, second.errors) == (0, len(good), 2)
+    assert (second.ok, second.skipped, second.errors) == (0, len(good) + 1, 1)
     assert {rel: (out / rel).stat().st_mtime_ns for rel in good} == stamps
     assert len(_log(out)) == 2 * (len(good) + 2)  # the log keeps both runs
 
@@ -96,3 +96,21 @@ def test_processes_of_a_multi_device_launch_split_the_files(mixed_folder, tmp_pa
     assert logs == ["apply_log.csv", "apply_log.rank1.csv"]
     rows = [r for name in logs for r in csv.DictReader(open(out / name, newline=""))]
     assert len(rows) == n_files == len({r["input"] for r in rows})
+
+
+def test_a_dataset_root_and_a_site_folder_get_their_sites_from_the_manifest(tmp_path):
+    """The synthetic benchmark's root holds masks/, reference/ and manifest.csv: only the
+    manifest's images are harmonized; a site's own folder takes its site from the
+    manifest above it, not from its label subfolders."""
+    from harmonize.synth import generate
+
+    synth = tmp_path / "synth"
+    info = generate(synth, sites=2, per_site=4, size=32, seed=0, progress=False)
+    root = apply_translator(load_translator("identity"), synth, tmp_path / "all",
+                            progress=False)
+    assert (root.ok, root.skipped, root.errors) == (info["n_images"], 0, 0)
+    assert {r["site"] for r in _log(tmp_path / "all")} == {"site_a", "site_b"}
+    assert not (tmp_path / "all" / "reference").exists()
+    one = apply_translator(load_translator("identity"), synth / "site_b", tmp_path / "b",
+                           progress=False)
+    assert one.ok == 4 and {r["site"] for r in _log(tmp_path / "b")} == {"site_b"}
