@@ -164,9 +164,9 @@ def apply_translator(
 ) -> ApplySummary:
     """Harmonize every file of `inp` (folder or manifest) into `out`."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = process_shard()
     items = discover_inputs(inp, out)[rank::world]  # each file to exactly one process
+    out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be valid
     if derivation is None:
         derivation = (f"harmonized to site '{translator.reference_site_}' "
                       f"by the {translator.kind} translator")

@@ -180,11 +180,16 @@ def _fractions(text: str) -> list[float]:
 
 
 def _add_synth_options(p: argparse.ArgumentParser, per_site: int, size: int = 256) -> None:
-    p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--per-site", type=int, default=per_site)
-    p.add_argument("--size", type=int, default=size)
-    p.add_argument("--modality", choices=["xray", "bonescan"], default="xray")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sites", type=int, default=4,
+                   help="number of sites; the first is the reference (default 4)")
+    p.add_argument("--per-site", type=int, default=per_site,
+                   help=f"images per site (default {per_site})")
+    p.add_argument("--size", type=int, default=size,
+                   help=f"image side in pixels (default {size})")
+    p.add_argument("--modality", choices=["xray", "bonescan"], default="xray",
+                   help="X-ray-like or bone-scan-like phantoms (default xray)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of phantoms and acquisitions: same seed, same images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", formatter_class=fmt, parents=[common],
                        help="the whole pipeline on synthetic data",
                        epilog="example:\n  harmonize demo --out demo_out")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out",
+                   help="output folder; open OUT/report.html (default demo_out)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes: classical translators, one CNN, one seed")
     _add_synth_options(p, per_site=80, size=128)

@@ -67,3 +67,18 @@ def test_a_damaged_checkpoint_config_names_the_file(synth, tmp_path, capsys):
                  str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert str(broken / "config.json") in err and "not valid JSON" in err
+
+
+def test_an_invalid_input_creates_no_output_folder(tmp_path, capsys):
+    assert main(["apply", "-q", "--model", "identity", str(tmp_path / "missing"),
+                 str(tmp_path / "out")]) != 0
+    assert "neither a folder nor a manifest" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_and_demo_options_are_explained(capsys):
+    for command in ("synth", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "images per site" in text and "image side in pixels" in text

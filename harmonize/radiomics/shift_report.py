@@ -50,10 +50,9 @@ def freeze_auto_masks(df: pd.DataFrame, settings: RadiomicsSettings, folder: Pat
     out = df.copy()
     if "mask" not in out:
         out["mask"] = ""
-    for i, rec in tqdm(list(out.iterrows()), desc="ROI masks", unit="img",
-                       disable=not progress):
-        if rec["mask"]:
-            continue
+    todo = out[out["mask"] == ""]  # images with a mask of their own need none
+    for i, rec in tqdm(list(todo.iterrows()), desc="automatic ROI masks", unit="img",
+                       disable=not progress or todo.empty):
         try:
             _, roi = load_roi(rec["path"], None, settings.policy, settings.auto_mask)
         except (ValueError, OSError):
