@@ -23,9 +23,15 @@ setup() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
+  echo "set-up: installing into $VENV (first run or pyproject.toml changed; ~2 min)" >&2
   python -m pip install -q --upgrade pip
-  python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION}"
+  if ! python -c "import torch" 2>/dev/null; then
+    echo "set-up: torch==${TORCH_VERSION}" >&2
+    python -m pip install -q "torch==${TORCH_VERSION}"
+  fi
+  echo "set-up: harmonize and its dependencies" >&2
   python -m pip install -q -e ".[dev]"
+  echo "set-up: done" >&2
   echo "$want" > "$stamp"
 }
 
