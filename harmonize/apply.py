@@ -186,6 +186,9 @@ def apply_translator(
             summary.error_files.append(str(item.source))
         bar.update(1)
 
+    if resume and rank == 0:  # temp files of an interrupted run (kill -9) are dead
+        for stale in out.rglob(".*.partial*"):
+            stale.unlink(missing_ok=True)
     todo = []
     for item in items:
         if resume and (out / item.relpath).exists():

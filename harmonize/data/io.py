@@ -116,6 +116,7 @@ def write_image(
 def atomic_write(out_path: Path, write) -> Path:
     """Call write(tmp_path) for a temp file beside out_path, then rename it into place."""
     suffix = "".join(out_path.suffixes[-2:]) if out_path.name.endswith(".gz") else out_path.suffix
+    suffix = suffix.lower()  # writers pick the format by suffix and know only lower case
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=f".partial{suffix}",
                                dir=out_path.parent)
     os.close(fd)

@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 
-from harmonize.data.io import has_dicom_magic
+from harmonize.data.io import SUPPORTED, has_dicom_magic, is_image_file
 
 REQUIRED_COLUMNS = ("path", "site", "label", "patient_id")
 OPTIONAL_COLUMNS = ("node", "split", "mask")
@@ -126,6 +126,11 @@ def _check_columns(df: pd.DataFrame, path: Path, mask_column: str | None) -> pd.
         else:
             df = df.rename(columns={mask_column: "mask"})
             columns = list(df.columns)
+    if len(columns) == 1 and any(sep in columns[0] for sep in (";", "\t", "|")):
+        sep = next(sep for sep in (";", "\t", "|") if sep in columns[0])
+        raise ManifestError(path, [(None, f"one column '{columns[0][:60]}': the file looks "
+                                    f"separated by {sep!r}, not commas; save it as "
+                                    "comma-separated CSV")])
     used: set[str] = set()
     for col in REQUIRED_COLUMNS:
         if col in columns:
@@ -210,6 +215,9 @@ def _check_file(value: str, folder: Path, what: str, row: int, required: bool):
         return [(row, f"empty {what} path")] if required else []
     full = _absolute(value, folder)
     if os.path.isfile(full):
+        if what == "file" and not (is_image_file(full) or has_dicom_magic(full)):
+            return [(row, f"file '{value}' is not an image ({Path(full).suffix or 'no suffix'}"
+                     f"; harmonize reads {SUPPORTED})")]
         return []
     where = "" if os.path.isabs(value) else f" (paths are relative to {folder})"
     if os.path.isdir(full):

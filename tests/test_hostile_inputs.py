@@ -1,0 +1,64 @@
+"""Inputs a careful user still meets (issue 19): odd suffix case, non-image manifest rows,
+other CSV separators, temp files left by a killed run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from harmonize.apply import apply_translator
+from harmonize.data.io import read_image
+from harmonize.data.manifest import ManifestError, load_manifest
+from harmonize.translators import load_translator
+
+
+def _png(path, value=1000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 50 + value).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    return arr
+
+
+def test_an_upper_case_suffix_is_written_in_kind(tmp_path):
+    arr = _png(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "a.png").rename(tmp_path / "in" / "A.Png")
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    assert (summary.ok, summary.errors) == (1, 0)
+    np.testing.assert_array_equal(read_image(tmp_path / "out" / "A.Png").array, arr)
+
+
+def test_a_manifest_row_that_is_not_an_image_is_refused(tmp_path):
+    _png(tmp_path / "data" / "a.png")
+    (tmp_path / "secret.txt").write_text("root:x:0:0")
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path,site,label,patient_id\na.png,s1,0,p1\n../secret.txt,s2,1,p2\n")
+    with pytest.raises(ManifestError, match=r"row 2.*'../secret.txt' is not an image \(.txt"):
+        load_manifest(manifest)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_another_separator_gets_one_message_naming_it(tmp_path, sep):
+    _png(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(sep.join(["path", "site", "label", "patient_id"]) + "\n"
+                        + sep.join(["a.png", "s1", "0", "p1"]) + "\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(manifest)
+    message = str(info.value)
+    assert f"separated by {sep!r}" in message and message.count("missing column") == 0
+
+
+def test_resume_removes_temp_files_of_a_killed_run(tmp_path):
+    _png(tmp_path / "in" / "s1" / "a.png")
+    _png(tmp_path / "in" / "s1" / "b.png")
+    out = tmp_path / "out"
+    apply_translator(load_translator("identity"), tmp_path / "in", out, progress=False)
+    stale = out / "s1" / ".b.x1y2.partial.png"  # what kill -9 mid-write leaves
+    stale.write_bytes(b"half a file")
+    (out / "s1" / "b.png").unlink()
+    again = apply_translator(load_translator("identity"), tmp_path / "in", out, resume=True,
+                             progress=False)
+    assert (again.ok, again.skipped) == (1, 1)
+    assert not stale.exists() and (out / "s1" / "b.png").is_file()
