@@ -143,7 +143,8 @@ class _Log:
         self._writer.writerow({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "input": str(item.source),
             "output": str(output), "site": item.site or "", "status": status,
-            "reason": reason, "seconds": f"{seconds:.4f}",
+            "reason": " ".join(str(reason).split()),  # one line per file, whatever the error
+            "seconds": f"{seconds:.4f}",
         })
         self._fh.flush()
 

@@ -62,3 +62,19 @@ def test_resume_removes_temp_files_of_a_killed_run(tmp_path):
                              progress=False)
     assert (again.ok, again.skipped) == (1, 1)
     assert not stale.exists() and (out / "s1" / "b.png").is_file()
+
+
+def test_training_on_a_manifest_with_one_bad_image_names_the_row(tmp_path):
+    from harmonize.configs import ConfigError
+    from harmonize.translators.cyclegan import load_config, train_cyclegan
+
+    for k, site in enumerate(["s1", "s1", "s2", "s2"]):
+        _png(tmp_path / "data" / f"{k}.png", value=100 * k)
+    (tmp_path / "data" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path,site,label,patient_id\n" + "".join(
+        f"{k}.png,{s},0,p{k}\n" for k, s in enumerate(["s1", "s1", "s2", "s2"])))
+    config = load_config(None, {"data.manifest": manifest, "data.reference_site": "s1",
+                                "train.out": tmp_path / "run", "train.progress": False})
+    with pytest.raises(ConfigError, match=r"manifest row 3: .*2\.png cannot be read"):
+        train_cyclegan(config)

@@ -460,6 +460,7 @@ def select_rows(manifest: str | os.PathLike, sites: list[str] | None = None,
     from harmonize.configs import ConfigError
 
     df = load_manifest(manifest)
+    df["manifest_row"] = df.index + 1  # data row of the file, for messages after filtering
     where = f"{manifest}"
     if split is not None:
         if "split" not in df.columns:

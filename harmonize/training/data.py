@@ -46,11 +46,14 @@ def scan_images(df: pd.DataFrame, policy: IntensityPolicy, reference_site: str,
     """Read every row once: returns (reference template, inverted source paths); `keep`
     sees each (path, model-space image), e.g. to cache it."""
     thumbs: dict[str, np.ndarray] = {}
-    for path in tqdm(df["path"], desc="scan images", unit="img", disable=not progress):
+    rows = df["manifest_row"] if "manifest_row" in df else range(1, len(df) + 1)
+    for row, path in tqdm(list(zip(rows, df["path"], strict=True)), desc="scan images",
+                          unit="img", disable=not progress):
         try:
             x, _ = policy.to_model(read_image(path))
-        except Exception as err:  # noqa: BLE001 - one message naming the file
-            raise ConfigError(f"{path}: cannot be read for training: {err}") from None
+        except Exception as err:  # noqa: BLE001 - one message naming the file and row
+            raise ConfigError(f"manifest row {row}: {path} cannot be read for training: "
+                              f"{' '.join(str(err).split())}; fix or remove that row") from None
         thumbs[path] = pol.thumbnail(x)
         if keep is not None:
             keep(path, x)
