@@ -68,7 +68,7 @@ def test_training_on_a_manifest_with_one_bad_image_names_the_row(tmp_path):
     from harmonize.configs import ConfigError
     from harmonize.translators.cyclegan import load_config, train_cyclegan
 
-    for k, site in enumerate(["s1", "s1", "s2", "s2"]):
+    for k in range(4):
         _png(tmp_path / "data" / f"{k}.png", value=100 * k)
     (tmp_path / "data" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     manifest = tmp_path / "data" / "manifest.csv"
@@ -78,3 +78,17 @@ def test_training_on_a_manifest_with_one_bad_image_names_the_row(tmp_path):
                                 "train.out": tmp_path / "run", "train.progress": False})
     with pytest.raises(ConfigError, match=r"manifest row 3: .*2\.png cannot be read"):
         train_cyclegan(config)
+
+
+def test_jpeg_identity_is_as_close_as_jpeg_allows(tmp_path):
+    from harmonize.synth import make_phantom
+
+    x = make_phantom("xray", 128, False, np.random.default_rng(0)).ideal
+    x = np.rint((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(tmp_path / "in" / "a.jpg"))
+    apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                     progress=False)
+    a = read_image(tmp_path / "in" / "a.jpg").array.astype(int)
+    b = read_image(tmp_path / "out" / "a.jpg").array.astype(int)
+    assert np.abs(a - b).max() <= 1  # at the default quality: 2 here, 3-7 on real files

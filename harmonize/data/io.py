@@ -218,7 +218,11 @@ def _write_itk(template: MedicalImage, array: np.ndarray, tmp: Path) -> None:
         if not key.startswith("ITK_"):
             img.SetMetaData(key, value)
     try:
-        sitk.WriteImage(img, str(tmp), useCompression=template.format in ("nifti", "mha", "nrrd"))
+        if template.format == "jpeg":  # JPEG has no lossless mode here: the best quality
+            sitk.WriteImage(img, str(tmp), useCompression=True, compressionLevel=100)
+        else:
+            sitk.WriteImage(img, str(tmp),
+                            useCompression=template.format in ("nifti", "mha", "nrrd"))
     except RuntimeError as err:
         raise ImageWriteError(f"{tmp}: {_first_line(err)}") from None
 
