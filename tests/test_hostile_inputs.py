@@ -92,3 +92,37 @@ def test_jpeg_identity_is_as_close_as_jpeg_allows(tmp_path):
     a = read_image(tmp_path / "in" / "a.jpg").array.astype(int)
     b = read_image(tmp_path / "out" / "a.jpg").array.astype(int)
     assert np.abs(a - b).max() <= 1  # at the default quality: 2 here, 3-7 on real files
+
+
+def test_a_header_claiming_a_huge_image_is_refused_without_reading_it(tmp_path):
+    import resource
+    import struct
+
+    from harmonize.data.io import ImageReadError
+
+    # a valid NIfTI-1 header of a 32767 x 32767 float32 image, and 1 KB of data
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 2, 32767, 32767, 1, 1, 1, 1, 1)
+    struct.pack_into("<hh", hdr, 70, 16, 32)  # datatype float32, bitpix
+    struct.pack_into("<8f", hdr, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", hdr, 108, 352)  # vox_offset
+    hdr[344:348] = b"n+1\0"
+    path = tmp_path / "huge.nii"
+    path.write_bytes(bytes(hdr) + b"\0" * 4 + b"\0" * 1024)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageReadError, match=r"huge.nii: its header claims 32767 x 32767"):
+        read_image(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB
+
+
+def test_a_truncated_uncompressed_nifti_is_refused(tmp_path):
+    from harmonize.data.io import ImageReadError
+
+    img = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
+    sitk.WriteImage(img, str(tmp_path / "ok.nii"))
+    data = (tmp_path / "ok.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[: len(data) - 1000])
+    assert read_image(tmp_path / "ok.nii").shape == (64, 64)
+    with pytest.raises(ImageReadError, match="cut.nii: truncated"):
+        read_image(tmp_path / "cut.nii")

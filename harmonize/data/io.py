@@ -133,7 +133,37 @@ def atomic_write(out_path: Path, write) -> Path:
 # --- formats read through SimpleITK --------------------------------------------------
 
 
+MAX_PIXELS = int(os.environ.get("HARMONIZE_MAX_PIXELS", 2**28))  # 16384 x 16384
+
+
+def _check_header(path: Path, fmt: str) -> None:
+    """Refuse, from the header alone, what would exhaust memory or is cut short: one
+    small hostile file must not end a whole batch (a 15 KB NIfTI can claim 32767 x 32767
+    float32 pixels, 4 GB)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(path, f"cannot decode as {fmt.upper()}: {_first_line(err)}",
+                             "the file is corrupt or truncated; re-export it") from None
+    size = reader.GetSize()
+    pixels = int(np.prod(size, dtype=np.int64))
+    if pixels > MAX_PIXELS:
+        raise ImageReadError(path, f"its header claims {' x '.join(map(str, size))} pixels, "
+                             f"more than the limit of {MAX_PIXELS:,}",
+                             "if the image is real, raise HARMONIZE_MAX_PIXELS")
+    if fmt == "nifti" and path.name.lower().endswith(".nii"):  # uncompressed: sizes known
+        per_pixel = (sitk.Image([1] * len(size), reader.GetPixelID())
+                     .GetSizeOfPixelComponent() * reader.GetNumberOfComponents())
+        needed = pixels * per_pixel + 348  # the data after (at least) the NIfTI-1 header
+        if path.stat().st_size < needed:
+            raise ImageReadError(path, f"truncated: the header needs {needed:,} bytes, the "
+                                 f"file has {path.stat().st_size:,}", "re-export or copy it again")
+
+
 def _read_itk(path: Path, fmt: str) -> MedicalImage:
+    _check_header(path, fmt)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
