@@ -126,3 +126,51 @@ def test_a_truncated_uncompressed_nifti_is_refused(tmp_path):
     assert read_image(tmp_path / "ok.nii").shape == (64, 64)
     with pytest.raises(ImageReadError, match="cut.nii: truncated"):
         read_image(tmp_path / "cut.nii")
+
+
+@pytest.mark.parametrize("name", ["f.tif", "f.mha", "f.nii"])
+def test_nan_or_inf_pixels_are_refused_not_written_wrong(tmp_path, name):
+    from harmonize.data.io import ImageReadError
+
+    x = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    x[3, 3] = np.nan if name != "f.nii" else np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(tmp_path / name))
+    with pytest.raises(ImageReadError, match=f"{name}: 1 pixel\\(s\\) are NaN or infinite"):
+        read_image(tmp_path / name)
+    summary = apply_translator(load_translator("identity"), tmp_path, tmp_path / "out",
+                               progress=False)
+    assert (summary.ok, summary.errors) == (0, 1)  # logged as an error, nothing written
+
+
+def test_32_bit_integers_beyond_float32_are_refused(tmp_path):
+    from harmonize.data.io import ImageReadError
+
+    x = np.full((8, 8), 3_000_000_000, dtype=np.uint32)
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(tmp_path / "big.mha"))
+    with pytest.raises(ImageReadError, match="up to 3,000,000,000: beyond 16,777,216"):
+        read_image(tmp_path / "big.mha")
+    small = np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000
+    sitk.WriteImage(sitk.GetImageFromArray(small), str(tmp_path / "small.mha"))
+    np.testing.assert_array_equal(read_image(tmp_path / "small.mha").array, small)
+
+
+def test_alpha_channels_are_refused(tmp_path):
+    from harmonize.data.io import ImageReadError
+
+    rgba = np.full((8, 8, 4), 120, dtype=np.uint8)
+    rgba[..., 3] = 255
+    sitk.WriteImage(sitk.GetImageFromArray(rgba, isVector=True), str(tmp_path / "a.png"))
+    with pytest.raises(ImageReadError, match="a.png: an image with an alpha"):
+        read_image(tmp_path / "a.png")
+
+
+def test_palette_colour_dicom_is_refused(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from harmonize.data.io import ImageReadError
+
+    source = get_testdata_file("examples_palette.dcm", download=False)  # PALETTE COLOR
+    if source is None:
+        pytest.skip("pydicom's examples_palette.dcm not bundled")
+    with pytest.raises(ImageReadError, match="PALETTE COLOR, not grayscale"):
+        read_image(source)

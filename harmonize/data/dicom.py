@@ -45,6 +45,10 @@ def read_dicom(path: Path) -> MedicalImage:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ImageReadError(path, "colour DICOM (SamplesPerPixel > 1)",
                              "harmonize takes grayscale images")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(path, f"PhotometricInterpretation {photometric}, not grayscale",
+                             "harmonize takes MONOCHROME1/2 images")
     stored = _decode_pixels(path, ds)
     if stored.ndim != 2 or stored.size == 0:
         raise ImageReadError(path, f"pixel data of shape {stored.shape} is not a 2D image")
@@ -60,7 +64,8 @@ def read_dicom(path: Path) -> MedicalImage:
     if ds.PhotometricInterpretation == "MONOCHROME1":
         values = lo + hi - values
     integral = float(slope).is_integer() and float(intercept).is_integer()
-    array = values.astype(np.int32 if integral else np.float64)
+    wide = max(abs(lo), abs(hi)) > np.iinfo(np.int32).max  # e.g. 32-bit unsigned data
+    array = values.astype((np.int64 if wide else np.int32) if integral else np.float64)
     if integral and np.array_equal(stored, array) and stored.dtype.itemsize <= 2:
         array = stored  # keep the natural dtype when no transform changed the values
 

@@ -85,8 +85,27 @@ def read_image(path: str | os.PathLike) -> MedicalImage:
     if fmt == "dicom":
         from harmonize.data import dicom
 
-        return dicom.read_dicom(path)
-    return _read_itk(path, fmt)
+        image = dicom.read_dicom(path)
+    else:
+        image = _read_itk(path, fmt)
+    _check_values(path, image.array)
+    return image
+
+
+EXACT_IN_FLOAT32 = 2**24  # integers beyond this cannot all be held by float32 model space
+
+
+def _check_values(path: Path, arr: np.ndarray) -> None:
+    """Values the model space cannot carry: refused with the reason, never written wrong."""
+    if arr.dtype.kind == "f":
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise ImageReadError(path, f"{bad} pixel(s) are NaN or infinite",
+                                 "replace them with finite values first")
+    elif arr.dtype.itemsize >= 4 and int(np.abs(arr).max(initial=0)) >= EXACT_IN_FLOAT32:
+        raise ImageReadError(path, f"integer values up to {int(np.abs(arr).max()):,}: beyond "
+                             f"{EXACT_IN_FLOAT32:,} float32 model space cannot hold them "
+                             "exactly", "rescale the image to 16 bits first")
 
 
 def write_image(
@@ -162,8 +181,40 @@ def _check_header(path: Path, fmt: str) -> None:
                                  f"file has {path.stat().st_size:,}", "re-export or copy it again")
 
 
+def _nifti_nonfinite(path: Path) -> int:
+    """NaN/Inf pixels of a float NIfTI-1 file, counted in the raw data: ITK's reader turns
+    them into 0 silently, so they must be looked for before it."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        header = fh.read(348)
+        if len(header) < 348:
+            return 0  # too short for a header: the reader reports it
+        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        dims = struct.unpack(f"{endian}8h", header[40:56])
+        datatype = struct.unpack(f"{endian}h", header[70:72])[0]
+        offset = int(struct.unpack(f"{endian}f", header[108:112])[0])
+        dtype = {16: "f4", 64: "f8"}.get(datatype)
+        if dtype is None:
+            return 0  # integer data: always finite
+        count = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+        fh.seek(max(offset, 348))
+        data = np.frombuffer(fh.read(count * int(dtype[1])), dtype=endian + dtype)
+    return int((~np.isfinite(data)).sum())
+
+
 def _read_itk(path: Path, fmt: str) -> MedicalImage:
     _check_header(path, fmt)
+    if fmt == "nifti":
+        try:
+            bad = _nifti_nonfinite(path)
+        except (OSError, EOFError, ValueError):  # broken gzip stream etc.: ITK names it
+            bad = 0
+        if bad:
+            raise ImageReadError(path, f"{bad} pixel(s) are NaN or infinite",
+                                 "replace them with finite values first")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -182,6 +233,10 @@ def _read_itk(path: Path, fmt: str) -> MedicalImage:
         squeezed_3d = True
     elif img.GetDimension() != 2:
         raise ImageReadError(path, f"{img.GetDimension()}D image", "harmonize takes 2D images")
+    if components in (2, 4):
+        raise ImageReadError(path, f"an image with an alpha (transparency) channel "
+                             f"({components} channels)", "harmonize takes grayscale images; "
+                             "export it without alpha")
     if components > 1:
         arr = _collapse_gray(path, arr, components)
     if arr.size == 0:
