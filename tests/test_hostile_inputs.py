@@ -174,3 +174,62 @@ def test_palette_colour_dicom_is_refused(tmp_path):
         pytest.skip("pydicom's examples_palette.dcm not bundled")
     with pytest.raises(ImageReadError, match="PALETTE COLOR, not grayscale"):
         read_image(source)
+
+
+def _dicom(name):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom's {name} not bundled")
+    return path
+
+
+def test_a_big_endian_dicom_is_written_little_endian_with_its_values(tmp_path):
+    import pydicom
+
+    source = _dicom("MR_small_bigendian.dcm")
+    (tmp_path / "in").mkdir()
+    shutil_copy(source, tmp_path / "in" / "be.dcm")
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    assert (summary.ok, summary.errors) == (1, 0)
+    out = pydicom.dcmread(tmp_path / "out" / "be.dcm")
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    np.testing.assert_array_equal(out.pixel_array, pydicom.dcmread(source).pixel_array)
+
+
+def test_dicom_history_is_kept_and_the_writer_named(tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(_dicom("CT_small.dcm"))
+    ds.DerivationDescription = "JPEG 2000 irreversible (lossy) 10:1"
+    ds.SeriesDescription = "thorax " * 8 + "end"  # 59 characters
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "ct.dcm")
+    apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                     progress=False)
+    out = pydicom.dcmread(tmp_path / "out" / "ct.dcm")
+    assert out.DerivationDescription.startswith("JPEG 2000 irreversible (lossy) 10:1; ")
+    assert "identity translator" in out.DerivationDescription
+    assert len(out.SeriesDescription) <= 64 and out.SeriesDescription.endswith("thorax harmonized")
+    assert out.file_meta.ImplementationClassUID != ds.file_meta.ImplementationClassUID
+    assert out.file_meta.ImplementationVersionName.startswith("HARMONIZE_")
+
+
+def test_one_bit_dicom_is_refused(tmp_path):
+    import pydicom
+
+    from harmonize.data.io import ImageReadError
+
+    ds = pydicom.dcmread(_dicom("CT_small.dcm"))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.save_as(tmp_path / "seg.dcm")
+    with pytest.raises(ImageReadError, match="seg.dcm: 1-bit"):
+        read_image(tmp_path / "seg.dcm")
+
+
+def shutil_copy(a, b):
+    import shutil
+
+    shutil.copy(a, b)

@@ -24,6 +24,7 @@ from harmonize.data.image import ImageReadError, MedicalImage, cast_to_storage
 _SEQUENTIAL_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 _LOSSY = _SEQUENTIAL_JPEG | {"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.81"}
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as generate_uid uses by default
+IMPLEMENTATION_UID = generate_uid(prefix=UID_ROOT, entropy_srcs=["harmonize implementation"])
 
 
 def read_dicom(path: Path) -> MedicalImage:
@@ -49,6 +50,10 @@ def read_dicom(path: Path) -> MedicalImage:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(path, f"PhotometricInterpretation {photometric}, not grayscale",
                              "harmonize takes MONOCHROME1/2 images")
+    if int(ds.get("BitsAllocated", 16)) == 1:
+        raise ImageReadError(path, "1-bit (binary) pixel data, e.g. a segmentation (SEG)",
+                             "harmonize takes grayscale images; masks go in the manifest's "
+                             "mask column")
     stored = _decode_pixels(path, ds)
     if stored.ndim != 2 or stored.size == 0:
         raise ImageReadError(path, f"pixel data of shape {stored.shape} is not a 2D image")
@@ -128,6 +133,15 @@ def _repair_sequential_scan(ds: pydicom.Dataset) -> np.ndarray | None:
         return None
 
 
+def _with_suffix(text: str, suffix: str, limit: int) -> str:
+    """`text` + `suffix` within `limit` characters, `text` shortened at a word boundary."""
+    room = limit - len(suffix)
+    if len(text) > room:
+        cut = text[:room].rsplit(" ", 1)[0] if " " in text[:room] else text[:room]
+        text = cut.rstrip()
+    return text + suffix
+
+
 def derived_uid(original: str, purpose: str) -> str:
     """A UID derived deterministically from the original, so a rerun (or --resume) gives
     the same new UIDs and every image of one series lands in one new series."""
@@ -141,10 +155,17 @@ def write_dicom(template: MedicalImage, array: np.ndarray, out: Path, derivation
     if h["dataset"].PhotometricInterpretation == "MONOCHROME1":
         values = lo + hi - values
     stored = (values - h["intercept"]) / h["slope"]
-    stored = cast_to_storage(stored, h["stored_dtype"], h["stored_range"])
+    # written as explicit VR little endian, whatever the source's byte order
+    stored = cast_to_storage(stored, np.dtype(h["stored_dtype"]).newbyteorder("<"),
+                             h["stored_range"])
 
     ds = copy.deepcopy(h["dataset"])
+    for _ in ds.iterall():  # decode every element, so a big-endian source can be re-encoded
+        pass
+    ds.set_original_encoding(False, True)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_UID  # who wrote this file
+    ds.file_meta.ImplementationVersionName = f"HARMONIZE_{__version__}"[:16]
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OB" if stored.dtype.itemsize == 1 else "OW"
     ds.BitsAllocated = stored.dtype.itemsize * 8
@@ -156,7 +177,10 @@ def write_dicom(template: MedicalImage, array: np.ndarray, out: Path, derivation
     ds.SeriesInstanceUID = derived_uid(ds.get("SeriesInstanceUID", ""), "series:" + derivation)
     image_type = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY"]))
     ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
-    ds.DerivationDescription = f"{derivation} (harmonize {__version__})"[:1024]
+    # history is appended to, never replaced (e.g. "JPEG 2000 irreversible (lossy) 10:1")
+    step = f"{derivation} (harmonize {__version__})"
+    before = str(ds.get("DerivationDescription", "") or "").strip()
+    ds.DerivationDescription = (f"{before}; {step}" if before else step)[-1024:]
     if "SeriesDescription" in ds:
-        ds.SeriesDescription = f"{ds.SeriesDescription} harmonized"[:64]
+        ds.SeriesDescription = _with_suffix(str(ds.SeriesDescription), " harmonized", 64)
     ds.save_as(out, enforce_file_format=True)
