@@ -204,13 +204,8 @@ def apply_translator(
     with ThreadPoolExecutor(max_workers=max(1, io_workers)) as pool:
         pending_writes: list[tuple[_Loaded, Future]] = []
         for batch in _batches(_load_all(translator, todo, pool, io_workers, record), batch_size):
-            try:
-                outputs = translator.transform([b.x for b in batch], [b.item.site for b in batch])
-            except Exception as err:  # noqa: BLE001 - one bad batch must not stop the job
-                for b in batch:
-                    record(b.item, "error", f"translation failed: {err}")
-                continue
-            for b, y in zip(batch, outputs, strict=True):
+            done = _translate_batch(translator, batch, record)
+            for b, y in done:
                 values = translator.policy.from_model(y, b.params)
                 fut = pool.submit(write_image, b.image, values, out / b.item.relpath, derivation)
                 pending_writes.append((b, fut))
@@ -219,6 +214,20 @@ def apply_translator(
     bar.close()
     log.close()
     return summary
+
+
+def _translate_batch(translator: Translator, batch: list[_Loaded], record
+                     ) -> list[tuple[_Loaded, np.ndarray]]:
+    """(loaded, output) for every image of the batch that translates. When the batch
+    fails, each image is tried alone, so one bad image costs only itself."""
+    try:
+        outputs = translator.transform([b.x for b in batch], [b.item.site for b in batch])
+        return list(zip(batch, outputs, strict=True))
+    except Exception as err:  # noqa: BLE001 - one bad image must not stop the job
+        if len(batch) == 1:
+            record(batch[0].item, "error", f"translation failed: {err}")
+            return []
+    return [pair for b in batch for pair in _translate_batch(translator, [b], record)]
 
 
 def process_shard() -> tuple[int, int]:

@@ -233,3 +233,20 @@ def shutil_copy(a, b):
     import shutil
 
     shutil.copy(a, b)
+
+
+def test_one_image_that_fails_translation_costs_only_itself(tmp_path):
+    from harmonize.translators.fourier import FourierAmplitudeMatching
+
+    rng = np.random.default_rng(0)
+    images = [(rng.random((32, 32)).astype(np.float32), "ref") for _ in range(3)]
+    model = FourierAmplitudeMatching().fit(images, "ref")  # a 7 x 7 block: 8 px images pass
+    for k in range(3):
+        _png(tmp_path / "in" / "s1" / f"{k}.png", value=100 * k)
+    # too small for the low-frequency block: transform refuses it, the others go through
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 40), np.uint16)),
+                    str(tmp_path / "in" / "s1" / "tiny.png"))
+    summary = apply_translator(model, tmp_path / "in", tmp_path / "out", batch_size=8,
+                               progress=False)
+    assert (summary.ok, summary.errors) == (3, 1)
+    assert summary.error_files == [str(tmp_path / "in" / "s1" / "tiny.png")]
