@@ -250,3 +250,20 @@ def test_one_image_that_fails_translation_costs_only_itself(tmp_path):
                                progress=False)
     assert (summary.ok, summary.errors) == (3, 1)
     assert summary.error_files == [str(tmp_path / "in" / "s1" / "tiny.png")]
+
+
+def test_messages_say_what_is_wrong_with_the_file(tmp_path):
+    from PIL import Image
+
+    from harmonize.data.io import ImageReadError
+
+    grey_alpha = np.zeros((8, 8, 2), np.uint8)
+    grey_alpha[..., 1] = 255
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    with pytest.raises(ImageReadError, match=r"la.png: a pixel layout .*grey \+ alpha"):
+        read_image(tmp_path / "la.png")
+    data = open(_dicom("CT_small.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
+    with pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "cut.dcm")
+    assert "truncated or corrupt" in str(info.value) and "pylibjpeg" not in str(info.value)

@@ -106,9 +106,12 @@ def _decode_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
                 return repaired
         name = getattr(syntax, "name", syntax)
         reason = str(err).splitlines()[-1].strip()[:160]
+        compressed = bool(getattr(syntax, "is_compressed", True))
+        fix = ("the file is truncated or corrupt; re-export it" if not compressed else
+               "the file is corrupt, or its compression needs a decoder not installed "
+               "(pylibjpeg-libjpeg / -openjpeg / pyjpegls); re-export it uncompressed")
         raise ImageReadError(path, f"pixel data ({name}) could not be decoded: {reason}",
-                             "install pylibjpeg-libjpeg / pylibjpeg-openjpeg / pyjpegls, or "
-                             "re-export the file uncompressed") from None
+                             fix) from None
 
 
 def _repair_sequential_scan(ds: pydicom.Dataset) -> np.ndarray | None:

@@ -164,6 +164,9 @@ def _check_header(path: Path, fmt: str) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
+        if "Unknown PixelType" in str(err):  # ITK's words for e.g. grey + alpha PNGs
+            raise ImageReadError(path, "a pixel layout harmonize cannot read (e.g. grey "
+                                 "+ alpha)", "export it as plain grayscale") from None
         raise ImageReadError(path, f"cannot decode as {fmt.upper()}: {_first_line(err)}",
                              "the file is corrupt or truncated; re-export it") from None
     size = reader.GetSize()
