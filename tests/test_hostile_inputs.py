@@ -267,3 +267,17 @@ def test_messages_say_what_is_wrong_with_the_file(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path / "cut.dcm")
     assert "truncated or corrupt" in str(info.value) and "pylibjpeg" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.jpg"])
+def test_truncated_compressed_files_are_refused(tmp_path, name):
+    from harmonize.data.io import ImageReadError
+
+    x = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    whole = tmp_path / name.replace("cut", "whole")
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(whole))
+    data = whole.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    assert read_image(whole).shape == (64, 64)
+    with pytest.raises(ImageReadError, match=f"{name}: truncated"):
+        read_image(tmp_path / name)

@@ -175,49 +175,64 @@ def _check_header(path: Path, fmt: str) -> None:
         raise ImageReadError(path, f"its header claims {' x '.join(map(str, size))} pixels, "
                              f"more than the limit of {MAX_PIXELS:,}",
                              "if the image is real, raise HARMONIZE_MAX_PIXELS")
-    if fmt == "nifti" and path.name.lower().endswith(".nii"):  # uncompressed: sizes known
-        per_pixel = (sitk.Image([1] * len(size), reader.GetPixelID())
-                     .GetSizeOfPixelComponent() * reader.GetNumberOfComponents())
-        needed = pixels * per_pixel + 348  # the data after (at least) the NIfTI-1 header
-        if path.stat().st_size < needed:
-            raise ImageReadError(path, f"truncated: the header needs {needed:,} bytes, the "
-                                 f"file has {path.stat().st_size:,}", "re-export or copy it again")
 
 
-def _nifti_nonfinite(path: Path) -> int:
-    """NaN/Inf pixels of a float NIfTI-1 file, counted in the raw data: ITK's reader turns
-    them into 0 silently, so they must be looked for before it."""
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
+                768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def _check_nifti_data(path: Path) -> None:
+    """Read a NIfTI-1 file's raw data (after `_check_header` bounded its size): refuse it
+    when the data stop short (ITK fills a truncated .nii.gz silently) or hold NaN/Inf
+    (ITK turns them into 0)."""
     import gzip
     import struct
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        header = fh.read(348)
-        if len(header) < 348:
-            return 0  # too short for a header: the reader reports it
-        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        dims = struct.unpack(f"{endian}8h", header[40:56])
-        datatype = struct.unpack(f"{endian}h", header[70:72])[0]
-        offset = int(struct.unpack(f"{endian}f", header[108:112])[0])
-        dtype = {16: "f4", 64: "f8"}.get(datatype)
-        if dtype is None:
-            return 0  # integer data: always finite
-        count = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
-        fh.seek(max(offset, 348))
-        data = np.frombuffer(fh.read(count * int(dtype[1])), dtype=endian + dtype)
-    return int((~np.isfinite(data)).sum())
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(348)
+            if len(header) < 348:
+                return  # no header: ITK's reader says what is wrong
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            dims = struct.unpack(f"{endian}8h", header[40:56])
+            dtype = NIFTI_DTYPES.get(struct.unpack(f"{endian}h", header[70:72])[0])
+            offset = int(struct.unpack(f"{endian}f", header[108:112])[0])
+            if dtype is None or not 1 <= dims[0] <= 7:
+                return  # a type or layout we do not parse: ITK's reader decides
+            count = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+            fh.read(max(offset, 348) - 348)
+            raw = fh.read(count * int(dtype[1]))
+    except (EOFError, OSError):
+        raw = b""  # the compressed stream ends early
+        count, dtype, endian = 1, "u1", "<"
+    if len(raw) < count * int(dtype[1]):
+        raise ImageReadError(path, f"truncated: the header announces {count:,} pixels, the "
+                             "file holds fewer", "re-export or copy it again")
+    if dtype[0] == "f":
+        bad = int((~np.isfinite(np.frombuffer(raw, dtype=endian + dtype))).sum())
+        if bad:
+            raise ImageReadError(path, f"{bad} pixel(s) are NaN or infinite",
+                                 "replace them with finite values first")
+
+
+def _check_jpeg_end(path: Path) -> None:
+    """A JPEG ends with its EOI marker; libjpeg only warns on stderr ("Premature end of
+    JPEG file") and returns the image padded with grey."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 1024))
+        tail = fh.read()
+    if b"\xff\xd9" not in tail:
+        raise ImageReadError(path, "truncated JPEG (no end-of-image marker)",
+                             "re-export or copy it again")
 
 
 def _read_itk(path: Path, fmt: str) -> MedicalImage:
     _check_header(path, fmt)
     if fmt == "nifti":
-        try:
-            bad = _nifti_nonfinite(path)
-        except (OSError, EOFError, ValueError):  # broken gzip stream etc.: ITK names it
-            bad = 0
-        if bad:
-            raise ImageReadError(path, f"{bad} pixel(s) are NaN or infinite",
-                                 "replace them with finite values first")
+        _check_nifti_data(path)
+    elif fmt == "jpeg":
+        _check_jpeg_end(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
