@@ -281,3 +281,18 @@ def test_truncated_compressed_files_are_refused(tmp_path, name):
     assert read_image(whole).shape == (64, 64)
     with pytest.raises(ImageReadError, match=f"{name}: truncated"):
         read_image(tmp_path / name)
+
+
+def test_a_planar_multi_sample_tiff_is_refused_not_cut_to_8_bits(tmp_path):
+    import tifffile
+
+    from harmonize.data.io import ImageReadError
+
+    x = (np.arange(3 * 8 * 16).reshape(3, 8, 16) * 50).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", x, planarconfig="separate", photometric="rgb")
+    with pytest.raises(ImageReadError, match="planar.tif: a TIFF of 3 samples per pixel "
+                                             "stored plane by plane"):
+        read_image(tmp_path / "planar.tif")
+    grey = (np.arange(8 * 16).reshape(8, 16) * 300).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "grey.tif", grey)
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.tif").array, grey)

@@ -216,6 +216,25 @@ def _check_nifti_data(path: Path) -> None:
                                  "replace them with finite values first")
 
 
+def _check_tiff_samples(path: Path) -> None:
+    """ITK reads a multi-sample TIFF it has no reader for (e.g. planar 16-bit RGB) through
+    an 8-bit RGBA fallback, losing bits: refuse what is not one grey channel (or equal
+    RGB, which `_collapse_gray` checks) before that."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            samples, planar = int(page.samplesperpixel), int(page.planarconfig)
+    except Exception:  # noqa: BLE001 - not parseable here: ITK's reader says why
+        return
+    if samples > 1 and (planar == 2 or samples not in (3,)):
+        raise ImageReadError(path, f"a TIFF of {samples} samples per pixel"
+                             + (" stored plane by plane" if planar == 2 else ""),
+                             "harmonize takes single-channel grayscale images; export one "
+                             "channel")
+
+
 def _check_jpeg_end(path: Path) -> None:
     """A JPEG ends with its EOI marker; libjpeg only warns on stderr ("Premature end of
     JPEG file") and returns the image padded with grey."""
@@ -233,6 +252,8 @@ def _read_itk(path: Path, fmt: str) -> MedicalImage:
         _check_nifti_data(path)
     elif fmt == "jpeg":
         _check_jpeg_end(path)
+    elif fmt == "tiff":
+        _check_tiff_samples(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
