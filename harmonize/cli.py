@@ -140,6 +140,12 @@ def _federated(args: argparse.Namespace) -> int:
     print(f"{s['rounds']} rounds over {s['nodes']} nodes ({', '.join(s['node_names'])}) in "
           f"{s['wall_seconds']:.0f} s" + (f"; epsilon {s['epsilon']:.2f} at delta "
                                           f"{s['delta']:g}" if s.get("epsilon") else ""))
+    skipped = s.get("rounds_not_aggregated") or []
+    if skipped:
+        print(f"harmonize: error: {len(skipped)} of {s['rounds']} rounds had fewer than "
+              f"{s['nodes']} replies and left the model unchanged (rounds "
+              f"{', '.join(map(str, skipped))})" + ("" if s["model"] else "; no model written"),
+              file=sys.stderr)
     for f in s["failures"]:
         print(f"harmonize: error: round {f['round']}: {f['reason']}", file=sys.stderr)
     if s["model"]:

@@ -107,9 +107,13 @@ def test_a_broken_node_is_named_by_the_server(synth3, tmp_path, capsys):
                  "--data", str(tmp_path / "m.csv"), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "node site_b" in err and "round 1" in err
+    # fewer replies than nodes: no round changed the model, none was written
+    assert "2 of 2 rounds had fewer than 3 replies" in err and "no model written" in err
     rounds = pd.read_csv(out / "rounds.csv")
-    assert (rounds["nodes_ok"] == 2).all()  # the other nodes went on
+    assert (rounds["nodes_ok"] == 2).all() and not rounds["aggregated"].any()
     assert rounds["failed"].str.contains("node site_b").all()
+    assert (rounds["failed"].str.len() <= 300).all()  # one line per failure, not a traceback
+    assert not (out / "model").exists()
 
 
 def test_memorization_flags_copies_not_new_patients(synth3):
@@ -233,3 +237,28 @@ def test_optimizer_state_survives_the_round_trip_through_arrays():
     for k, state in fresh.state_dict()["state"].items():
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), arrays[f"opt.{k}.{name}"])
+
+
+def test_a_round_with_too_few_replies_leaves_the_model_unchanged():
+    from types import SimpleNamespace
+
+    from harmonize.federated.server_app import record_replies
+
+    calls = []
+    strategy = SimpleNamespace(aggregate_train=lambda r, replies: calls.append(len(replies))
+                               or ("arrays", "metrics"))
+    log: dict = {}
+    record_replies(strategy, log, required=3)
+
+    def reply(name=None, error=None):
+        return SimpleNamespace(has_error=lambda: error is not None,
+                               error=SimpleNamespace(reason=error),
+                               content={"node": {"name": name}} if name else {})
+
+    killed = "ray actor died\n" + "traceback line\n" * 300
+    assert strategy.aggregate_train(7, [reply("a"), reply(error=killed)]) == (None, None)
+    assert calls == [] and not log[7]["aggregated"]
+    assert len(log[7]["failed"][0]) <= 300 and "\n" not in log[7]["failed"][0]
+    assert strategy.aggregate_train(8, [reply("a"), reply("b"), reply("c")]) == ("arrays",
+                                                                                 "metrics")
+    assert calls == [3] and log[8]["aggregated"]

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (  # noqa: E402
     FedProx,
 )
 
+from harmonize.checkpoint import checkpoint_dir  # noqa: E402
 from harmonize.data.io import atomic_write  # noqa: E402
 from harmonize.federated.config import FederatedConfig  # noqa: E402
 from harmonize.federated.nodes import node_names  # noqa: E402
@@ -57,9 +58,11 @@ def build_strategy(cfg: FederatedConfig, n_nodes: int):
     return strategy
 
 
-def record_replies(strategy, log: dict) -> None:
-    """Note, per round, which nodes replied and which failed (with the reason) before the
-    strategy aggregates (Flower's own log only has random node ids)."""
+def record_replies(strategy, log: dict, required: int) -> None:
+    """Note, per round, which nodes replied and which failed (with the reason, one line)
+    before the strategy aggregates (Flower's own log only has random node ids). A round
+    with fewer than `required` replies leaves the model as it was (a node killed for
+    memory must not make one node's update the federation's model)."""
     aggregate = strategy.aggregate_train
 
     def aggregate_train(server_round, replies):
@@ -67,13 +70,23 @@ def record_replies(strategy, log: dict) -> None:
         ok, failed = [], []
         for m in replies:
             if m.has_error():
-                failed.append(m.error.reason)
+                failed.append(one_line(m.error.reason))
             else:
                 ok.append(str(m.content["node"]["name"]) if "node" in m.content else "?")
-        log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter()}
-        return aggregate(server_round, replies)
+        complete = len(ok) >= required
+        log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
+                             "aggregated": complete}
+        if not complete:
+            return None, None  # Flower keeps the previous arrays
+        return aggregate(server_round, [m for m in replies if not m.has_error()])
 
     strategy.aggregate_train = aggregate_train
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A reason fit for one CSV cell and one log line (Ray's can be 3 KB)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
@@ -83,7 +96,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     task = build_task(cfg)
     strategy = build_strategy(cfg, n_nodes)
     replies: dict[int, dict] = {}
-    record_replies(strategy, replies)
+    record_replies(strategy, replies, n_nodes)
     started = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.initial_arrays()),
                             num_rounds=cfg.rounds,
@@ -94,15 +107,18 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     plot_rounds(rounds, out / "rounds.png")
     failures = [{"round": r, "reason": reason} for r, v in sorted(replies.items())
                 for reason in v["failed"]]
+    skipped = [r for r, v in sorted(replies.items()) if not v["aggregated"]]
     model_dir = None
-    if len(result.arrays) > 0:
+    if len(result.arrays) > 0 and len(skipped) < cfg.rounds:  # some round was aggregated
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
                               "epsilon": _epsilon(cfg, cfg.rounds)},
                 "training_manifest": str(cfg.manifest)}
         model_dir = task.save(result.arrays.to_torch_state_dict(), out / "model", meta)
+        checkpoint_dir(model_dir)  # raises if any file, the weights above all, is missing
     summary = {"model": str(model_dir) if model_dir else None, "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
+               "rounds_not_aggregated": skipped,
                "epsilon": _epsilon(cfg, cfg.rounds), "delta": cfg.privacy.delta
                if cfg.privacy.dp != "none" else None}
     text = json.dumps(summary, indent=2) + "\n"
@@ -131,6 +147,7 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
                     row[prefix + k.removeprefix("train_")] = float(v)
         row["epsilon"] = _epsilon(cfg, r)
         row["nodes_ok"] = len(replies.get(r, {}).get("ok", []))
+        row["aggregated"] = bool(replies.get(r, {}).get("aggregated", False))
         row["failed"] = " | ".join(replies.get(r, {}).get("failed", []))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -138,7 +155,7 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
 
 def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     metrics = [c for c in rounds.columns if c not in ("round", "seconds", "nodes_ok", "failed",
-                                                      "train_compute_seconds")
+                                                      "aggregated", "train_compute_seconds")
                and rounds[c].notna().any()]
     if not metrics:
         return
