@@ -296,3 +296,25 @@ def test_a_planar_multi_sample_tiff_is_refused_not_cut_to_8_bits(tmp_path):
     grey = (np.arange(8 * 16).reshape(8, 16) * 300).astype(np.uint16)
     tifffile.imwrite(tmp_path / "grey.tif", grey)
     np.testing.assert_array_equal(read_image(tmp_path / "grey.tif").array, grey)
+
+
+def test_300_mixed_files_every_valid_one_written_every_malformed_one_an_error(tmp_path):
+    import pandas as pd
+
+    from harmonize.synth.hostile import write_hostile_files
+
+    table = write_hostile_files(tmp_path, n=300, seed=0)
+    summary = apply_translator(load_translator("identity"), tmp_path / "files",
+                               tmp_path / "out", progress=False)
+    log = pd.read_csv(tmp_path / "out" / "apply_log.csv")
+    log["name"] = log["input"].str.rsplit("/", n=1).str[-1]
+    got = table.merge(log[["name", "status", "reason"]], on="name", how="left")
+    assert got["status"].notna().all()  # every file has its row
+    wrong = got[got["status"] != got["expected"]]
+    assert wrong.empty, wrong[["name", "status", "reason"]].head(10).to_string()
+    assert summary.ok == (table["expected"] == "ok").sum()
+    for row in got[got["expected"] == "ok"].itertuples():
+        a = read_image(tmp_path / "files" / row.name).array.astype(np.float64)
+        b = read_image(tmp_path / "out" / row.name).array.astype(np.float64)
+        tolerance = 2 if row.name.endswith(".jpg") else 0  # JPEG: lossy by nature
+        assert np.abs(a - b).max() <= tolerance, row.name

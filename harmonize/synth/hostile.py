@@ -1,0 +1,120 @@
+"""Seeded folders of mixed good and malformed image files, for checking that batch work
+never writes a wrong output: every valid file must come out (identity: exactly, JPEG
+within its lossy re-encoding) and every malformed one must be an error, never `ok`.
+
+Used by tests/test_hostile_inputs.py (300 files) and eval/hostile_inputs.py (1,000+).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from harmonize.synth.phantom import make_phantom
+
+VALID = ("png8", "png16", "tif16", "jpg", "nii", "niigz", "mha", "dcm")
+MALFORMED = ("truncated", "random", "empty", "volume3d", "colour", "nan", "huge_header",
+             "alpha")
+SUFFIX = {"png8": ".png", "png16": ".png", "tif16": ".tif", "jpg": ".jpg", "nii": ".nii",
+          "niigz": ".nii.gz", "mha": ".mha", "dcm": ".dcm"}
+
+
+def _image(rng: np.random.Generator, side: int) -> np.ndarray:
+    x = make_phantom("xray", side, bool(rng.integers(2)), rng).ideal
+    return ((x - x.min()) / (x.max() - x.min() + 1e-12)).astype(np.float32)
+
+
+def _write_valid(kind: str, path: Path, x: np.ndarray) -> None:
+    if kind == "png8" or kind == "jpg":
+        arr = np.rint(x * 255).astype(np.uint8)
+    elif kind in ("png16", "tif16", "mha"):
+        arr = np.rint(x * 4095).astype(np.uint16)
+    elif kind in ("nii", "niigz"):
+        arr = np.rint(x * 2000 - 1000).astype(np.int16)
+    else:  # dcm
+        _write_dicom(path, np.rint(x * 4095).astype(np.uint16))
+        return
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+
+
+def _write_dicom(path: Path, arr: np.ndarray) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.PixelData = arr.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _nifti_header_claiming(width: int, height: int) -> bytes:
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 2, width, height, 1, 1, 1, 1, 1)
+    struct.pack_into("<hh", hdr, 70, 16, 32)
+    struct.pack_into("<8f", hdr, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", hdr, 108, 352)
+    hdr[344:348] = b"n+1\0"
+    return bytes(hdr) + b"\0" * 4
+
+
+def write_hostile_files(out: str | Path, n: int = 300, seed: int = 0,
+                        side: int = 48) -> pd.DataFrame:
+    """n files under OUT/files (one in three malformed), and the table of what each is:
+    columns name, kind, expected ('ok' or 'error')."""
+    out = Path(out) / "files"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        malformed = k % 3 == 2
+        kind = MALFORMED[(k // 3) % len(MALFORMED)] if malformed else VALID[k % len(VALID)]
+        x = _image(rng, side)
+        base = VALID[int(rng.integers(len(VALID)))]
+        if kind in VALID:
+            name = f"{k:04d}_{kind}{SUFFIX[kind]}"
+            _write_valid(kind, out / name, x)
+        elif kind == "truncated":
+            base = ("png8", "png16", "jpg", "nii", "niigz", "dcm")[int(rng.integers(6))]
+            name = f"{k:04d}_{kind}_{base}{SUFFIX[base]}"
+            _write_valid(base, out / name, x)
+            data = (out / name).read_bytes()
+            (out / name).write_bytes(data[: len(data) // 2])
+        elif kind == "random":
+            name = f"{k:04d}_{kind}{SUFFIX[base]}"
+            (out / name).write_bytes(rng.bytes(int(rng.integers(10, 5000))))
+        elif kind == "empty":
+            name = f"{k:04d}_{kind}{SUFFIX[base]}"
+            (out / name).write_bytes(b"")
+        elif kind == "volume3d":
+            name = f"{k:04d}_{kind}.nii"
+            vol = np.stack([x, x, x]).astype(np.float32)
+            sitk.WriteImage(sitk.GetImageFromArray(vol), str(out / name))
+        elif kind == "colour":
+            name = f"{k:04d}_{kind}.png"
+            rgb = np.stack([x, x * 0.5, 1 - x], axis=-1)
+            sitk.WriteImage(sitk.GetImageFromArray(np.rint(rgb * 255).astype(np.uint8),
+                                                   isVector=True), str(out / name))
+        elif kind == "nan":
+            name = f"{k:04d}_{kind}.mha"
+            y = x.copy()
+            y[int(rng.integers(side)), int(rng.integers(side))] = np.nan
+            sitk.WriteImage(sitk.GetImageFromArray(y), str(out / name))
+        elif kind == "huge_header":
+            name = f"{k:04d}_{kind}.nii"
+            (out / name).write_bytes(_nifti_header_claiming(32767, 32767) + b"\0" * 1024)
+        else:  # alpha
+            name = f"{k:04d}_{kind}.png"
+            rgba = np.stack([x, x, x, np.ones_like(x)], axis=-1)
+            sitk.WriteImage(sitk.GetImageFromArray(np.rint(rgba * 255).astype(np.uint8),
+                                                   isVector=True), str(out / name))
+        rows.append({"name": name, "kind": kind, "expected": "error" if malformed else "ok"})
+    table = pd.DataFrame(rows)
+    table.to_csv(Path(out).parent / "expected.csv", index=False)
+    return table
