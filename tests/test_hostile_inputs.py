@@ -318,3 +318,29 @@ def test_300_mixed_files_every_valid_one_written_every_malformed_one_an_error(tm
         b = read_image(tmp_path / "out" / row.name).array.astype(np.float64)
         tolerance = 2 if row.name.endswith(".jpg") else 0  # JPEG: lossy by nature
         assert np.abs(a - b).max() <= tolerance, row.name
+
+
+def test_dicom_outputs_add_no_dciodvfy_error(tmp_path):
+    """dicom3tools' validator finds no error in an output that it did not find in its
+    input (CT, MR, a big-endian MR, a JPEG-compressed bone scan)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) not installed; .ci/run installs it")
+    (tmp_path / "in").mkdir()
+    names = ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "JPGExtended.dcm"]
+    for name in names:
+        shutil.copy(_dicom(name), tmp_path / "in" / name)
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    assert summary.ok == len(names)
+
+    def errors(path) -> set[str]:
+        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        return {line for line in (run.stdout + run.stderr).splitlines()
+                if line.startswith("Error")}
+
+    for name in names:
+        new = errors(tmp_path / "out" / name) - errors(tmp_path / "in" / name)
+        assert not new, (name, new)
