@@ -1,7 +1,8 @@
-"""1,000+ mixed good and malformed files through `harmonize apply --model identity`:
-every valid file must be written (exactly; JPEG within 2 grey levels) and every
-malformed one must be an error, never ok. Prints the counts per kind and the peak
-memory; exit 1 on any mismatch.
+"""1,000+ mixed good and malformed files (`harmonize.synth.hostile`, two site folders)
+through `harmonize apply --model identity` and `harmonize shift-report`, each in its own
+process: every valid file must be written (exactly; JPEG within 2 grey levels), every
+malformed one must be an error, never ok, and neither command may abort. Prints the
+counts per kind, the peak memory of each command, and exits 1 on any mismatch.
 
     python eval/hostile_inputs.py --out eval_out/hostile --files 1056
 """
@@ -9,18 +10,36 @@ memory; exit 1 on any mismatch.
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harmonize.apply import apply_translator
 from harmonize.data.io import read_image
 from harmonize.synth.hostile import write_hostile_files
-from harmonize.translators import load_translator
+
+# the command in a fresh process, reporting its own peak resident memory
+CHILD = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from harmonize.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_command(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True,
+                          text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        return {"rc": proc.returncode, "aborted": True, "stderr": proc.stderr[-2000:]}
+    return {**json.loads(lines[-1]), "aborted": False}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,28 +48,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=1056)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    shutil.rmtree(args.out, ignore_errors=True)
     table = write_hostile_files(args.out, n=args.files, seed=args.seed)
-    started = time.perf_counter()
-    summary = apply_translator(load_translator("identity"), args.out / "files",
-                               args.out / "harmonized", progress=True)
-    seconds = time.perf_counter() - started
-    log = pd.read_csv(args.out / "harmonized" / "apply_log.csv")
+    files, harmonized = args.out / "files", args.out / "harmonized"
+    apply = run_command(["apply", "-q", "--model", "identity", str(files), str(harmonized)])
+    shift = run_command(["shift-report", "-q", str(files), "--out", str(args.out / "shift"),
+                         "--workers", "2"])
+    log = pd.read_csv(harmonized / "apply_log.csv")
     log["name"] = log["input"].str.rsplit("/", n=1).str[-1]
     got = table.merge(log[["name", "status", "reason"]], on="name", how="left")
     mismatched = got[got["status"] != got["expected"]]
-    off = []
-    for row in got[(got["expected"] == "ok") & (got["status"] == "ok")].itertuples():
-        a = read_image(args.out / "files" / row.name).array.astype(np.float64)
-        b = read_image(args.out / "harmonized" / row.name).array.astype(np.float64)
-        if np.abs(a - b).max() > (2 if row.name.endswith(".jpg") else 0):
-            off.append(row.name)
+    off = [row.name for row in got[(got["expected"] == "ok")
+                                   & (got["status"] == "ok")].itertuples()
+           if np.abs(read_image(files / row.site / row.name).array.astype(float)
+                     - read_image(harmonized / row.site / row.name).array.astype(float)).max()
+           > (2 if row.name.endswith(".jpg") else 0)]
     print(got.groupby(["kind", "status"]).size().to_string())
-    print(f"{len(got)} files in {seconds:.1f} s; ok {summary.ok}, skipped {summary.skipped}, "
-          f"errors {summary.errors}; mismatched {len(mismatched)}, values off {len(off)}; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    shift_errors = (pd.read_csv(args.out / "shift" / "errors.csv")
+                    if (args.out / "shift" / "errors.csv").is_file() else pd.DataFrame())
+    result = {
+        "files": len(got), "apply": apply, "shift_report": shift,
+        "aborted": int(apply["aborted"]) + int(shift["aborted"]),
+        "mismatched": len(mismatched), "silent_wrong_outputs": len(off),
+        "shift_report_errors_listed": len(shift_errors),
+        "counts": {f"{k}/{s}": int(n) for (k, s), n in got.groupby(["kind", "status"]).size()
+                   .items()},
+    }
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{len(got)} files: {result['aborted']} aborted commands, {len(mismatched)} "
+          f"mismatched, {len(off)} silent wrong outputs; apply {apply.get('seconds', 0):.1f} s "
+          f"peak RSS {apply.get('peak_rss_mb', float('nan')):.0f} MB; shift-report "
+          f"{shift.get('seconds', 0):.1f} s peak RSS {shift.get('peak_rss_mb', float('nan')):.0f}"
+          f" MB, {len(shift_errors)} images listed as errors")
     if len(mismatched):
         print(mismatched[["name", "status", "reason"]].head(20).to_string())
-    return 1 if len(mismatched) or off else 0
+    return 1 if result["aborted"] or len(mismatched) or off else 0
 
 
 if __name__ == "__main__":

@@ -314,8 +314,8 @@ def test_300_mixed_files_every_valid_one_written_every_malformed_one_an_error(tm
     assert wrong.empty, wrong[["name", "status", "reason"]].head(10).to_string()
     assert summary.ok == (table["expected"] == "ok").sum()
     for row in got[got["expected"] == "ok"].itertuples():
-        a = read_image(tmp_path / "files" / row.name).array.astype(np.float64)
-        b = read_image(tmp_path / "out" / row.name).array.astype(np.float64)
+        a = read_image(tmp_path / "files" / row.site / row.name).array.astype(np.float64)
+        b = read_image(tmp_path / "out" / row.site / row.name).array.astype(np.float64)
         tolerance = 2 if row.name.endswith(".jpg") else 0  # JPEG: lossy by nature
         assert np.abs(a - b).max() <= tolerance, row.name
 

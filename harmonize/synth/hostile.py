@@ -66,13 +66,15 @@ def _nifti_header_claiming(width: int, height: int) -> bytes:
 
 def write_hostile_files(out: str | Path, n: int = 300, seed: int = 0,
                         side: int = 48) -> pd.DataFrame:
-    """n files under OUT/files (one in three malformed), and the table of what each is:
-    columns name, kind, expected ('ok' or 'error')."""
-    out = Path(out) / "files"
-    out.mkdir(parents=True, exist_ok=True)
+    """n files under OUT/files/<site>/ (two sites; one file in three malformed), and the
+    table of what each is: columns name, site, kind, expected ('ok' or 'error')."""
+    root = Path(out) / "files"
     rng = np.random.default_rng(seed)
     rows = []
     for k in range(n):
+        site = f"site_{'ab'[k % 2]}"
+        out = root / site
+        out.mkdir(parents=True, exist_ok=True)
         malformed = k % 3 == 2
         kind = MALFORMED[(k // 3) % len(MALFORMED)] if malformed else VALID[k % len(VALID)]
         x = _image(rng, side)
@@ -114,7 +116,8 @@ def write_hostile_files(out: str | Path, n: int = 300, seed: int = 0,
             rgba = np.stack([x, x, x, np.ones_like(x)], axis=-1)
             sitk.WriteImage(sitk.GetImageFromArray(np.rint(rgba * 255).astype(np.uint8),
                                                    isVector=True), str(out / name))
-        rows.append({"name": name, "kind": kind, "expected": "error" if malformed else "ok"})
+        rows.append({"name": name, "site": site, "kind": kind,
+                     "expected": "error" if malformed else "ok"})
     table = pd.DataFrame(rows)
-    table.to_csv(Path(out).parent / "expected.csv", index=False)
+    table.to_csv(root.parent / "expected.csv", index=False)
     return table
