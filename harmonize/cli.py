@@ -45,8 +45,13 @@ def _train_classical(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classical_arguments(parser: argparse.ArgumentParser) -> None:
-    """What every classical translator's training takes."""
+def _classical_parser(kinds, kind: str, parents: list, help_text: str, example_out: str
+                      ) -> argparse.ArgumentParser:
+    """`harmonize train KIND` for a classical translator, with the flags all of them take."""
+    parser = kinds.add_parser(
+        kind, formatter_class=argparse.RawDescriptionHelpFormatter, parents=parents,
+        help=help_text, epilog=f"example:\n  harmonize train {kind} --data "
+        f"data/synth/manifest.csv --reference-site site_a --out {example_out}")
     parser.add_argument("--data", required=True, help="manifest CSV")
     parser.add_argument("--reference-site", required=True)
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -57,6 +62,7 @@ def _classical_arguments(parser: argparse.ArgumentParser) -> None:
                         default="auto", help="intensity policy (harmonize.data.intensity)")
     parser.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
     parser.set_defaults(func=_train_classical)
+    return parser
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -231,22 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "--data data/synth/manifest.csv --reference-site site_a "
                               "--out runs/cg\n(harmonize train KIND --help for each kind)")
     kinds = p.add_subparsers(dest="kind", required=True)
-    h = kinds.add_parser(
-        "histogram-matching", formatter_class=fmt, parents=[common],
-        help="quantile histogram matching to the reference site",
-        epilog="example:\n  harmonize train histogram-matching --data data/synth/manifest.csv "
-               "--reference-site site_a --out models/hm")
-    _classical_arguments(h)
+    h = _classical_parser(kinds, "histogram-matching", [common],
+                          "quantile histogram matching to the reference site", "models/hm")
     h.add_argument("--per", choices=["image", "site"], default="image",
                    help="match each image's own histogram, or its site's average")
     h.add_argument("--n-quantiles", type=int, default=256,
                    help="quantile landmarks (default 256)")
-    f = kinds.add_parser(
-        "fourier", formatter_class=fmt, parents=[common],
-        help="Fourier-amplitude matching (FDA / FedDG style) to the reference site",
-        epilog="example:\n  harmonize train fourier --data data/synth/manifest.csv "
-               "--reference-site site_a --out models/fourier --beta 0.01")
-    _classical_arguments(f)
+    f = _classical_parser(kinds, "fourier", [common], "Fourier-amplitude matching (FDA / "
+                          "FedDG style) to the reference site", "models/fourier --beta 0.01")
     f.add_argument("--beta", type=float, default=0.01,
                    help="low-frequency block, fraction of the shorter side (default 0.01)")
     f.add_argument("--strength", type=float, default=1.0,

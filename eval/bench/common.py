@@ -21,13 +21,14 @@ def machine() -> dict:
     """What the numbers were measured on (the machines are noisy: ratios, not absolutes)."""
     import torch
 
-    from harmonize.training.device import native_bf16
+    from harmonize.training.device import cpu_kind, native_bf16
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpus": cpus,
         "torch_threads": torch.get_num_threads(),
         "cpu_native_bf16": native_bf16("cpu"),
+        "cpu_kind": cpu_kind(),  # docs/performance.md: which CPU a figure comes from
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),

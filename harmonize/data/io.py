@@ -182,9 +182,10 @@ NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "
 
 
 def _check_nifti_data(path: Path) -> None:
-    """Read a NIfTI-1 file's raw data (after `_check_header` bounded its size): refuse it
+    """Check a NIfTI-1 file's raw data (after `_check_header` bounded its size): refuse it
     when the data stop short (ITK fills a truncated .nii.gz silently) or hold NaN/Inf
-    (ITK turns them into 0)."""
+    (ITK turns them into 0). Only float or compressed data are read for this; an
+    uncompressed integer file is checked by its size."""
     import gzip
     import struct
 
@@ -201,8 +202,15 @@ def _check_nifti_data(path: Path) -> None:
             if dtype is None or not 1 <= dims[0] <= 7:
                 return  # a type or layout we do not parse: ITK's reader decides
             count = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+            needed = count * int(dtype[1])
+            if opener is open and dtype[0] != "f":  # integers, uncompressed: the size tells
+                if path.stat().st_size < max(offset, 348) + needed:
+                    raise ImageReadError(path, f"truncated: the header announces {count:,} "
+                                         "pixels, the file holds fewer",
+                                         "re-export or copy it again")
+                return
             fh.read(max(offset, 348) - 348)
-            raw = fh.read(count * int(dtype[1]))
+            raw = fh.read(needed)
     except (EOFError, OSError):
         raw = b""  # the compressed stream ends early
         count, dtype, endian = 1, "u1", "<"
