@@ -9,6 +9,7 @@ from pathlib import Path
 
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig, load_federated_config
+from harmonize.federated.nodes import fill_site_lists
 from harmonize.federated.server_app import make_server_app
 
 APP_ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def config_from_run(run_config: dict) -> FederatedConfig:
     path = Path(str(run_config["config"]))
     if not path.is_absolute() and not path.is_file():  # relative to the app (FAB) root
         path = APP_ROOT / path
-    return load_federated_config(path, overrides)
+    return fill_site_lists(load_federated_config(path, overrides))
 
 
 client_app = make_client_app(config_from_run=config_from_run)

@@ -45,7 +45,19 @@ class ClassifierTaskConfig(Section):
 class CycleGANTaskConfig(Section):
     config: Path | None = Field(None, description="CycleGAN YAML (model, loss, data.image_size)")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
-    local_steps: int = Field(20, ge=1, description="optimizer steps per round at each node")
+    local_steps: int = Field(1, ge=1, description="K: local SGD steps per round at each node "
+                             "between aggregations; 1 = FedSGD, exactly central training")
+    local_lr: float = Field(5e-4, gt=0, description="learning rate of the nodes' local SGD "
+                            "steps (cancels out at local_steps 1)")
+    server_optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="adam: the central optimizer (config's lr, betas, schedule) on "
+        "the summed node updates; sgd: the summed updates applied as they are")
+    server_lr: float | None = Field(None, gt=0, description="adam's learning rate; default "
+                                    "the CycleGAN config's train.lr")
+    sites: list[str] | None = Field(None, description="the source sites in condition order "
+                                    "(F and D_A are site-conditioned); default: the "
+                                    "manifest's non-reference sites, sorted (give it in a "
+                                    "deployment, where the server has no manifest)")
 
 
 class DiffusionTaskConfig(Section):

@@ -1,36 +1,49 @@
-"""Federated CycleGAN: every site's style mapped to the reference site, no image moving.
+"""Federated CycleGAN whose objective decomposes exactly over the nodes (Song & Ye 2021).
 
-Design (docs/federated.md has the privacy argument):
-- Shared (averaged by FedAvg every round): the pooled generator G (any site ->
-  reference) and the reference discriminator D_B. Nothing else leaves a node.
-- A non-reference node k trains G with D_B's adversarial loss, the cycle a -> G -> F_k -> a
-  through its own reverse generator F_k, the structure term, and pushes D_B to call G's
-  outputs fake. F_k holds site k's style and never leaves the node (like FedBN's local
-  layers). The half of the cycle that starts from reference images (b -> F -> G -> b)
-  needs reference images, so it does not exist here.
-- The reference node teaches D_B what real reference images look like and G to leave
-  them unchanged (identity loss). That is how the reference domain's knowledge reaches
-  the other sites: through D_B's (and G's) weights, never through images.
-- Averaging D_B trained on "real only" at one node and "fake only" at the others is,
-  for small local steps, one discriminator trained on mixed batches; source nodes take
-  D_B steps 1/(n-1) as large so that real and fake weigh the same.
-- Central baseline: the same code with all images at one node (both halves every step).
-- No polarity guard: it would need the reference site's mean image at every node; fix
-  inverted exports at the node (MONOCHROME1 is handled on read).
+The central many-to-one objective (`translators/cyclegan/losses.py`) is a sum of terms
+that each need one domain's real images. Every node computes exactly the terms its own
+images allow, with the central loss functions:
+
+- a source node k (site k's images a, condition c = k): G's adversarial term against
+  D_B, the cycle a -> G -> F(., k) -> a, F's identity on a, the structure term, D_B's
+  fake term on G(a) and D_A's real term on a;
+- the reference node (images b): G's identity on b, the cycle b -> F(., c) -> G -> b and
+  F's adversarial term against D_A for every source condition c in turn, the structure
+  term, D_B's real term on b and D_A's fake term on F(b, c).
+
+So all four networks are shared (averaged): G (any site -> reference; the translator),
+F and D_A (conditioned on the source site) and D_B. Each node weighs its half by its
+share of that half's images (the counts come from the server, else equal shares), takes
+K local SGD steps, and the server sums the updates into one gradient and steps central
+training's Adam on it (`server_optimizer.py`). With K = 1 every gradient is taken at the
+same weights and their sum is the central gradient: a round is one central step. What
+the shared weights reveal: G the reference site's style; F(., k) and D_A(., k) site k's
+style (F renders reference anatomy the way site k's scanner would); D_B what reference
+images look like. No image leaves a node; the image pool of past fakes stays local.
+
+The reference node draws as many images per step as the source nodes together (S x
+batch_size), one per source condition, as a central batch pairs each source image with
+a reference image. No polarity guard (it would need the reference site's mean image at
+every node); fix inverted exports at the node.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
+from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
+from harmonize.federated.nodes import read_manifest, split_rows
+from harmonize.federated.server_optimizer import ServerOptimizerSpec
 from harmonize.training.device import autocast, pick_device
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import load_config
@@ -39,13 +52,112 @@ from harmonize.translators.cyclegan.networks import (
     NLayerDiscriminator,
     ResnetGenerator,
     init_weights,
-    local_ncc_loss,
 )
+from harmonize.translators.cyclegan.train import lr_factor
 from harmonize.translators.cyclegan.translator import CycleGANTranslator
+
+NETS = ("g", "f", "d_a", "d_b")
+
+
+@dataclass
+class Nets:
+    g: torch.nn.Module
+    f: torch.nn.Module
+    d_a: torch.nn.Module
+    d_b: torch.nn.Module
+
+    def generators(self) -> list[torch.nn.Parameter]:
+        return [*self.g.parameters(), *self.f.parameters()]
+
+    def discriminators(self) -> list[torch.nn.Parameter]:
+        return [*self.d_a.parameters(), *self.d_b.parameters()]
+
+    def arrays(self) -> Arrays:
+        return {f"{name}.{k}": v.detach().cpu().clone() for name in NETS
+                for k, v in getattr(self, name).state_dict().items()}
+
+
+@dataclass
+class NodeBatch:
+    """One step's images of one node, in network space, and the weight of each half."""
+    a: torch.Tensor | None = None  # source images
+    a_cond: torch.Tensor | None = None  # their site, one-hot
+    b: torch.Tensor | None = None  # reference images
+    b_cond: torch.Tensor | None = None  # the site each is rendered as by F
+    source_weight: float = 0.0
+    reference_weight: float = 0.0
+
+
+def generator_objective(nets: Nets, batch: NodeBatch, w: losses.LossWeights
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """This node's share of the generators' loss; returns (loss, G(a), F(b))."""
+    loss = torch.zeros((), device=next(nets.g.parameters()).device)
+    fake_b = fake_a = None
+    if batch.a is not None:
+        terms, fake_b = losses.source_terms(nets.g, nets.f, nets.d_b, batch.a, batch.a_cond, w)
+        loss = loss + batch.source_weight * losses.generator_loss(terms, w)
+    if batch.b is not None:
+        terms, fake_a = losses.reference_terms(nets.g, nets.f, nets.d_a, batch.b,
+                                               batch.b_cond, w)
+        loss = loss + batch.reference_weight * losses.generator_loss(terms, w)
+    return loss, fake_b, fake_a
+
+
+def discriminator_objective(nets: Nets, batch: NodeBatch, fake_b: torch.Tensor | None,
+                            fake_a: torch.Tensor | None, pool_b: ImagePool,
+                            pool_a: ImagePool) -> torch.Tensor:
+    """This node's share of both discriminators' loss (real terms of its own images,
+    fake terms of its own translations, through its local pool)."""
+    loss = torch.zeros((), device=next(nets.d_b.parameters()).device)
+    if batch.a is not None:
+        pooled_b, _ = pool_b.query(fake_b.detach())
+        loss = loss + batch.source_weight * (
+            losses.discriminator_fake(nets.d_b, pooled_b)
+            + losses.discriminator_real(nets.d_a, batch.a, batch.a_cond))
+    if batch.b is not None:
+        pooled_a, pooled_cond = pool_a.query(fake_a.detach(), batch.b_cond)
+        loss = loss + batch.reference_weight * (
+            losses.discriminator_real(nets.d_b, batch.b)
+            + losses.discriminator_fake(nets.d_a, pooled_a, pooled_cond))
+    return loss
+
+
+def batch_indices(n: int, batch: int, step: int, seed: list[int]) -> np.ndarray:
+    """Epoch-style sampling: a fixed permutation of the node's n images, read `batch` at
+    a time from position step * batch (wrapping), so every image is used once per pass."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[(step * batch + np.arange(batch)) % n]
+
+
+def half_weights(round_config: dict, n_source: int, n_reference: int) -> tuple[float, float]:
+    """(source, reference) weight of this node: its share of each half's images when the
+    server sent the totals ("count.source", "count.reference"), else equal shares (one
+    reference node, the other nodes source nodes)."""
+    nodes = max(1, int(round_config.get("nodes", 1)))
+    total_src = float(round_config.get("count.source", 0))
+    total_ref = float(round_config.get("count.reference", 0))
+    w_src = n_source / total_src if total_src else 1.0 / max(1, nodes - 1)
+    w_ref = n_reference / total_ref if total_ref else 1.0
+    return (w_src if n_source else 0.0), (w_ref if n_reference else 0.0)
 
 
 def _split(arrays: Arrays, prefix: str) -> Arrays:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _pool_arrays(name: str, pool: ImagePool) -> Arrays:
+    if not pool.images:
+        return {}
+    return {f"{name}.images": torch.stack(pool.images).cpu(),
+            f"{name}.conditions": torch.stack(pool.conditions).cpu(),
+            f"{name}.generator": pool.generator.get_state()}
+
+
+def _load_pool(name: str, pool: ImagePool, local: Arrays | None, device) -> None:
+    if local and f"{name}.images" in local:
+        pool.load_state_dict({"images": [t.to(device) for t in local[f"{name}.images"]],
+                              "conditions": [t.to(device) for t in local[f"{name}.conditions"]],
+                              "generator": local[f"{name}.generator"]})
 
 
 class CycleGANTask:
@@ -57,99 +169,135 @@ class CycleGANTask:
         overrides = {"data.reference_site": config.reference_site, **config.cyclegan.set}
         self.cg = load_config(config.cyclegan.config, overrides)
         self.size = self.cg.data.image_size
+        if not config.cyclegan.sites:
+            raise ConfigError("cyclegan.sites: list the source sites (the condition order "
+                              "all nodes must agree on)")
+        self.sites = list(config.cyclegan.sites)
+        if config.reference_site in self.sites:
+            raise ConfigError(f"cyclegan.sites lists the reference site "
+                              f"'{config.reference_site}'; list the source sites only")
 
-    def _g(self) -> ResnetGenerator:
+    # --- networks -------------------------------------------------------------------
+    def _g(self, n_conditions: int = 0) -> ResnetGenerator:
         m = self.cg.model
         return ResnetGenerator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
-                               residual=m.residual)
+                               residual=m.residual, n_conditions=n_conditions)
 
-    def _d(self) -> NLayerDiscriminator:
-        return NLayerDiscriminator(ndf=self.cg.model.ndf, n_layers=self.cg.model.n_layers_d)
+    def nets(self, arrays: Arrays | None = None) -> Nets:
+        m, s = self.cg.model, len(self.sites)
+        nets = Nets(self._g(), self._g(s),
+                    NLayerDiscriminator(ndf=m.ndf, n_layers=m.n_layers_d, n_conditions=s),
+                    NLayerDiscriminator(ndf=m.ndf, n_layers=m.n_layers_d))
+        for name in NETS:
+            net = getattr(nets, name)
+            if arrays is None:
+                init_weights(net)
+            else:
+                net.load_state_dict(_split(arrays, f"{name}."))
+        return nets
 
     def initial_arrays(self) -> Arrays:
         torch.manual_seed(self.config.seed)
-        g, d = init_weights(self._g()), init_weights(self._d())
-        return {**{f"g.{k}": v for k, v in g.state_dict().items()},
-                **{f"d_b.{k}": v for k, v in d.state_dict().items()}}
+        return self.nets().arrays()
 
+    def server_optimizer(self) -> ServerOptimizerSpec:
+        c, tc = self.config.cyclegan, self.cg.train
+        k = c.local_steps
+        total = self.config.rounds * k  # central steps this run stands for
+        decay = total // 2 if tc.decay_steps is None else tc.decay_steps
+        return ServerOptimizerSpec(
+            kind=c.server_optimizer, lr=c.server_lr or tc.lr, betas=(tc.beta1, tc.beta2),
+            local_lr=c.local_lr, local_steps=k,
+            lr_factor=lambda r: lr_factor((r - 1) * k, total, decay))
+
+    def server_settings(self) -> dict:
+        """Each half's image count, for the nodes' weights (when the server has the
+        manifest, as in simulation; a deployment's nodes fall back to equal shares)."""
+        manifest = self.config.manifest
+        if manifest is None or not Path(manifest).is_file():
+            return {}
+        train, _ = split_rows(read_manifest(manifest))
+        is_ref = train["site"].astype(str) == self.config.reference_site
+        return {"count.source": int((~is_ref).sum()), "count.reference": int(is_ref.sum())}
+
+    # --- a node's data ----------------------------------------------------------------
     def _images(self, rows: pd.DataFrame) -> torch.Tensor:
-        x = cached_images(rows["path"].astype(str).tolist(), self.size)
-        return x * 2 - 1  # network space
+        return cached_images(rows["path"].astype(str).tolist(), self.size) * 2 - 1
 
+    def node_data(self, rows: pd.DataFrame, device) -> tuple:
+        sites = rows["site"].astype(str)
+        is_ref = (sites == self.config.reference_site).to_numpy()
+        unknown = sorted(set(sites[~is_ref]) - set(self.sites))
+        if unknown:
+            raise ConfigError(f"site(s) {unknown} are not in cyclegan.sites {self.sites}")
+        xa = self._images(rows[~is_ref]).to(device) if (~is_ref).any() else None
+        ca = (torch.tensor([self.sites.index(s) for s in sites[~is_ref]], device=device)
+              if xa is not None else None)
+        xb = self._images(rows[is_ref]).to(device) if is_ref.any() else None
+        return xa, ca, xb
+
+    def node_batch(self, data: tuple, step: int, seed: list[int], weights) -> NodeBatch:
+        xa, ca, xb = data
+        bs, s = self.cg.train.batch_size, len(self.sites)
+        batch = NodeBatch(source_weight=weights[0], reference_weight=weights[1])
+        if xa is not None:
+            idx = torch.from_numpy(batch_indices(len(xa), bs, step, [*seed, 0])).to(xa.device)
+            batch.a, batch.a_cond = xa[idx], F.one_hot(ca[idx], s).float()
+        if xb is not None:  # one reference image per source condition, as in a central batch
+            idx = torch.from_numpy(batch_indices(len(xb), bs * s, step, [*seed, 1]))
+            batch.b = xb[idx.to(xb.device)]
+            cond = torch.arange(bs * s, device=xb.device) % s
+            batch.b_cond = F.one_hot(cond, s).float()
+        return batch
+
+    # --- one round at a node ----------------------------------------------------------
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
-        server_round = int(round_config.get("server-round", 0))
+        server_round = int(round_config.get("server-round", 1))
         device = pick_device()
-        ref_site = self.config.reference_site
-        is_ref = (rows["site"].astype(str) == ref_site).to_numpy()
-        xa = self._images(rows[~is_ref]).to(device) if (~is_ref).any() else None
-        xb = self._images(rows[is_ref]).to(device) if is_ref.any() else None
+        data = self.node_data(rows, device)
+        n_src = 0 if data[0] is None else len(data[0])
+        n_ref = 0 if data[2] is None else len(data[2])
+        weights = half_weights(round_config, n_src, n_ref)
         node_seed = zlib.crc32(",".join(sorted(rows["site"].astype(str).unique())).encode())
         torch.manual_seed(self.config.seed * 100_003 + node_seed + server_round)
-        g, d_b = self._g(), self._d()
-        g.load_state_dict(_split(arrays, "g."))
-        d_b.load_state_dict(_split(arrays, "d_b."))
-        f = self._g()
-        if local:
-            f.load_state_dict(_split(local, "f."))
-        else:
-            init_weights(f)
-        g, d_b, f = g.to(device), d_b.to(device), f.to(device)
-        lw, tc = self.cg.loss, self.cg.train
-        w = losses.LossWeights.from_config(lw)
-        opt_g = torch.optim.Adam([*g.parameters(), *f.parameters()], lr=tc.lr,
-                                 betas=(tc.beta1, tc.beta2))
-        # FedAvg averages one "real" D_B update (reference node) with n - 1 "fake" ones;
-        # a source node's smaller step gives real and fake equal weight, as in a central
-        # mixed batch (Adam ignores loss scaling, so the learning rate carries it)
-        sources = max(1, int(round_config.get("nodes", 2)) - 1)
-        lr_d = tc.lr / sources if xb is None else tc.lr
-        opt_d = torch.optim.Adam(d_b.parameters(), lr=lr_d, betas=(tc.beta1, tc.beta2))
-        pool = ImagePool(lw.pool_size, self.config.seed + server_round)
-        rng = np.random.default_rng([self.config.seed, server_round, node_seed])
-        bs = tc.batch_size
-        sums = torch.zeros(2, device=device)  # (generator, discriminator), read once
-        for _ in range(self.config.cyclegan.local_steps):
-            # generator step: the terms this node's images allow (losses.py)
-            d_b.requires_grad_(False)
-            terms: losses.Terms = {}
-            fake_b = None
+        nets = self.nets(arrays)
+        for name in NETS:
+            getattr(nets, name).to(device)
+        c, tc = self.config.cyclegan, self.cg.train
+        w = losses.LossWeights.from_config(self.cg.loss)
+        opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)
+        opt_d = torch.optim.SGD(nets.discriminators(), lr=c.local_lr)
+        pool_b = ImagePool(self.cg.loss.pool_size, self.config.seed + node_seed)
+        pool_a = ImagePool(self.cg.loss.pool_size, self.config.seed + node_seed + 1)
+        _load_pool("pool_b", pool_b, local, device)
+        _load_pool("pool_a", pool_a, local, device)
+        sums = torch.zeros(2, device=device)  # (generators, discriminators), read once
+        for i in range(c.local_steps):
+            batch = self.node_batch(data, (server_round - 1) * c.local_steps + i,
+                                    [self.config.seed, node_seed], weights)
+            for p in nets.discriminators():
+                p.requires_grad_(False)
             with autocast(device, tc.mixed_precision):
-                if xa is not None:  # source half, without D_A (no reference images here)
-                    a = xa[torch.from_numpy(rng.integers(len(xa), size=bs)).to(device)]
-                    fake_b = g(a)
-                    terms["G_gan"] = losses.adversarial_term(d_b, fake_b)
-                    terms["cycle"] = losses.cycle_term(f(fake_b), a)
-                    terms["idt"] = losses.identity_term(f, a)
-                    if w.structure > 0:
-                        terms["struct"] = local_ncc_loss(a, fake_b)
-                if xb is not None:  # reference node: G leaves reference images as they are
-                    b = xb[torch.from_numpy(rng.integers(len(xb), size=bs)).to(device)]
-                    terms = losses.merge(terms, {"idt": losses.identity_term(g, b)})
-                loss_g = losses.generator_loss(terms, w)
+                loss_g, fake_b, fake_a = generator_objective(nets, batch, w)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            # discriminator step: real terms here if reference images, fake terms if not
-            d_b.requires_grad_(True)
+            for p in nets.discriminators():
+                p.requires_grad_(True)
             with autocast(device, tc.mixed_precision):
-                loss_d = torch.zeros((), device=device)
-                if fake_b is not None:
-                    pooled, _ = pool.query(fake_b.detach())
-                    loss_d = loss_d + losses.discriminator_fake(d_b, pooled)
-                if xb is not None:
-                    loss_d = loss_d + losses.discriminator_real(d_b, b)
+                loss_d = discriminator_objective(nets, batch, fake_b, fake_a, pool_b, pool_a)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
             sums += torch.stack([loss_g.detach(), loss_d.detach()])
-        steps = self.config.cyclegan.local_steps
-        mean_g, mean_d = (sums / steps).tolist()
-        shared = {**{f"g.{k}": v.detach().cpu().clone() for k, v in g.state_dict().items()},
-                  **{f"d_b.{k}": v.detach().cpu().clone() for k, v in d_b.state_dict().items()}}
-        own = ({f"f.{k}": v.detach().cpu().clone() for k, v in f.state_dict().items()}
-               if xa is not None else {})
-        return shared, own, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": steps}
+        mean_g, mean_d = (sums / c.local_steps).tolist()
+        own = {**_pool_arrays("pool_b", pool_b), **_pool_arrays("pool_a", pool_a)}
+        shared = nets.arrays()
+        sent = sum(v.numel() * v.element_size() for v in shared.values())
+        # equal weights in the average: each node's share is already in its loss
+        return shared, own, {"loss_g": mean_g, "loss_d": mean_d, "bytes_sent": float(sent),
+                             "num-examples": 1}
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         return {"num-examples": 0}
@@ -167,5 +315,11 @@ class CycleGANTask:
         g.load_state_dict(_split(arrays, "g."))
         return t.set_trained(g, np.zeros((32, 32), np.float32), self.config.reference_site)
 
+    def reverse_generator(self, arrays: Arrays) -> torch.nn.Module:
+        """F (reference -> site k's style), for the memorization check of what leaves."""
+        f = self._g(len(self.sites))
+        f.load_state_dict(_split(arrays, "f."))
+        return f.eval()
+
     def save(self, arrays: Arrays, out: Path, metadata: dict) -> Path:
-        return self.translator(arrays).save(out, metadata)
+        return self.translator(arrays).save(out, {**metadata, "source_sites": self.sites})

@@ -66,3 +66,16 @@ def split_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         return rows, rows.iloc[:0]
     test = rows["split"].astype(str) == "test"
     return rows[~test].reset_index(drop=True), rows[test].reset_index(drop=True)
+
+
+def fill_site_lists(cfg):
+    """The site orders every node must agree on (CycleGAN's conditions, the diffusion
+    prior's class labels), from the manifest when the config does not give them."""
+    if cfg.manifest is None or not Path(cfg.manifest).is_file():
+        return cfg
+    sites = sorted(read_manifest(cfg.manifest)["site"].astype(str).unique())
+    if cfg.task == "cyclegan" and cfg.cyclegan.sites is None:
+        cfg.cyclegan.sites = [s for s in sites if s != cfg.reference_site]
+    if cfg.task == "diffusion" and cfg.diffusion.sites is None:
+        cfg.diffusion.sites = sites
+    return cfg

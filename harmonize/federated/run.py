@@ -16,7 +16,7 @@ from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import node_names
+from harmonize.federated.nodes import fill_site_lists, node_names
 from harmonize.federated.server_app import make_server_app
 
 
@@ -41,9 +41,7 @@ def resolved_config(cfg: FederatedConfig) -> FederatedConfig:
         cfg.cyclegan.config = Path(cfg.cyclegan.config).resolve()
     if cfg.task == "diffusion":
         cfg.diffusion.config = Path(cfg.diffusion.config).resolve()
-        if cfg.diffusion.sites is None:  # class labels every node agrees on
-            cfg.diffusion.sites = sorted(load_manifest(cfg.manifest)["site"].astype(str).unique())
-    return cfg
+    return fill_site_lists(cfg)
 
 
 def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:

@@ -29,6 +29,10 @@ from harmonize.data.io import atomic_write  # noqa: E402
 from harmonize.federated.config import FederatedConfig  # noqa: E402
 from harmonize.federated.nodes import node_names  # noqa: E402
 from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
+from harmonize.federated.server_optimizer import (  # noqa: E402
+    ServerOptimizer,
+    with_server_optimizer,
+)
 from harmonize.federated.tasks import build_task  # noqa: E402
 
 
@@ -95,12 +99,18 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
     task = build_task(cfg)
     strategy = build_strategy(cfg, n_nodes)
+    initial = task.initial_arrays()
+    if hasattr(task, "server_optimizer"):  # FedOpt: after any DP wrapper (module docstring)
+        with_server_optimizer(strategy, ServerOptimizer(task.server_optimizer(), initial))
     replies: dict[int, dict] = {}
     record_replies(strategy, replies, n_nodes)
+    settings = {"seed": cfg.seed, "nodes": n_nodes}
+    if hasattr(task, "server_settings"):
+        settings.update(task.server_settings())
     started = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.initial_arrays()),
-                            num_rounds=cfg.rounds,
-                            train_config=ConfigRecord({"seed": cfg.seed, "nodes": n_nodes}))
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
+                            num_rounds=cfg.rounds, train_config=ConfigRecord(settings),
+                            evaluate_config=ConfigRecord({"rounds": cfg.rounds}))
     seconds = time.perf_counter() - started
     rounds = rounds_table(cfg, result, replies, started)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))

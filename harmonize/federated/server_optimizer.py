@@ -1,0 +1,86 @@
+"""A server-side optimizer over the nodes' aggregated updates (FedOpt, Reddi et al.
+"Adaptive Federated Optimization", ICLR 2021).
+
+Each node takes K local SGD steps of learning rate `local_lr` on its share of the global
+objective and returns its weights; the strategy (FedAvg with equal weights, optionally
+wrapped by Flower's DP clipping and noise) averages them. The server turns the average
+into a gradient estimate,
+
+    g = n * (w - mean_k w_k) / (local_lr * K) = sum_k (w - w_k) / (local_lr * K),
+
+the sum over nodes because the objective is a sum of the nodes' terms, and steps a
+torch optimizer on it: `adam` (central training's optimizer, same betas and schedule) or
+`sgd` (the summed update applied as it is). With K = 1 a round is one central step:
+every node's gradient is taken at the same weights, and their sum is the central
+gradient, so Adam on the server reproduces central training (FedSGD). The optimizer
+state (Adam moments) lives at the server only; it is built from public aggregates.
+
+Applied after the DP wrapper, so the noise is added to what the nodes sent and the
+optimizer only post-processes it (no effect on the privacy guarantee).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+
+Arrays = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerOptimizerSpec:
+    kind: str  # "adam" or "sgd"
+    lr: float  # server learning rate (adam); the nodes' local_lr carries sgd
+    betas: tuple[float, float]
+    local_lr: float
+    local_steps: int
+    lr_factor: Callable[[int], float] = lambda server_round: 1.0
+
+
+class ServerOptimizer:
+    def __init__(self, spec: ServerOptimizerSpec, arrays: Arrays) -> None:
+        self.spec = spec
+        self.params = {k: torch.nn.Parameter(v.detach().clone().float(), requires_grad=False)
+                       for k, v in arrays.items() if v.is_floating_point()}
+        self.buffers = {k: v.clone() for k, v in arrays.items() if not v.is_floating_point()}
+        self.adam = (torch.optim.Adam(list(self.params.values()), lr=spec.lr,
+                                      betas=spec.betas) if spec.kind == "adam" else None)
+        self.seconds = 0.0
+
+    def step(self, server_round: int, mean: Arrays, nodes: int) -> Arrays:
+        """New global weights from the strategy's average of `nodes` replies."""
+        started = time.perf_counter()
+        scale = nodes / (self.spec.local_lr * self.spec.local_steps)
+        with torch.no_grad():
+            for key, p in self.params.items():
+                update = (p - mean[key].float()) * scale  # the summed gradient estimate
+                if self.adam is None:
+                    p -= update * self.spec.local_lr * self.spec.local_steps
+                else:
+                    p.grad = update
+        if self.adam is not None:
+            for group in self.adam.param_groups:
+                group["lr"] = self.spec.lr * self.spec.lr_factor(server_round)
+            self.adam.step()
+        self.buffers = {k: mean[k].clone() for k in self.buffers}
+        self.seconds += time.perf_counter() - started
+        return {**{k: p.detach().clone() for k, p in self.params.items()}, **self.buffers}
+
+
+def with_server_optimizer(strategy, optimizer: ServerOptimizer) -> None:
+    """Make `strategy.aggregate_train` return the optimizer's step instead of the mean."""
+    aggregate = strategy.aggregate_train
+
+    def aggregate_train(server_round, replies):
+        replies = [m for m in replies if not m.has_error()]
+        arrays, metrics = aggregate(server_round, replies)
+        if arrays is None:
+            return None, metrics
+        new = optimizer.step(server_round, arrays.to_torch_state_dict(), len(replies))
+        return ArrayRecord(new), metrics
+
+    strategy.aggregate_train = aggregate_train

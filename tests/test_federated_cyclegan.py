@@ -1,0 +1,148 @@
+"""The federated CycleGAN decomposes the central objective exactly: the nodes' gradients
+sum to the central gradient, and at K = 1 a round (node steps, FedAvg's mean, the
+server's Adam) is one central Adam step."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmonize.data.manifest import load_manifest
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.cyclegan_task import (
+    CycleGANTask,
+    NodeBatch,
+    discriminator_objective,
+    generator_objective,
+    half_weights,
+)
+from harmonize.federated.server_optimizer import ServerOptimizer
+from harmonize.synth import generate
+from harmonize.translators.cyclegan import losses
+from harmonize.translators.cyclegan.networks import ImagePool
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ["site_a", "site_b", "site_c", "site_d"]  # site_a is the reference
+
+
+@pytest.fixture(scope="module")
+def synth4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fedcg") / "synth"
+    generate(out, sites=4, per_site=4, size=32, seed=0, progress=False)
+    return out
+
+
+def make_task(synth4, **cyclegan) -> CycleGANTask:
+    cfg = FederatedConfig(
+        task="cyclegan", reference_site="site_a", rounds=10,
+        manifest=synth4 / "manifest.csv",
+        cyclegan={"config": ROOT / "configs/cyclegan/quick.yaml", "sites": SITES[1:],
+                  "set": {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
+                          "model.ndf": 8, "train.batch_size": 2, "loss.pool_size": 0,
+                          "train.mixed_precision": "no"}, **cyclegan})
+    return CycleGANTask(cfg)
+
+
+def node_batches(task, synth4, settings) -> list[tuple]:
+    """(rows, NodeBatch) of each node's first step, as its train() draws it."""
+    df = load_manifest(synth4 / "manifest.csv")
+    out = []
+    for site in SITES:
+        rows = df[df["site"] == site].reset_index(drop=True)
+        data = task.node_data(rows, "cpu")
+        counts = [0 if data[0] is None else len(data[0]), 0 if data[2] is None else len(data[2])]
+        seed = [task.config.seed, zlib.crc32(site.encode())]
+        out.append((rows, task.node_batch(data, 0, seed, half_weights(settings, *counts))))
+    return out
+
+
+def central_batch(batches: list[NodeBatch]) -> NodeBatch:
+    """All nodes' images in one batch: what central training sees in one step."""
+    src = [b for b in batches if b.a is not None]
+    ref = next(b for b in batches if b.b is not None)
+    return NodeBatch(a=torch.cat([b.a for b in src]), a_cond=torch.cat([b.a_cond for b in src]),
+                     b=ref.b, b_cond=ref.b_cond, source_weight=1.0, reference_weight=1.0)
+
+
+def gradients(task, arrays, batch: NodeBatch) -> dict[str, torch.Tensor]:
+    """Gradients of one step: the generators' at the start weights, then the
+    discriminators' on the (pre-update) translations, as central training takes them."""
+    nets = task.nets(arrays)
+    w = losses.LossWeights.from_config(task.cg.loss)
+    for p in nets.discriminators():
+        p.requires_grad_(False)
+    loss_g, fake_b, fake_a = generator_objective(nets, batch, w)
+    loss_g.backward()
+    for p in nets.discriminators():
+        p.requires_grad_(True)
+    discriminator_objective(nets, batch, fake_b, fake_a, ImagePool(0), ImagePool(0)).backward()
+    return {f"{name}.{k}": (torch.zeros_like(p) if p.grad is None else p.grad)
+            for name in ("g", "f", "d_a", "d_b")
+            for k, p in getattr(nets, name).named_parameters()}
+
+
+def test_node_gradients_sum_to_the_central_gradient(synth4):
+    task = make_task(synth4)
+    arrays = task.initial_arrays()
+    settings = {"nodes": 4, **task.server_settings()}
+    assert settings["count.source"] == 12 and settings["count.reference"] == 4
+    batches = [b for _, b in node_batches(task, synth4, settings)]
+    assert [(b.source_weight, b.reference_weight) for b in batches] == [
+        (0.0, 1.0), *[(pytest.approx(1 / 3), 0.0)] * 3]
+    central = gradients(task, arrays, central_batch(batches))
+    per_node = [gradients(task, arrays, b) for b in batches]
+    # biases in front of an instance norm have no gradient but rounding noise: the
+    # tolerance is relative to the largest gradient of all
+    scale = max(float(g.abs().max()) for g in central.values())
+    for key, g in central.items():
+        summed = sum(node[key] for node in per_node)
+        assert torch.allclose(summed, g, rtol=1e-4, atol=1e-6 * scale), key
+    # every node contributes: dropping the reference node's terms changes G's gradient
+    without_ref = sum(node["g.head.1.weight"] for node in per_node[1:])
+    assert not torch.allclose(without_ref, central["g.head.1.weight"], atol=1e-3)
+
+
+def test_one_round_at_k1_is_one_central_adam_step(synth4):
+    task = make_task(synth4, local_lr=1.0)
+    arrays = task.initial_arrays()
+    settings = {"server-round": 1, "nodes": 4, **task.server_settings()}
+    pairs = node_batches(task, synth4, settings)
+    replies = [task.train(arrays, None, rows, settings)[0] for rows, _ in pairs]
+    mean = {k: sum(r[k] for r in replies) / len(replies) for k in arrays}  # FedAvg, equal
+    new = ServerOptimizer(task.server_optimizer(), arrays).step(1, mean, len(replies))
+
+    grads = gradients(task, arrays, central_batch([b for _, b in pairs]))
+    central = {k: torch.nn.Parameter(v.clone()) for k, v in arrays.items() if k in grads}
+    for k, p in central.items():
+        p.grad = grads[k]
+    tc = task.cg.train
+    torch.optim.Adam(central.values(), lr=tc.lr, betas=(tc.beta1, tc.beta2)).step()
+
+    x = central_batch([b for _, b in pairs]).a
+    with torch.no_grad():
+        g_fed = task.nets(new).g.eval()(x)
+        g_central = task.nets({**arrays, **central}).g.eval()(x)
+        g_start = task.nets(arrays).g.eval()(x)
+    moved = float((g_central - g_start).abs().max())
+    assert moved > 0.1  # the step did something
+    assert float((g_fed - g_central).abs().max()) < 1e-4 * moved
+
+
+def test_more_local_steps_drift_from_the_central_step(synth4):
+    """K = 5 local SGD steps are not 5 central steps: the nodes' updates are taken at
+    different weights, so the round differs from K = 1's exact step."""
+    task = make_task(synth4, local_steps=5)
+    arrays = task.initial_arrays()
+    settings = {"server-round": 1, "nodes": 4, **task.server_settings()}
+    df = load_manifest(synth4 / "manifest.csv")
+    shared, own, metrics = task.train(arrays, None, df[df["site"] == "site_b"], settings)
+    assert metrics["bytes_sent"] == sum(v.numel() * 4 for v in arrays.values())
+    assert set(shared) == set(arrays) and not own  # pool size 0: nothing kept
+    changed = [k for k in arrays if not torch.equal(shared[k], arrays[k])]
+    assert any(k.startswith("g.") for k in changed) and any(k.startswith("d_b.") for k in changed)
+    # a source node has no reference images: D_B's real term and F_gan are not its own,
+    # but D_A's real term on site_b is
+    assert any(k.startswith("d_a.") for k in changed)
