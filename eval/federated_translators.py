@@ -1,21 +1,27 @@
-"""Federated vs central translators (DDIB diffusion, CycleGAN), and what DP costs.
+"""Federated vs central translators on the synthetic benchmark (paired truth), several seeds.
 
-On the synthetic benchmark (paired reference renderings = ground truth), 4 sites at
-64 px, patient split: train the same federated code (a) centrally (all training images
-at one node), (b) federated over one node per site, (c) federated with central DP
-(server-side clipping + Gaussian noise) at two or more epsilons; same rounds, and the
-central run gets as many steps per round as the federation's training nodes together
-(diffusion: every node; CycleGAN: the source nodes). Then harmonize every held-out
-non-reference image and score it against its truth (SSIM, PSNR; mean and 95% bootstrap
-CI), next to identity and histogram matching, with the memorization check of each
-translator (harmonize.memorization: translated images, and for diffusion also draws from
-every site's prior, against that site's training images) and the wall time.
+CycleGAN (`--task cyclegan`): the central product (`train_cyclegan`, batch S x B) against
+the federated CycleGAN (`harmonize federated`, Flower simulation, one node per site,
+source batch B per node, reference batch S x B) at K local steps per round, K in --ks,
+for the same total steps (rounds = steps / K); identity and histogram matching beside.
+DDIB (`--task diffusion`): central per-site DDIB (`train_diffusion`) against federated
+DDIB with local priors (each prior trained at its node, only the reference prior
+travels, every node translates its own images) and with one shared site-conditioned
+prior, same steps per prior.
 
-    python eval/federated_translators.py --task diffusion --out eval_out/federated_diffusion
-    python eval/federated_translators.py --task cyclegan --out eval_out/federated_cyclegan
-    python eval/federated_translators.py --rounds 4 --epsilons 50 --per-site 20   # smoke run
+Scores: SSIM / PSNR of every held-out non-reference image against its truth, per seed;
+the table gives the mean over seeds, a 95% bootstrap CI over images (of the seed-mean
+score), the per-seed means, and each method's paired difference to central (CI over
+images). Also the memorization check of everything that leaves a node (translations and
+F's renderings, or draws from each travelling prior, against the training images of the
+site whose style they carry), bytes sent per node per round and wall time per round.
 
-Writes OUT/results.csv, OUT/results.md, OUT/per_image.csv and prints the table.
+    python eval/federated_translators.py --task cyclegan --seeds 0,1,2 --ks 1,5,20
+    python eval/federated_translators.py --task diffusion --seeds 0,1,2
+    python eval/federated_translators.py --task cyclegan --seeds 0 --ks 1 --steps 20  # smoke
+
+Writes OUT/results.csv (one row per method and seed), OUT/summary.csv + summary.md,
+OUT/per_image.csv, OUT/k_sweep.png (CycleGAN) and prints the summary.
 """
 
 from __future__ import annotations
@@ -29,138 +35,293 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
 
-from harmonize.data.manifest import load_manifest, save_manifest
-from harmonize.data.splits import patient_split
-from harmonize.evaluation.fidelity import fidelity_image, score_images
-from harmonize.evaluation.report import markdown_table
-from harmonize.federated.config import load_federated_config
-from harmonize.federated.privacy import noise_for_epsilon
-from harmonize.federated.run import run_federated
-from harmonize.memorization import memorization_report
-from harmonize.metrics import bootstrap_mean_ci
-from harmonize.synth import generate
-from harmonize.translators import HistogramMatching, load_translator
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from harmonize.data.manifest import load_manifest, save_manifest  # noqa: E402
+from harmonize.data.splits import patient_split  # noqa: E402
+from harmonize.evaluation.fidelity import fidelity_image, score_images  # noqa: E402
+from harmonize.evaluation.report import markdown_table  # noqa: E402
+from harmonize.federated.config import load_federated_config  # noqa: E402
+from harmonize.federated.run import run_federated  # noqa: E402
+from harmonize.memorization import memorization_report  # noqa: E402
+from harmonize.metrics import bootstrap_mean_ci  # noqa: E402
+from harmonize.synth import generate  # noqa: E402
+from harmonize.translators import HistogramMatching, load_translator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_space(paths) -> list[np.ndarray]:
+class Benchmark:
+    """The synthetic sites, a patient split, and the images every method is scored on."""
+
+    def __init__(self, out: Path, per_site: int, size: int, seed: int = 0) -> None:
+        info = generate(out / "data", sites=4, per_site=per_site, size=size, seed=seed,
+                        progress=False)
+        self.ref = info["reference_site"]
+        df = patient_split(load_manifest(out / "data" / "manifest.csv"), test_size=0.25,
+                           seed=seed)
+        self.df = df
+        self.train = df[df["split"] == "train"]
+        self.test = df[(df["split"] == "test") & (df["site"] != self.ref)]
+        self.sites = sorted(self.train["site"].astype(str).unique())
+        self.sources = [s for s in self.sites if s != self.ref]
+        self.fed_manifest, self.central_manifest = out / "train_nodes.csv", out / "train.csv"
+        save_manifest(self.train, self.fed_manifest)
+        save_manifest(self.train.assign(node="central"), self.central_manifest)
+        self.truth = images([out / "data" / p for p in self.test["reference_path"]])
+        self.inputs = images(self.test["path"])
+
+    def site_images(self, site: str, split: str) -> list[np.ndarray]:
+        rows = self.df[(self.df["site"] == site) & (self.df["split"] == split)]
+        return images(rows["path"])
+
+
+def images(paths) -> list[np.ndarray]:
     return [fidelity_image(p) for p in paths]
+
+
+class Scores:
+    def __init__(self, bench: Benchmark) -> None:
+        self.bench, self.rows, self.per_image = bench, [], []
+
+    def add(self, method: str, seed: int, outputs: list[np.ndarray], extra: dict) -> None:
+        b = self.bench
+        s = score_images(outputs, b.truth)
+        mem = memorization_report(outputs, b.site_images(b.ref, "train"),
+                                  b.site_images(b.ref, "test"))
+        row = {"method": method, "seed": seed, "ssim": float(s["ssim"].mean()),
+               "psnr": float(s["psnr"].mean()), "memorized_share": mem["flagged_share"],
+               **extra}
+        self.rows.append(row)
+        self.per_image.append(pd.DataFrame({
+            "method": method, "seed": seed, "relpath": b.test["relpath"].to_numpy(),
+            "site": b.test["site"].to_numpy(), "ssim": s["ssim"], "psnr": s["psnr"]}))
+        print(f"{method:26s} seed {seed}: SSIM {row['ssim']:.3f}  PSNR {row['psnr']:.2f} dB"
+              f"  memorized {mem['flagged_share']:.0%}", flush=True)
+
+    def summary(self) -> pd.DataFrame:
+        """Per method: mean over seeds, CI over images of the seed-mean score, per-seed
+        means, and the paired difference to central."""
+        per = pd.concat(self.per_image)
+        seed_mean = per.groupby(["method", "relpath"])[["ssim", "psnr"]].mean()
+        results = pd.DataFrame(self.rows)
+        central = seed_mean.loc["central"] if "central" in seed_mean.index else None
+        identity = seed_mean.loc["identity", "ssim"].mean()
+        out = []
+        for method in results["method"].unique():
+            m = seed_mean.loc[method]
+            mean, lo, hi = bootstrap_mean_ci(m["ssim"].tolist())
+            r = results[results["method"] == method]
+            row = {"method": method, "ssim": mean, "ssim_lo": lo, "ssim_hi": hi,
+                   "psnr": float(m["psnr"].mean()),
+                   "ssim_per_seed": " / ".join(f"{v:.3f}" for v in r["ssim"]),
+                   "seeds": len(r)}
+            if central is not None and method != "central":
+                d = (m["ssim"] - central["ssim"]).dropna()
+                dm, dlo, dhi = bootstrap_mean_ci(d.tolist())
+                row.update({"minus_central": dm, "minus_central_lo": dlo,
+                            "minus_central_hi": dhi})
+                gain = central["ssim"].mean() - identity
+                row["share_of_central_gain"] = (mean - identity) / gain if gain else None
+            for col in ("K", "rounds", "bytes_per_node_round", "seconds_per_round", "wall_s",
+                        "memorized_share", "reverse_memorized_share"):
+                if col in r and r[col].notna().any():
+                    row[col] = float(r[col].mean())
+            out.append(row)
+        return pd.DataFrame(out)
+
+
+# --- CycleGAN ---------------------------------------------------------------------------
+CG_SET = {"data.image_size": 64, "model.n_blocks": 4, "data.polarity": "keep"}
+
+
+def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: int):
+    from harmonize.translators.cyclegan.config import load_config
+    from harmonize.translators.cyclegan.train import train_cyclegan
+
+    config = load_config(ROOT / "configs/cyclegan/quick.yaml", {
+        **CG_SET, "data.manifest": str(bench.central_manifest),
+        "data.reference_site": bench.ref, "train.batch_size": batch * len(bench.sources),
+        "train.steps": steps, "train.seed": seed, "train.out": str(out),
+        "train.progress": False, "train.sample_every": steps, "train.checkpoint_every": steps,
+        "train.log_every": max(1, steps // 10)})
+    done = out / "wall.json"
+    if done.is_file():  # --runs: reuse a finished run
+        return load_translator(out / "model"), json.loads(done.read_text())["wall_s"]
+    started = time.perf_counter()
+    model = train_cyclegan(config)
+    wall = time.perf_counter() - started
+    done.write_text(json.dumps({"wall_s": wall}))
+    return load_translator(model), wall
+
+
+def cyclegan_federated(bench: Benchmark, out: Path, seed: int, steps: int, batch: int, k: int,
+                       args) -> tuple:
+    overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
+                 "out": str(out), "rounds": max(1, steps // k), "seed": seed,
+                 "cyclegan.local_steps": k, "cyclegan.config": str(ROOT /
+                                                                    "configs/cyclegan/quick.yaml"),
+                 "cyclegan.set": {**CG_SET, "train.batch_size": batch},
+                 "parallel_nodes": args.parallel_nodes,
+                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
+    if args.local_lr:
+        overrides["cyclegan.local_lr"] = args.local_lr
+    if args.server_lr_scale:
+        overrides["cyclegan.server_lr"] = 2e-4 * (k if args.server_lr_scale == "k" else 1)
+    cfg = load_federated_config(ROOT / "configs/federated/cyclegan-quick.yaml", overrides)
+    done = out / "wall.json"
+    if done.is_file():  # --runs: reuse a finished run
+        summary = json.loads((out / "summary.json").read_text())
+        wall = json.loads(done.read_text())["wall_s"]
+    else:
+        started = time.perf_counter()
+        summary = run_federated(cfg)
+        wall = time.perf_counter() - started
+        done.write_text(json.dumps({"wall_s": wall}))
+    rounds = pd.read_csv(out / "rounds.csv")
+    extra = {"K": k, "rounds": cfg.rounds, "wall_s": wall,
+             "bytes_per_node_round": float(rounds["train_bytes_sent"].mean()),
+             "seconds_per_round": float(np.diff(rounds["seconds"], prepend=0).mean())}
+    return load_translator(summary["model"]), extra, summary
+
+
+def reverse_memorization(bench: Benchmark, run_dir: Path, cfg_path: Path) -> float:
+    """F renders reference images as each source site: flagged share against that site's
+    training images (F's weights leave every node)."""
+    from harmonize.federated.config import load_federated_config as load
+    from harmonize.federated.cyclegan_task import CycleGANTask
+    from safetensors.torch import load_file
+
+    from harmonize.federated.server_app import SHARED_WEIGHTS
+
+    task = CycleGANTask(load(cfg_path))
+    arrays = load_file(run_dir / SHARED_WEIGHTS)
+    f = task.reverse_generator(arrays)
+    ref_test = torch.from_numpy(np.stack(bench.site_images(bench.ref, "test")))[:, None]
+    flagged = []
+    for i, site in enumerate(task.sites):
+        cond = torch.zeros(len(ref_test), len(task.sites))
+        cond[:, i] = 1
+        with torch.no_grad():
+            x = torch.nn.functional.interpolate(ref_test, size=task.size, mode="area") * 2 - 1
+            rendered = ((f(x, cond) + 1) / 2).clamp(0, 1)[:, 0].numpy()
+        mem = memorization_report(list(rendered), bench.site_images(site, "train"),
+                                  bench.site_images(site, "test"))
+        flagged.append(mem["flagged_share"])
+    return float(np.mean(flagged))
+
+
+def run_cyclegan(args, out: Path) -> Scores:
+    bench = Benchmark(out, args.per_site, 64)
+    scores = Scores(bench)
+    for seed in args.seeds:
+        scores.add("identity", seed, bench.inputs, {})
+        ref_train = bench.site_images(bench.ref, "train")
+        hm = HistogramMatching().fit(zip(ref_train, [bench.ref] * len(ref_train), strict=True),
+                                     bench.ref)
+        scores.add("histogram-matching", seed, hm.transform(bench.inputs, list(bench.test["site"])),
+                   {})
+        t, wall = cyclegan_central(bench, args.runs / f"central_s{seed}", seed, args.steps,
+                                   args.batch)
+        scores.add("central", seed, t.transform(bench.inputs, list(bench.test["site"])),
+                   {"wall_s": wall, "rounds": args.steps})
+        for k in args.ks:
+            lr_tag = "_lrk" if args.server_lr_scale == "k" else ""
+            run_dir = args.runs / f"federated_k{k}{lr_tag}_s{seed}"
+            t, extra, _ = cyclegan_federated(bench, run_dir, seed, args.steps, args.batch, k,
+                                             args)
+            extra["reverse_memorized_share"] = reverse_memorization(
+                bench, run_dir, run_dir / "config.yaml")
+            scores.add(f"federated K={k}" + (" lr x K" if lr_tag else ""), seed,
+                       t.transform(bench.inputs, list(bench.test["site"])), extra)
+    return scores
+
+
+def plot_k_sweep(summary: pd.DataFrame, path: Path) -> None:
+    fed = summary[summary["method"].str.startswith("federated K=")].sort_values("K")
+    if fed.empty:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    scaled = fed["method"].str.contains("lr x K")
+    for part, label in ((fed[~scaled], "server lr = central lr"),
+                        (fed[scaled], "server lr = central lr x K")):
+        if not part.empty:
+            a.errorbar(part["K"], part["ssim"], yerr=[part["ssim"] - part["ssim_lo"],
+                                                      part["ssim_hi"] - part["ssim"]],
+                       marker="o", capsize=3, label=label)
+    a.legend(fontsize=7, loc="lower left")
+    for name, style in (("central", "--"), ("identity", ":"), ("histogram-matching", "-.")):
+        row = summary[summary["method"] == name]
+        if not row.empty:
+            a.axhline(float(row["ssim"].iloc[0]), ls=style, color="grey", lw=1)
+            a.text(fed["K"].max(), float(row["ssim"].iloc[0]), f" {name}", fontsize=7,
+                   va="bottom", ha="right")
+    a.set_xscale("log")
+    a.set_xticks(fed["K"], [str(int(k)) for k in fed["K"]])
+    a.set_xlabel("K, local steps between aggregations")
+    a.set_ylabel("SSIM to the paired truth")
+    fed = fed[~scaled] if (~scaled).any() else fed
+    total_mb = fed["bytes_per_node_round"] * fed["rounds"] / 1e6
+    b.plot(fed["K"], total_mb, marker="o")
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xticks(fed["K"], [str(int(k)) for k in fed["K"]])
+    b.set_xlabel("K")
+    b.set_ylabel("MB sent per node, whole run")
+    b.set_title(f"{fed['bytes_per_node_round'].iloc[0] / 1e6:.2f} MB per node per round",
+                fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["diffusion", "cyclegan"], default="diffusion")
+    ap.add_argument("--task", choices=["cyclegan", "diffusion"], default="cyclegan")
     ap.add_argument("--out", default=None, help="default: eval_out/federated_TASK")
-    ap.add_argument("--config", default=None,
-                    help="default: configs/federated/TASK-quick.yaml")
-    ap.add_argument("--per-site", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--local-steps", type=int, default=None,
-                    help="default: the config's")
-    ap.add_argument("--epsilons", default="50,8", help="DP runs, comma-separated")
-    ap.add_argument("--clipping-norm", type=float, default=None,
-                    help="default: the median update norm of the non-DP run")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--per-site", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=300, help="central optimizer steps; "
+                    "federated: rounds x K")
+    ap.add_argument("--batch", type=int, default=2, help="images per source node per step")
+    ap.add_argument("--ks", default="1,5,20", help="CycleGAN: local steps per round")
+    ap.add_argument("--local-lr", type=float, default=None)
+    ap.add_argument("--server-lr-scale", choices=["1", "k"], default=None,
+                    help="server Adam lr = central lr (1) or central lr x K (k)")
+    ap.add_argument("--parallel-nodes", type=int, default=2)
+    ap.add_argument("--runs", default=None, help="training runs folder (default OUT/runs); "
+                    "finished runs found there are reused, so several tables can share runs")
     args = ap.parse_args()
-    args.out = args.out or f"eval_out/federated_{args.task}"
-    args.config = args.config or str(ROOT / f"configs/federated/{args.task}-quick.yaml")
-    out = Path(args.out)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    out = Path(args.out or f"eval_out/federated_{args.task}")
     out.mkdir(parents=True, exist_ok=True)
-    info = generate(out / "data", sites=4, per_site=args.per_site, size=64, seed=args.seed,
-                    progress=False)
-    ref = info["reference_site"]
-    df = patient_split(load_manifest(out / "data" / "manifest.csv"), test_size=0.25,
-                       seed=args.seed)
-    train = df[df["split"] == "train"]
-    test = df[(df["split"] == "test") & (df["site"] != ref)]
-    fed_manifest, central_manifest = out / "train_nodes.csv", out / "train_central.csv"
-    save_manifest(train, fed_manifest)
-    save_manifest(train.assign(node="central"), central_manifest)
-    # the central run takes as many steps per round as the federation's training nodes
-    n_training = train["site"].nunique() - (1 if args.task == "cyclegan" else 0)
-    base = load_federated_config(args.config, {"reference_site": ref})
-    local_steps = args.local_steps or getattr(base, args.task).local_steps
+    args.runs = Path(args.runs) if args.runs else out / "runs"
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    scores = run_cyclegan(args, out) if args.task == "cyclegan" else run_diffusion(args, out)
+    results = pd.DataFrame(scores.rows)
+    results.to_csv(out / "results.csv", index=False)
+    pd.concat(scores.per_image).to_csv(out / "per_image.csv", index=False)
+    summary = scores.summary()
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(markdown_table(summary))
+    if args.task == "cyclegan":
+        plot_k_sweep(summary, out / "k_sweep.png")
+    (out / "settings.json").write_text(json.dumps(
+        {**vars(args), "runs": str(args.runs), "wall_s": time.perf_counter() - started},
+        indent=2))
+    print(markdown_table(summary))
 
-    truth = model_space([out / "data" / p for p in test["reference_path"]])
-    inputs = model_space(test["path"])
-    ref_train = model_space(train.loc[train["site"] == ref, "path"])
-    ref_new = model_space(df.loc[(df["split"] == "test") & (df["site"] == ref), "path"])
-    rows, per_image = [], []
 
-    def score(method: str, outputs: list[np.ndarray], extra: dict) -> None:
-        scores = score_images(outputs, truth)
-        s, p = scores["ssim"].tolist(), scores["psnr"].tolist()
-        mean, lo, hi = bootstrap_mean_ci(s)
-        mem = memorization_report(outputs, ref_train, ref_new)
-        rows.append({"method": method, **extra, "ssim": mean, "ssim_lo": lo, "ssim_hi": hi,
-                     "psnr": float(np.mean(p)), "memorized_share": mem["flagged_share"],
-                     "nearest_train_median": mem["output_nearest_median"]})
-        per_image.append(pd.DataFrame({"method": method, "relpath": test["relpath"].to_numpy(),
-                                       "site": test["site"].to_numpy(), "ssim": s,
-                                       "psnr": p}))
-        print(f"{method:28s} SSIM {mean:.3f} [{lo:.3f}, {hi:.3f}]  PSNR {np.mean(p):.2f} dB  "
-              f"memorized {mem['flagged_share']:.0%}", flush=True)
-
-    score("identity", inputs, {})
-    hm = HistogramMatching().fit(zip(ref_train, [ref] * len(ref_train), strict=True), ref)
-    score("histogram-matching", hm.transform(inputs, list(test["site"])), {})
-
-    def run(name: str, manifest: Path, local_steps: int, dp: dict | None) -> dict:
-        overrides = {"manifest": str(manifest), "reference_site": ref,
-                     "out": str(out / "runs" / name), "rounds": args.rounds,
-                     "seed": args.seed, f"{args.task}.local_steps": local_steps,
-                     f"{args.task}.config": str(ROOT / f"configs/{args.task}/quick.yaml"),
-                     "progress": False}
-        if args.task == "diffusion":  # the same class labels for central and federated
-            overrides["diffusion.sites"] = sorted(train["site"].astype(str).unique())
-        for k, v in (dp or {}).items():
-            overrides[f"privacy.{k}"] = v
-        cfg = load_federated_config(args.config, overrides)
-        t = time.perf_counter()
-        summary = run_federated(cfg)
-        seconds = time.perf_counter() - t
-        translator = load_translator(summary["model"])
-        if args.task == "diffusion":
-            prior_memorization(name, translator)
-        score(name, translator.transform(inputs, list(test["site"])),
-              {"rounds": args.rounds, "nodes": summary["nodes"],
-               "epsilon": summary["epsilon"], "noise_multiplier": (dp or {}).get(
-                   "noise_multiplier"), "clipping_norm": (dp or {}).get("clipping_norm"),
-               "wall_s": seconds})
-        return summary
-
-    def prior_memorization(method: str, translator) -> None:
-        """Draws from each site's prior vs that site's training images (a site-conditioned
-        model can generate every site's images, so each is checked)."""
-        for site in sorted(train["site"].astype(str).unique()):
-            draws = [x[0].numpy() for x in translator.sample_prior(16, site)]
-            mem = memorization_report(
-                draws, model_space(train.loc[train["site"] == site, "path"]),
-                model_space(df.loc[(df["split"] == "test") & (df["site"] == site), "path"]))
-            prior_rows.append({"method": method, "site": site, **mem})
-
-    prior_rows: list[dict] = []
-    run("central", central_manifest, local_steps * n_training, None)
-    run("federated", fed_manifest, local_steps, None)
-    norms = pd.read_csv(out / "runs" / "federated" / "rounds.csv")["train_update_norm"]
-    clip = args.clipping_norm or float(norms.median())
-    for eps in [float(e) for e in args.epsilons.split(",") if e]:
-        z = noise_for_epsilon(eps, args.rounds, 1e-5)
-        run(f"federated+dp eps={eps:g}", fed_manifest, local_steps,
-            {"dp": "server-fixed", "noise_multiplier": z, "clipping_norm": clip,
-             "delta": 1e-5})
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "results.csv", index=False)
-    pd.concat(per_image).to_csv(out / "per_image.csv", index=False)
-    if prior_rows:
-        pd.DataFrame(prior_rows).to_csv(out / "prior_memorization.csv", index=False)
-    (out / "results.md").write_text(markdown_table(table))
-    (out / "settings.json").write_text(json.dumps(vars(args), indent=2))
-    print(markdown_table(table))
+def run_diffusion(args, out: Path) -> Scores:
+    raise SystemExit("--task diffusion: see below")
 
 
 if __name__ == "__main__":

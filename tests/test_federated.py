@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from harmonize.classify.train import load_classifier
@@ -217,6 +218,46 @@ def test_federated_ddib_prior_trains_each_site_label_and_applies(synth3, tmp_pat
     assert_apply_harmonizes_site_b(out / "model", synth3, tmp_path / "harmonized")
     with pytest.raises(Exception, match="diffusion.sites"):
         build_task(load_federated_config(config, {"reference_site": "site_a"}))
+
+
+def test_federated_ddib_with_local_priors_sends_only_the_reference_prior(synth3, tmp_path):
+    from pathlib import Path
+
+    from harmonize.translators import load_translator
+
+    config = tmp_path / "local.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "diffusion", "rounds": 1, "threads_per_node": 1,
+        "diffusion": {"prior": "local",
+                      "config": str(Path(__file__).parents[1] / "configs/diffusion/quick.yaml"),
+                      "set": {"data.image_size": 32, "model.block_out_channels": [8, 16],
+                              "model.attention": [False, False], "model.norm_num_groups": 4,
+                              "train.batch_size": 2, "inference.steps": 5},
+                      "local_steps": 3}}))
+    out = run_translator_federated(config, synth3, tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = pd.read_csv(out / "rounds.csv")
+    # only the reference node sent weights: one prior's bytes, averaged over 3 nodes
+    server = load_translator(out / "model")
+    assert server.model_sites == ["site_a"] and not server.conditioned
+    prior_bytes = sum(v.numel() * 4 for v in server.unets_["site_a"].state_dict().values())
+    assert rounds["train_bytes_sent"].iloc[0] == pytest.approx(prior_bytes / 3)
+    # each node keeps its translator: its own prior + the reference prior it received
+    assert sorted(summary["node_models"]) == ["site_a", "site_b", "site_c"]
+    node_b = load_translator(summary["node_models"]["site_b"])
+    assert node_b.mode == "ddib" and sorted(node_b.model_sites) == ["site_a", "site_b"]
+    for k, v in server.unets_["site_a"].state_dict().items():
+        assert torch.equal(node_b.unets_["site_a"].state_dict()[k], v)
+    own = load_translator(out / "nodes" / "site_b" / "prior_site_b" / "run" / "model")
+    for k, v in own.unets_["site_b"].state_dict().items():  # the node's own, never sent
+        assert torch.equal(node_b.unets_["site_b"].state_dict()[k], v)
+    assert rounds["eval_loss"].between(0, 10).all()
+    assert_apply_harmonizes_site_b(summary["node_models"]["site_b"], synth3,
+                                   tmp_path / "harmonized")
+    with pytest.raises(Exception, match="rounds: 1"):
+        from harmonize.federated.config import load_federated_config
+
+        load_federated_config(config, {"rounds": 3})
 
 
 def test_optimizer_state_survives_the_round_trip_through_arrays():

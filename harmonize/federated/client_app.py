@@ -35,7 +35,7 @@ def optional_clipping_mod(msg: Message, context: Context, call_next):
 def update_norm(new: dict, old: dict) -> float:
     """L2 norm of this round's change of the shared weights (what DP clipping bounds)."""
     total = sum(float(((new[k].float() - old[k].float()) ** 2).sum())
-                for k in new if new[k].is_floating_point())
+                for k in new if k in old and new[k].is_floating_point())
     return total ** 0.5
 
 
@@ -88,7 +88,11 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
         try:
             cfg, node, manifest = setup(context)
             task = build_task(cfg)
-            _, test = split_rows(node_rows(manifest, node))
+            train_rows, test = split_rows(node_rows(manifest, node))
+            config = msg.content.config_records.get("config", {})
+            last = int(config.get("server-round", 0)) == int(config.get("rounds", -1))
+            if last and hasattr(task, "finish"):  # e.g. a node's own translator, kept there
+                task.finish(msg.content["arrays"].to_torch_state_dict(), train_rows)
             if test.empty:  # same keys as the others (Flower requires it), zero weight
                 metrics = {**dict.fromkeys(task.eval_keys, 0.0), "num-examples": 0}
             else:

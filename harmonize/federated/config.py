@@ -65,7 +65,12 @@ class DiffusionTaskConfig(Section):
                                 "inference, data.image_size); trained site-conditioned, "
                                 "translated with DDIB")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides of config")
-    local_steps: int = Field(40, ge=1, description="optimizer steps per round at each node")
+    prior: Literal["shared", "local"] = Field(
+        "shared", description="shared: one site-conditioned UNet averaged by FedAvg; local: "
+        "each node trains its own site's prior (central per-site training code), only the "
+        "reference prior's weights travel, each node translates its own images")
+    local_steps: int = Field(40, ge=1, description="optimizer steps per round at each node "
+                             "(prior local: the steps of each prior, in one round)")
     sites: list[str] | None = Field(None, description="every site, in class-label order; "
                                     "default: the manifest's sites, sorted (give it in a "
                                     "deployment, where the server has no manifest)")
@@ -113,6 +118,17 @@ class FederatedConfig(Section):
         if self.task == "cyclegan" and self.cyclegan.config is None:
             raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
                              "configs/cyclegan/quick.yaml")
+        if self.task == "diffusion" and self.diffusion.prior == "local":
+            if self.rounds != 1:
+                raise ValueError("diffusion.prior local: set rounds: 1 (each node trains its "
+                                 "prior in one round, nothing is averaged) and give the "
+                                 "steps as diffusion.local_steps")
+            if not self.evaluate:
+                raise ValueError("diffusion.prior local: set evaluate: true (the evaluation "
+                                 "message delivers the reference prior to every node)")
+            if self.privacy.dp != "none":
+                raise ValueError("diffusion.prior local: node-level DP (privacy.dp) needs "
+                                 "an average over nodes and there is none; use dp: none")
         if self.task == "diffusion" and self.diffusion.config is None:
             raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
                              "configs/diffusion/quick.yaml")

@@ -51,8 +51,10 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.evaluate:
         cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
-        if not (load_manifest(cfg.manifest)["split"] == "test").any():
+        local_priors = cfg.task == "diffusion" and cfg.diffusion.prior == "local"
+        if not (load_manifest(cfg.manifest)["split"] == "test").any() and not local_priors:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
+            # (local priors keep it: the evaluation message delivers the reference prior)
     nodes = node_names(cfg.manifest)
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)

@@ -24,6 +24,8 @@ from flwr.serverapp.strategy import (  # noqa: E402
     FedProx,
 )
 
+from safetensors.torch import save_file  # noqa: E402
+
 from harmonize.checkpoint import checkpoint_dir  # noqa: E402
 from harmonize.data.io import atomic_write  # noqa: E402
 from harmonize.federated.config import FederatedConfig  # noqa: E402
@@ -34,6 +36,9 @@ from harmonize.federated.server_optimizer import (  # noqa: E402
     with_server_optimizer,
 )
 from harmonize.federated.tasks import build_task  # noqa: E402
+
+
+SHARED_WEIGHTS = "shared_weights.safetensors"
 
 
 def make_server_app(config: FederatedConfig | None = None, config_from_run=None) -> ServerApp:
@@ -100,6 +105,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     task = build_task(cfg)
     strategy = build_strategy(cfg, n_nodes)
     initial = task.initial_arrays()
+    if hasattr(task, "custom_aggregation"):  # e.g. local priors: nothing to average
+        strategy.aggregate_train = task.custom_aggregation()
     if hasattr(task, "server_optimizer"):  # FedOpt: after any DP wrapper (module docstring)
         with_server_optimizer(strategy, ServerOptimizer(task.server_optimizer(), initial))
     replies: dict[int, dict] = {}
@@ -124,9 +131,17 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
                               "epsilon": _epsilon(cfg, cfg.rounds)},
                 "training_manifest": str(cfg.manifest)}
-        model_dir = task.save(result.arrays.to_torch_state_dict(), out / "model", meta)
+        arrays = result.arrays.to_torch_state_dict()
+        model_dir = task.save(arrays, out / "model", meta)
         checkpoint_dir(model_dir)  # raises if any file, the weights above all, is missing
-    summary = {"model": str(model_dir) if model_dir else None, "rounds": cfg.rounds,
+        # everything the nodes shared (e.g. CycleGAN's F and discriminators, which the
+        # translator checkpoint leaves out): for checks of what left the nodes
+        shared = {k: v.contiguous() for k, v in arrays.items()}
+        atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
+    node_models = {d.name: str(d / "model") for d in sorted((out / "nodes").glob("*"))
+                   if (d / "model" / "metadata.json").is_file()}  # kept at the nodes
+    summary = {"model": str(model_dir) if model_dir else None, "node_models": node_models,
+               "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
                "rounds_not_aggregated": skipped,
                "epsilon": _epsilon(cfg, cfg.rounds), "delta": cfg.privacy.delta

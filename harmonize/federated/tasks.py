@@ -3,8 +3,9 @@ central runs use. A task turns (global arrays, this node's local state, this nod
 rows) into (updated arrays, new local state, metrics); it never sends images.
 
 - `ClassifierTask` (classifier_task): the downstream classifier;
-- `CycleGANTask` (cyclegan_task) and `DiffusionTask` (diffusion_task): the translators,
-  whose loss terms come from the translators' own `losses.py`.
+- `CycleGANTask` (cyclegan_task) and `DiffusionTask` (diffusion_task, one shared prior):
+  the translators, whose loss terms come from the translators' own `losses.py`;
+- `LocalPriorTask` (local_prior_task): DDIB with each site's prior trained at its node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ def build_task(config: FederatedConfig):
         from harmonize.federated.classifier_task import ClassifierTask
 
         return ClassifierTask(config)
+    if config.task == "diffusion" and config.diffusion.prior == "local":
+        from harmonize.federated.local_prior_task import LocalPriorTask
+
+        return LocalPriorTask(config)
     if config.task == "diffusion":
         from harmonize.federated.diffusion_task import DiffusionTask
 

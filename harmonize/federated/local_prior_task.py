@@ -1,0 +1,169 @@
+"""Federated DDIB with local priors (Su et al., ICLR 2023: the two priors of DDIB are
+trained independently, so translation needs no shared training at all).
+
+- Every node trains the prior of its own site(s) on its own images, with the central
+  per-site training code (`train_diffusion`, the node's rows only, that site as its one
+  model); the weights stay at the node (OUT/nodes/NODE/prior_SITE).
+- Only the reference node sends anything: its prior's (EMA) weights. The server passes
+  them to every node in the evaluation message that ends the round.
+- Each node then holds DDIB's two priors for its own images (its own and the reference
+  site's) and saves a translator checkpoint at the node (OUT/nodes/NODE/model):
+  `harmonize apply --model` runs there, on images that never leave; only the denoising
+  loss on its held-out images returns.
+
+Equal to central per-site DDIB by construction (the same code trains each prior on the
+same images), up to seeds and the global gradient-norm clip central training takes over
+all priors at once. What travels: the reference prior, which can draw reference-style
+images (the memorization check runs on its draws). Node-level DP has nothing to average
+here; patient-level DP of the reference prior belongs at the reference node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harmonize.configs import ConfigError
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.manifest import save_manifest
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.node_state import Arrays, cached_images
+from harmonize.translators.diffusion.config import load_config
+from harmonize.translators.diffusion.translator import INFERENCE_KEYS, DiffusionTranslator
+
+
+class LocalPriorTask:
+    kind = "diffusion"
+    eval_keys = ("loss",)
+
+    def __init__(self, config: FederatedConfig) -> None:
+        self.config = config
+        self.ref = str(config.reference_site)
+        self.dc = self._prior_config(self.ref, None, None)
+        self.size = self.dc.data.image_size
+
+    def _prior_config(self, site: str, manifest: Path | None, out: Path | None):
+        """The central per-site config of one site's prior."""
+        c = self.config.diffusion
+        overrides = {"model.conditioning": "per-site", "inference.mode": "ddib", **c.set,
+                     "data.reference_site": site, "train.steps": c.local_steps,
+                     "train.seed": self.config.seed, "train.progress": False,
+                     "train.sample_every": c.local_steps, "train.checkpoint_every":
+                     c.local_steps}
+        if manifest is not None:
+            overrides.update({"data.manifest": str(manifest), "train.out": str(out),
+                              "inference.mode": "sdedit"})  # one site: its own prior only
+        return load_config(c.config, overrides)
+
+    def home(self, node: str) -> Path:
+        """Where a node keeps its priors and its translator (never sent)."""
+        return Path(self.config.out or ".") / "nodes" / node
+
+    def initial_arrays(self) -> Arrays:
+        return {}  # nothing exists before the reference node has trained its prior
+
+    def custom_aggregation(self):
+        return self.aggregate_train
+
+    @staticmethod
+    def aggregate_train(server_round: int, replies) -> tuple:
+        """The reference node's prior; the other nodes sent no weights."""
+        from flwr.app import ArrayRecord, MetricRecord
+
+        replies = [m for m in replies if not m.has_error()]
+        ref = [m for m in replies if float(m.content["metrics"].get("is_reference", 0)) > 0]
+        if len(ref) != 1:
+            return None, None
+        metrics = {}
+        for key in ("train_loss", "bytes_sent", "compute_seconds"):
+            values = [float(m.content["metrics"][key]) for m in replies
+                      if key in m.content["metrics"]]
+            if values:
+                metrics[key] = float(np.mean(values))
+        return ArrayRecord(ref[0].content["arrays"].to_torch_state_dict()), MetricRecord(metrics)
+
+    # --- at a node ----------------------------------------------------------------------
+    def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
+              round_config: dict) -> tuple[Arrays, Arrays, dict]:
+        from harmonize.translators.diffusion.train import train_diffusion
+
+        node = str(rows["node"].iloc[0])
+        losses, shared = [], {}
+        for site in sorted(rows["site"].astype(str).unique()):
+            run = self.home(node) / f"prior_{site}"
+            run.mkdir(parents=True, exist_ok=True)
+            manifest = run / "manifest.csv"
+            save_manifest(rows[rows["site"].astype(str) == site], manifest)
+            model = train_diffusion(self._prior_config(site, manifest, run / "run"))
+            log = pd.read_csv(run / "run" / "train_log.csv")
+            losses.append(float(log["loss"].tail(max(1, len(log) // 5)).mean()))
+            if site == self.ref:
+                shared = self._own_prior(model, site).state_dict()
+        sent = sum(v.numel() * v.element_size() for v in shared.values())
+        return ({k: v.detach().cpu().clone() for k, v in shared.items()}, {},
+                {"train_loss": float(np.mean(losses)), "is_reference": float(bool(shared)),
+                 "bytes_sent": float(sent), "num-examples": 1})
+
+    @staticmethod
+    def _own_prior(model: Path, site: str):
+        from harmonize.translators import load_translator
+
+        return load_translator(model).unets_[site]
+
+    def finish(self, arrays: Arrays, rows: pd.DataFrame) -> Path | None:
+        """After the last round: the node's DDIB translator (its own priors + the
+        reference prior just received), saved at the node."""
+        if not arrays:
+            return None
+        node = str(rows["node"].iloc[0])
+        sites = sorted(rows["site"].astype(str).unique())
+        unets = {s: self._own_prior(self.home(node) / f"prior_{s}" / "run" / "model", s)
+                 for s in sites if s != self.ref}
+        unets[self.ref] = self._unet(arrays)
+        meta = {"federated": {"prior": "local", "node": node}, "sites": sites}
+        return self.translator(unets).save(self.home(node) / "model", meta)
+
+    @torch.no_grad()
+    def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
+        """Denoising loss of this node's own prior(s) on its held-out images."""
+        from diffusers import DDPMScheduler
+
+        from harmonize.translators.diffusion import losses
+
+        node = str(rows["node"].iloc[0])
+        total, n = 0.0, 0
+        for site, part in rows.groupby(rows["site"].astype(str)):
+            unet = self._own_prior(self.home(node) / f"prior_{site}" / "run" / "model", site)
+            x = cached_images(part["path"].astype(str).tolist(), self.size) * 2 - 1
+            g = torch.Generator().manual_seed(self.config.seed)
+            loss = losses.denoising_loss(unet.eval(), DDPMScheduler(**self.dc.scheduler_config()),
+                                         x, None, generator=g)
+            total, n = total + float(loss) * len(x), n + len(x)
+        return {"loss": total / max(n, 1), "num-examples": n}
+
+    # --- the translator -----------------------------------------------------------------
+    def _unet(self, arrays: Arrays):
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel(**self.dc.unet_config(None))
+        unet.load_state_dict(arrays)
+        return unet.eval()
+
+    def translator(self, unets: dict) -> DiffusionTranslator:
+        inf = self.dc.inference.model_dump()
+        t = DiffusionTranslator(
+            unet_config=self.dc.unet_config(None), scheduler_config=self.dc.scheduler_config(),
+            polarity="keep", policy=IntensityPolicy(mode=self.dc.data.intensity,
+                                                    bits=self.dc.data.bits),
+            **{k: inf[k] for k in INFERENCE_KEYS if k in inf and k != "polarity"})
+        return t.set_trained(unets, np.zeros((32, 32), np.float32), self.ref)
+
+    def save(self, arrays: Arrays, out: Path, metadata: dict) -> Path:
+        """The server's checkpoint: the reference prior alone (a new site trains its own
+        prior and translates with both at its node)."""
+        if not arrays:
+            raise ConfigError("no reference prior arrived: is the reference site a node?")
+        return self.translator({self.ref: self._unet(arrays)}).save(out, metadata)
