@@ -194,10 +194,10 @@ def cyclegan_federated(bench: Benchmark, out: Path, seed: int, steps: int, batch
 def reverse_memorization(bench: Benchmark, run_dir: Path, cfg_path: Path) -> float:
     """F renders reference images as each source site: flagged share against that site's
     training images (F's weights leave every node)."""
-    from harmonize.federated.config import load_federated_config as load
-    from harmonize.federated.cyclegan_task import CycleGANTask
     from safetensors.torch import load_file
 
+    from harmonize.federated.config import load_federated_config as load
+    from harmonize.federated.cyclegan_task import CycleGANTask
     from harmonize.federated.server_app import SHARED_WEIGHTS
 
     task = CycleGANTask(load(cfg_path))

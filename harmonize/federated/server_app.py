@@ -23,7 +23,6 @@ from flwr.serverapp.strategy import (  # noqa: E402
     FedAvg,
     FedProx,
 )
-
 from safetensors.torch import save_file  # noqa: E402
 
 from harmonize.checkpoint import checkpoint_dir  # noqa: E402
@@ -36,7 +35,6 @@ from harmonize.federated.server_optimizer import (  # noqa: E402
     with_server_optimizer,
 )
 from harmonize.federated.tasks import build_task  # noqa: E402
-
 
 SHARED_WEIGHTS = "shared_weights.safetensors"
 
