@@ -294,6 +294,8 @@ def main() -> None:
     ap.add_argument("--local-lr", type=float, default=None)
     ap.add_argument("--server-lr-scale", choices=["1", "k"], default=None,
                     help="server Adam lr = central lr (1) or central lr x K (k)")
+    ap.add_argument("--rounds", type=int, default=10, help="DDIB shared prior: rounds "
+                    "(steps / rounds local steps each)")
     ap.add_argument("--parallel-nodes", type=int, default=2)
     ap.add_argument("--runs", default=None, help="training runs folder (default OUT/runs); "
                     "finished runs found there are reused, so several tables can share runs")
@@ -320,8 +322,102 @@ def main() -> None:
     print(markdown_table(summary))
 
 
+# --- DDIB ---------------------------------------------------------------------------------
+DD_SET = {"inference.steps": 20, "data.polarity": "keep"}
+
+
+def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int):
+    from harmonize.translators.diffusion.config import load_config
+    from harmonize.translators.diffusion.train import train_diffusion
+
+    done = out / "wall.json"
+    if not done.is_file():
+        config = load_config(ROOT / "configs/diffusion/quick.yaml", {
+            **DD_SET, "data.manifest": str(bench.central_manifest),
+            "data.reference_site": bench.ref, "model.conditioning": "per-site",
+            "inference.mode": "ddib", "train.steps": steps, "train.seed": seed,
+            "train.out": str(out), "train.progress": False, "train.sample_every": steps,
+            "train.checkpoint_every": steps})
+        started = time.perf_counter()
+        train_diffusion(config)
+        done.write_text(json.dumps({"wall_s": time.perf_counter() - started}))
+    return load_translator(out / "model"), json.loads(done.read_text())["wall_s"]
+
+
+def ddib_federated(bench: Benchmark, out: Path, seed: int, steps: int, prior: str,
+                   args) -> tuple[dict, dict]:
+    rounds = 1 if prior == "local" else args.rounds
+    overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
+                 "out": str(out), "rounds": rounds, "seed": seed,
+                 "diffusion.prior": prior, "diffusion.local_steps": max(1, steps // rounds),
+                 "diffusion.config": str(ROOT / "configs/diffusion/quick.yaml"),
+                 "diffusion.set": DD_SET, "diffusion.sites": bench.sites,
+                 "parallel_nodes": args.parallel_nodes,
+                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
+    cfg = load_federated_config(ROOT / "configs/federated/diffusion-quick.yaml", overrides)
+    done = out / "wall.json"
+    if not done.is_file():
+        started = time.perf_counter()
+        run_federated(cfg)
+        done.write_text(json.dumps({"wall_s": time.perf_counter() - started}))
+    summary = json.loads((out / "summary.json").read_text())
+    table = pd.read_csv(out / "rounds.csv")
+    extra = {"rounds": rounds, "wall_s": json.loads(done.read_text())["wall_s"],
+             "bytes_per_node_round": float(table["train_bytes_sent"].mean())
+             if "train_bytes_sent" in table else None,
+             "seconds_per_round": float(np.diff(table["seconds"], prepend=0).mean())}
+    return summary, extra
+
+
+def translate_at_nodes(bench: Benchmark, node_models: dict) -> list[np.ndarray]:
+    """Each site's held-out images translated with that node's own checkpoint (as
+    `harmonize apply` would at the node), back in the test order."""
+    outputs: list = [None] * len(bench.test)
+    sites = list(bench.test["site"].astype(str))
+    for site in sorted(set(sites)):
+        idx = [i for i, s in enumerate(sites) if s == site]
+        t = load_translator(node_models[site])
+        for i, y in zip(idx, t.transform([bench.inputs[i] for i in idx], [site] * len(idx)),
+                        strict=True):
+            outputs[i] = y
+    return outputs
+
+
+def prior_memorization(bench: Benchmark, translator, sites: list[str]) -> float:
+    """Draws from each travelling prior against that site's training images."""
+    flagged = []
+    for site in sites:
+        draws = [x[0].numpy() for x in translator.sample_prior(16, site)]
+        flagged.append(memorization_report(draws, bench.site_images(site, "train"),
+                                           bench.site_images(site, "test"))["flagged_share"])
+    return float(np.mean(flagged))
+
+
 def run_diffusion(args, out: Path) -> Scores:
-    raise SystemExit("--task diffusion: see below")
+    bench = Benchmark(out, args.per_site, 64)
+    scores = Scores(bench)
+    sites = list(bench.test["site"])
+    for seed in args.seeds:
+        scores.add("identity", seed, bench.inputs, {})
+        ref_train = bench.site_images(bench.ref, "train")
+        hm = HistogramMatching().fit(zip(ref_train, [bench.ref] * len(ref_train), strict=True),
+                                     bench.ref)
+        scores.add("histogram-matching", seed, hm.transform(bench.inputs, sites), {})
+        t, wall = ddib_central(bench, args.runs / f"central_s{seed}", seed, args.steps)
+        scores.add("central", seed, t.transform(bench.inputs, sites),
+                   {"wall_s": wall, "rounds": args.steps})
+        summary, extra = ddib_federated(bench, args.runs / f"local_s{seed}", seed, args.steps,
+                                        "local", args)
+        extra["reverse_memorized_share"] = prior_memorization(
+            bench, load_translator(summary["model"]), [bench.ref])
+        scores.add("federated local priors", seed,
+                   translate_at_nodes(bench, summary["node_models"]), extra)
+        summary, extra = ddib_federated(bench, args.runs / f"shared_s{seed}", seed, args.steps,
+                                        "shared", args)
+        t = load_translator(summary["model"])
+        extra["reverse_memorized_share"] = prior_memorization(bench, t, bench.sites)
+        scores.add("federated shared prior", seed, t.transform(bench.inputs, sites), extra)
+    return scores
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def test_federated_cyclegan_gives_a_translator_harmonize_apply_can_use(synth3, t
     out = run_translator_federated(config, synth3, tmp_path / "run")
     rounds = pd.read_csv(out / "rounds.csv")
     assert (rounds["nodes_ok"] == 3).all() and rounds["train_loss_g"].notna().all()
+    assert (rounds["train_bytes_sent"] > 0).all()  # all four networks, every round
     meta = json.loads((out / "model" / "metadata.json").read_text())
     assert meta["kind"] == "cyclegan" and meta["reference_site"] == "site_a"
     assert_apply_harmonizes_site_b(out / "model", synth3, tmp_path / "harmonized")

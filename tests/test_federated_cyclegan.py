@@ -139,7 +139,6 @@ def test_more_local_steps_drift_from_the_central_step(synth4):
     settings = {"server-round": 1, "nodes": 4, **task.server_settings()}
     df = load_manifest(synth4 / "manifest.csv")
     shared, own, metrics = task.train(arrays, None, df[df["site"] == "site_b"], settings)
-    assert metrics["bytes_sent"] == sum(v.numel() * 4 for v in arrays.values())
     assert set(shared) == set(arrays) and not own  # pool size 0: nothing kept
     changed = [k for k in arrays if not torch.equal(shared[k], arrays[k])]
     assert any(k.startswith("g.") for k in changed) and any(k.startswith("d_b.") for k in changed)

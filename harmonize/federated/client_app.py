@@ -73,6 +73,9 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
             if local:
                 context.state["local"] = ArrayRecord(local)
             metrics["update_norm"] = update_norm(arrays, received)
+            # what leaves this node this round (weights; metrics are a few bytes)
+            metrics["bytes_sent"] = float(sum(v.numel() * v.element_size()
+                                              for v in arrays.values()))
         except Exception as err:  # noqa: BLE001 - reported to the server, named
             return Message(Error(code=ERROR_CODE, reason=f"node {node}: "
                                  f"{' '.join(str(err).split())}"), reply_to=msg)

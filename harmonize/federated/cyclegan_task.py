@@ -293,11 +293,8 @@ class CycleGANTask:
             sums += torch.stack([loss_g.detach(), loss_d.detach()])
         mean_g, mean_d = (sums / c.local_steps).tolist()
         own = {**_pool_arrays("pool_b", pool_b), **_pool_arrays("pool_a", pool_a)}
-        shared = nets.arrays()
-        sent = sum(v.numel() * v.element_size() for v in shared.values())
         # equal weights in the average: each node's share is already in its loss
-        return shared, own, {"loss_g": mean_g, "loss_d": mean_d, "bytes_sent": float(sent),
-                             "num-examples": 1}
+        return nets.arrays(), own, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": 1}
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         return {"num-examples": 0}

@@ -102,10 +102,9 @@ class LocalPriorTask:
             losses.append(float(log["loss"].tail(max(1, len(log) // 5)).mean()))
             if site == self.ref:
                 shared = self._own_prior(model, site).state_dict()
-        sent = sum(v.numel() * v.element_size() for v in shared.values())
         return ({k: v.detach().cpu().clone() for k, v in shared.items()}, {},
                 {"train_loss": float(np.mean(losses)), "is_reference": float(bool(shared)),
-                 "bytes_sent": float(sent), "num-examples": 1})
+                 "num-examples": 1})
 
     @staticmethod
     def _own_prior(model: Path, site: str):

@@ -90,6 +90,22 @@ def record_replies(strategy, log: dict, required: int) -> None:
     strategy.aggregate_train = aggregate_train
 
 
+def skip_empty_evaluations(strategy) -> None:
+    """A round in which no node held test rows has nothing to average (Flower would
+    divide by a total weight of zero); e.g. local priors evaluate only to deliver."""
+    aggregate = strategy.aggregate_evaluate
+
+    def aggregate_evaluate(server_round, replies):
+        replies = list(replies)
+        weights = [float(m.content["metrics"].get("num-examples", 0)) for m in replies
+                   if not m.has_error() and "metrics" in m.content]
+        if not weights or sum(weights) == 0:
+            return None
+        return aggregate(server_round, replies)
+
+    strategy.aggregate_evaluate = aggregate_evaluate
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """A reason fit for one CSV cell and one log line (Ray's can be 3 KB)."""
     text = " ".join(str(text).split())
@@ -109,6 +125,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         with_server_optimizer(strategy, ServerOptimizer(task.server_optimizer(), initial))
     replies: dict[int, dict] = {}
     record_replies(strategy, replies, n_nodes)
+    skip_empty_evaluations(strategy)
     settings = {"seed": cfg.seed, "nodes": n_nodes}
     if hasattr(task, "server_settings"):
         settings.update(task.server_settings())
