@@ -141,12 +141,13 @@ class Scores:
 CG_SET = {"data.image_size": 64, "model.n_blocks": 4, "data.polarity": "keep"}
 
 
-def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: int):
+def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: int,
+                     cg_set: dict = CG_SET):
     from harmonize.translators.cyclegan.config import load_config
     from harmonize.translators.cyclegan.train import train_cyclegan
 
     config = load_config(ROOT / "configs/cyclegan/quick.yaml", {
-        **CG_SET, "data.manifest": str(bench.central_manifest),
+        **cg_set, "data.manifest": str(bench.central_manifest),
         "data.reference_site": bench.ref, "train.batch_size": batch * len(bench.sources),
         "train.steps": steps, "train.seed": seed, "train.out": str(out),
         "train.progress": False, "train.sample_every": steps, "train.checkpoint_every": steps,
@@ -162,12 +163,12 @@ def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: 
 
 
 def cyclegan_federated(bench: Benchmark, out: Path, seed: int, steps: int, batch: int, k: int,
-                       args) -> tuple:
+                       args, cg_set: dict = CG_SET) -> tuple:
     overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
                  "out": str(out), "rounds": max(1, steps // k), "seed": seed,
                  "cyclegan.local_steps": k, "cyclegan.config": str(ROOT /
                                                                     "configs/cyclegan/quick.yaml"),
-                 "cyclegan.set": {**CG_SET, "train.batch_size": batch},
+                 "cyclegan.set": {**cg_set, "train.batch_size": batch},
                  "parallel_nodes": args.parallel_nodes,
                  "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
     if args.local_lr:
@@ -326,14 +327,14 @@ def main() -> None:
 DD_SET = {"inference.steps": 20, "data.polarity": "keep"}
 
 
-def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int):
+def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int, dd_set: dict = DD_SET):
     from harmonize.translators.diffusion.config import load_config
     from harmonize.translators.diffusion.train import train_diffusion
 
     done = out / "wall.json"
     if not done.is_file():
         config = load_config(ROOT / "configs/diffusion/quick.yaml", {
-            **DD_SET, "data.manifest": str(bench.central_manifest),
+            **dd_set, "data.manifest": str(bench.central_manifest),
             "data.reference_site": bench.ref, "model.conditioning": "per-site",
             "inference.mode": "ddib", "train.steps": steps, "train.seed": seed,
             "train.out": str(out), "train.progress": False, "train.sample_every": steps,
@@ -345,13 +346,13 @@ def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int):
 
 
 def ddib_federated(bench: Benchmark, out: Path, seed: int, steps: int, prior: str,
-                   args) -> tuple[dict, dict]:
+                   args, dd_set: dict = DD_SET) -> tuple[dict, dict]:
     rounds = 1 if prior == "local" else args.rounds
     overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
                  "out": str(out), "rounds": rounds, "seed": seed,
                  "diffusion.prior": prior, "diffusion.local_steps": max(1, steps // rounds),
                  "diffusion.config": str(ROOT / "configs/diffusion/quick.yaml"),
-                 "diffusion.set": DD_SET, "diffusion.sites": bench.sites,
+                 "diffusion.set": dd_set, "diffusion.sites": bench.sites,
                  "parallel_nodes": args.parallel_nodes,
                  "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
     cfg = load_federated_config(ROOT / "configs/federated/diffusion-quick.yaml", overrides)
