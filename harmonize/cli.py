@@ -115,6 +115,9 @@ def _shift_report(args: argparse.Namespace) -> int:
         print(f"  site AUC {s['site_auc']:.3f} (chance 0.5), balanced accuracy "
               f"{s['site_balanced_accuracy']:.3f} (chance {s['chance_balanced_accuracy']:.3f}), "
               f"shifted features {s['shifted_feature_share']:.0%} of {s['n_features']}")
+    print(f"  ROI: {s['roi']}")
+    for note in s.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     if s["n_errors"]:
         print(f"  {s['n_errors']} image(s) could not be measured: see {args.out}/errors.csv")
     print(f"report: {Path(args.out) / 'report.html'}")

@@ -16,14 +16,20 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from harmonize.data.io import atomic_write
+from harmonize.data.io import atomic_write, read_image
 from harmonize.data.manifest import load_manifest
 from harmonize.evaluation.config import EvalConfig
 from harmonize.evaluation.evaluate import run_evaluation
 from harmonize.evaluation.fidelity import fidelity_image, score_files
-from harmonize.evaluation.report import shift_table, summary_table
+from harmonize.evaluation.report import (
+    AUDIT_FIRST,
+    answer_sentence,
+    shift_table,
+    summary_table,
+)
 from harmonize.metrics import bootstrap_mean_ci
 from harmonize.report.html import HtmlReport, image_grid
 from harmonize.synth.benchmark import site_names
@@ -118,9 +124,28 @@ def fidelity_summary(metrics: pd.DataFrame) -> dict:
     return out
 
 
+def finding_masks(manifest: Path) -> dict[str, np.ndarray]:
+    """relpath -> the synthetic finding's mask (images with a finding only)."""
+    if not manifest.is_file():
+        return {}
+    df = load_manifest(manifest)
+    if "finding_mask" not in df.columns:
+        return {}
+    return {r["relpath"]: read_image(manifest.parent / r["finding_mask"]) > 0
+            for r in df.to_dict("records") if r["finding_mask"]}
+
+
 def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
                       per_site: int = 2) -> Path:
-    report = HtmlReport("harmonize demo: synthetic multi-site benchmark, end to end")
+    kind = "quick run" if result.get("quick") else "full run"
+    report = HtmlReport(f"harmonize demo ({kind}): synthetic multi-site benchmark, end to end")
+    ev = pd.DataFrame(result["evaluation"])
+    answer = answer_sentence(ev)
+    if result.get("quick"):
+        answer += (" This is the quick run (one seed, 20 epochs, no CycleGAN): its CIs are "
+                   "wide and a gain is rarely significant here; run `harmonize demo` without "
+                   "--quick (3 seeds, CycleGAN) for the answer the benchmark can give.")
+    report.answer(answer)
     ref = result["reference_site"]
     prev = ", ".join(f"{s} {p:.0%}" for s, p in result["prevalence"].items())
     report.paragraph(
@@ -131,14 +156,13 @@ def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
     report.link("evaluate/report.html", "the downstream evaluation report (regimes, ROC, "
                 "audit, Grad-CAM)")
     report.heading("Does harmonization beat plain augmentation?")
-    ev = pd.DataFrame(result["evaluation"])
     report.table(ev)
     audit = pd.read_csv(path.parent / "evaluate" / "audit" / "summary.csv")
     report.heading("Hallucination audit")
     report.paragraph("Did a translator erase or invent the finding? Flip rates of a frozen "
                      "classifier and the finding's contrast after / before translation "
                      "(1 = kept); column definitions in the evaluation report.")
-    report.table(audit)
+    report.table(audit, first=AUDIT_FIRST)
     report.heading("Radiomics site shift, before and after each translator")
     report.table(shift_table(result["site_shift"]))
     for name in result["site_shift"]:
@@ -155,16 +179,23 @@ def write_demo_report(path: Path, metrics: pd.DataFrame, result: dict,
     report.table(pd.DataFrame(table).sort_values(["site", "method"]))
     report.heading("Before / after, per site")
     load = fidelity_image
-    methods = list(result["fidelity"])
+    methods = ["identity"] + [m for m in result["fidelity"] if m != "identity"]
     by = metrics.set_index(["method", "relpath"])
+    findings = finding_masks(path.parent / "evaluate" / "data" / "manifest.csv")
     for site, g in metrics[metrics["method"] == "identity"].groupby("site"):
-        grid, titles = [], []
+        grid, titles, outlines = [], [], []
         for rec in g.head(per_site).to_dict("records"):
             grid.append([load(by.loc[(m, rec["relpath"]), "image_path"]) for m in methods]
                         + [load(rec["truth_path"])])
             titles.append(f"{Path(rec['relpath']).stem} ({rec['label']})")
+            outlines.append(findings.get(rec["relpath"]))
         report.heading(f"site {site}", level=3)
-        report.figure(image_grid(grid, methods + [f"truth ({ref})"], titles))
+        columns = [f"input ({site})"] + methods[1:] + [f"truth ({ref})"]
+        report.figure(image_grid(grid, columns, titles, outlines=outlines),
+                      f"Each row: one image of site {site} as acquired (input), after each "
+                      f"translator, and the same anatomy as the reference site {ref} acquires "
+                      "it (the truth a translator should reach). Red outline: the synthetic "
+                      "finding, where the image has one; it must survive translation.")
     t = result["timings"]
     report.paragraph("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
                      css="note")

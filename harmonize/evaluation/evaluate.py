@@ -215,7 +215,9 @@ def site_shift(config: EvalConfig, data: Dataset, sets: dict, out: Path) -> dict
     for name, hs in sets.items():
         s = run_shift_report(data.manifest, out / name, compare_with=hs.folder,
                              reference_site=data.reference_site, mask_column=mask_column,
-                             cache_dir=out / "cache", progress=config.progress)
+                             cache_dir=out / "cache", progress=config.progress,
+                             label=f"harmonized by {name}",
+                             back=("../../report.html", "back to the evaluation report"))
         shifts[name] = {r["measure"]: {"before": r["before"], "after": r["after"]}
                         for r in s["change"]}
     return shifts

@@ -19,6 +19,8 @@ from harmonize.data.transforms import AUGMENTATION_DOC  # noqa: E402
 from harmonize.report.html import HtmlReport, image_grid  # noqa: E402
 
 GROUP = ["protocol", "test_site", "classifier", "regime", "translator"]
+# the audit's columns a reader must not miss, shown first
+AUDIT_FIRST = ["translator", "findings_erased", "findings_exaggerated", "risk_rate"]
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -43,6 +45,36 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     out["_o"] = out["regime"].map(order)
     return out.sort_values(["protocol", "test_site", "classifier", "_o", "translator"]).drop(
         columns="_o").reset_index(drop=True)
+
+
+def answer_sentence(table: pd.DataFrame) -> str:
+    """The evaluation's answer in words: per external test site and classifier, the best
+    harmonized regime against plain augmentation, and whether the gain is significant."""
+    parts = []
+    ext = table[table["protocol"] == "external"] if "protocol" in table else table.iloc[:0]
+    for (site, clf), g in ext.groupby(["test_site", "classifier"], sort=False):
+        aug = g[g["regime"] == "augment"]
+        harm = g[g["regime"].astype(str).str.startswith("harmonized")]
+        if aug.empty or harm.empty:
+            continue
+        best = harm.loc[harm["auc"].idxmax()]
+        a = float(aug["auc"].iloc[0])
+        gain = float(best["auc"]) - a
+        better, seeds = int(best.get("seeds_better_p05", 0) or 0), int(best["seeds"])
+        name = _label(best)
+        if gain > 0 and better > 0:
+            verdict = (f"beats plain augmentation ({a:.2f}) by {gain:+.2f}, significant in "
+                       f"{better} of {seeds} seed(s)")
+        elif gain > 0:
+            verdict = (f"is above plain augmentation ({a:.2f}) by {gain:+.2f}, but in no seed "
+                       "significantly: not a demonstrated gain")
+        else:
+            verdict = f"does not beat plain augmentation ({a:.2f}; {gain:+.2f})"
+        parts.append(f"Unseen site {site}, {clf}: the best harmonized regime, {name}, has "
+                     f"AUC {float(best['auc']):.2f} [{float(best['auc_lo']):.2f}, "
+                     f"{float(best['auc_hi']):.2f}] and {verdict}.")
+    return " ".join(parts) or "No external-site comparison of harmonized and augmented " \
+        "training in this run."
 
 
 def _label(r) -> str:
@@ -85,8 +117,11 @@ def roc_figure(predictions: pd.DataFrame, seed: int, classifier: str):
         ax.set_title(f"{protocol}: {site}", fontsize=9)
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    # one legend below the panels, so that it covers no curve
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, loc="upper center", ncol=min(3, len(labels)),
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
     return fig
 
 
@@ -156,6 +191,7 @@ def _setup_text(config, data, sets) -> str:
 def write_report(path: Path, config, data, sets, table, predictions, audit, timings,
                  shifts: dict) -> Path:
     report = HtmlReport("harmonize evaluate: does harmonization beat plain augmentation?")
+    report.answer(answer_sentence(table))
     report.paragraph(_setup_text(config, data, sets))
     report.link("results.csv", "results.csv (one row per model)")
     report.link("predictions.csv", "predictions.csv (one row per test image and model)")
@@ -187,7 +223,7 @@ def write_report(path: Path, config, data, sets, table, predictions, audit, timi
         "to the input is below / above the configured bounds; cam_outside_roi: share of the "
         "Grad-CAM map outside the body ROI (markers, borders). Per-image flags are in each "
         "translator's apply_log.csv (columns risk, risk_reason).")
-    report.table(audit["summary"])
+    report.table(audit["summary"], first=AUDIT_FIRST)
     if shifts:
         report.heading("Radiomics site shift, before and after each translator")
         report.paragraph(
@@ -225,10 +261,13 @@ def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
     cams = audit["cams"]
     names = list(cams)
     report.heading("Before / after and Grad-CAM")
-    grid, titles = [], []
+    grid, titles, outlines = [], [], []
+    root = Path(data.manifest).parent
     for i in sample:
         row_index = rows_idx[i]
         rec = data.df.iloc[row_index]
+        finding = str(rec.get("finding_mask", "") or "")
+        outlines.append(read_image(root / finding) > 0 if finding else None)
         line = []
         for name in names:
             path = rec["path"] if name == "raw" else sets[name].manifest["path"].iloc[row_index]
@@ -238,8 +277,12 @@ def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
                 line.append(cam_overlay(line[k], cams[name][i]))
         grid.append(line)
         titles.append(f"{rec['site']} {Path(rec['relpath']).stem} ({rec['label']})")
-    columns = names + [f"Grad-CAM {n}" for n in names if cams[n] is not None]
-    report.figure(image_grid(grid, columns, titles),
-                  "each row: one test image raw and after each translator, then the frozen "
-                  "classifier's Grad-CAM on that image (yellow = drives the prediction)")
+    columns = (["input" if n == "raw" else n for n in names]
+               + [f"Grad-CAM {'input' if n == 'raw' else n}" for n in names
+                  if cams[n] is not None])
+    report.figure(image_grid(grid, columns, titles, outlines=outlines,
+                             colorbar="Grad-CAM weight (normalized per image)"),
+                  "Each row: one test image as acquired (input) and after each translator, "
+                  "then the frozen classifier's Grad-CAM on each (bright = drives the "
+                  "prediction). Red outline: the finding, where the data knows it.")
     plt.close("all")

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
@@ -30,6 +31,8 @@ from harmonize.data.io import atomic_write  # noqa: E402
 from harmonize.federated.config import FederatedConfig  # noqa: E402
 from harmonize.federated.nodes import node_names  # noqa: E402
 from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
+from harmonize.federated.report import write_rounds_report  # noqa: E402
+from harmonize.report.html import header_text  # noqa: E402
 from harmonize.federated.server_optimizer import (  # noqa: E402
     ServerOptimizer,
     with_server_optimizer,
@@ -163,6 +166,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                if cfg.privacy.dp != "none" else None}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
+    write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
     return summary
 
 
@@ -202,8 +206,9 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
     for ax, col in zip(axes[0], metrics, strict=True):
         ax.plot(rounds["round"], rounds[col], marker="o", ms=3)
-        ax.set_title(col, fontsize=9)
+        ax.set_title(header_text(col), fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}")
     fig.savefig(tmp, format="png", dpi=90)

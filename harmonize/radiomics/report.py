@@ -66,27 +66,55 @@ def site_table(features: pd.DataFrame, res: ShiftAnalysis) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna(0)
 
 
-def boxplots(features: pd.DataFrame, res: ShiftAnalysis, top: int = 6):
+def boxplots(features: pd.DataFrame, res: ShiftAnalysis, harmonized: pd.DataFrame | None = None,
+             top: int = 6):
+    """Per-site box plots of the most shifted features; with `harmonized`, each site's
+    original (grey) and harmonized (blue) box side by side."""
     names = list(res.tests["feature"].head(top))
     cols = min(3, len(names))
     n_rows = -(-len(names) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
+    sets = [(features, "#bbbbbb")] + ([(harmonized, "#7aa6e0")] if harmonized is not None
+                                      else [])
+    width = 0.8 / len(sets)
+    x = np.arange(len(res.sites))
     for ax, name in zip(axes.ravel(), names, strict=False):
-        data = [features.loc[features["site"] == s, name].to_numpy(float) for s in res.sites]
-        ax.boxplot(data, tick_labels=res.sites, showfliers=False)
+        for k, (df, colour) in enumerate(sets):
+            data = [df.loc[df["site"] == s, name].to_numpy(float) for s in res.sites]
+            ax.boxplot(data, positions=x + (k - (len(sets) - 1) / 2) * width, widths=width * 0.9,
+                       showfliers=False, patch_artist=True,
+                       boxprops={"facecolor": colour}, medianprops={"color": "black"})
+        ax.set_xticks(x, res.sites)
         eps = float(res.tests.set_index("feature").loc[name, "epsilon_sq"])
         ax.set_title(f"{name.removeprefix('original_')}\nε²={eps:.2f}", fontsize=8)
+        ax.set_ylabel("feature value", fontsize=7)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     return fig
 
 
+def shift_answer(before: ShiftAnalysis, after: ShiftAnalysis | None, label: str | None) -> str:
+    """The report's answer in a sentence: how predictable the site is from radiomics."""
+    b = before.summary()
+    text = (f"The site can be predicted from the radiomics features with AUC "
+            f"{b['site_auc']:.2f} (chance 0.5); {b['shifted_feature_share']:.0%} of the "
+            "features differ between sites")
+    if after is None:
+        return text + "."
+    a = after.summary()
+    what = label or "harmonized"
+    return (f"{text} in the original images; {what}: AUC {a['site_auc']:.2f} and "
+            f"{a['shifted_feature_share']:.0%} ("
+            + ("less" if a["site_auc"] < b["site_auc"] else "no less") + " site signal).")
+
+
 def embedding(sets: list[tuple[str, pd.DataFrame]], cols: list[str], sites: list[str]):
     """PCA of standardized features, fitted on the first set so panels share axes."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False,
+                             sharex=True, sharey=True)
     first = np.nan_to_num(sets[0][1][cols].to_numpy(float))
     scaler = StandardScaler().fit(first)
     pca = PCA(n_components=2, random_state=0).fit(scaler.transform(first))
@@ -99,8 +127,10 @@ def embedding(sets: list[tuple[str, pd.DataFrame]], cols: list[str], sites: list
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
-    axes[0][0].legend(fontsize=7, markerscale=1.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, markerscale=1.5, loc="upper center",
+               ncol=min(6, len(labels)), bbox_to_anchor=(0.5, 0.0), frameon=False)
     return fig
 
 
@@ -134,7 +164,17 @@ def write_shift_report(out: Path, features: pd.DataFrame, errors: pd.DataFrame,
                    "change": change.to_dict("records")}
     _write_json(summary, out / "summary.json")
 
-    report = HtmlReport("Site-shift report (radiomics)")
+    label = settings.get("label")
+    if after is not None:
+        subject = f"original vs {label or 'harmonized'} images"
+    else:
+        subject = label or f"{res.n_images} images"
+    report = HtmlReport(f"Site-shift report (radiomics): {subject}")
+    if settings.get("back"):
+        report.back_link(*settings["back"])
+    report.answer(shift_answer(res, after[1] if after is not None else None, label))
+    for note in settings.get("notes", []):
+        report.paragraph(f"Note: {note}.")
     report.paragraph(
         f"{res.n_images} images from {len(res.sites)} sites, {len(res.feature_cols)} "
         f"radiomics features (pyradiomics {settings.get('pyradiomics_version', '')}; classes "
@@ -158,8 +198,10 @@ def write_shift_report(out: Path, features: pd.DataFrame, errors: pd.DataFrame,
     report.heading("Which feature families carry the shift")
     report.table(res.families)
     report.heading("Most shifted features")
-    report.figure(boxplots(features, res), "Per-site distributions of the features with the "
-                  "largest Kruskal-Wallis effect size (epsilon squared).")
+    report.figure(boxplots(features, res, after[0] if after is not None else None),
+                  "Per-site distributions of the features with the largest Kruskal-Wallis "
+                  "effect size (epsilon squared) among the original images"
+                  + ("; grey: original, blue: harmonized." if after is not None else "."))
     report.table(res.tests.head(15)[["feature", "family", "epsilon_sq", "H", "q"]])
     report.heading("Embedding")
     sets = [("original", features[features["site"].isin(res.sites)])]

@@ -31,6 +31,21 @@ def load_image_set(data: str | os.PathLike, mask_column: str | None = None) -> p
     raise FileNotFoundError(f"{data}: neither a manifest CSV nor a folder of site subfolders")
 
 
+def mask_hint(df: pd.DataFrame, mask_column: str | None) -> str | None:
+    """A manifest column that looks like ROI masks but is not used: say so, and how."""
+    if mask_column or ("mask" in df and df["mask"].astype(str).str.len().gt(0).any()):
+        return None
+    candidates = [c for c in df.columns if c.lower().endswith("mask") and c != "mask"
+                  and "finding" not in c.lower() and df[c].astype(str).str.len().gt(0).any()]
+    if not candidates:
+        return None
+    c = candidates[0]
+    n = int(df[c].astype(str).str.len().gt(0).sum())
+    return (f"the manifest's column '{c}' looks like ROI masks ({n} of {len(df)} images "
+            f"have one) but is not used: every image is measured in an automatic body mask; "
+            f"add --mask-column {c} to measure inside those masks")
+
+
 def harmonized_counterpart(df: pd.DataFrame, root: str | os.PathLike) -> pd.DataFrame:
     """The same rows pointing at ROOT/<relpath> (the tree `harmonize apply` writes)."""
     root = Path(root)
@@ -71,20 +86,26 @@ def run_shift_report(data: str | os.PathLike, out: str | os.PathLike,
                      reference_site: str | None = None, mask_column: str | None = None,
                      workers: int | None = None, cache_dir: str | os.PathLike | None = None,
                      ray_address: str | None = None, n_boot: int = 200,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, label: str | None = None,
+                     back: tuple[str, str] | None = None) -> dict:
+    """`label` names the compared set in the report's title (e.g. the translator);
+    `back` = (href, text) links the report to the one it belongs to."""
     out = Path(out)
     df = load_image_set(data, mask_column)
+    notes = [h for h in [mask_hint(df, mask_column)] if h]
     settings = RadiomicsSettings.from_data(df, progress=progress)
     kwargs = {"workers": workers, "cache_dir": cache_dir, "ray_address": ray_address,
               "progress": progress}
     if compare_with is not None:
         df = freeze_auto_masks(df, settings, out / "roi_masks", progress)
     features, errors = extract_features(df, settings, **kwargs)
-    settings_info = settings.report_dict(features)
+    settings_info = {**settings.report_dict(features), "notes": notes, "label": label,
+                     "back": back}
     if compare_with is None:
         result = analyze(features, reference_site, n_boot=n_boot)
         write_shift_report(out, features, errors, result, settings_info)
-        return {**result.summary(), "n_errors": len(errors)}
+        return {**result.summary(), "n_errors": len(errors), "notes": notes,
+                "roi": settings_info["roi"]}
     h_df = harmonized_counterpart(df, compare_with)
     h_features, h_errors = extract_features(h_df, settings, **kwargs)
     errors = pd.concat([errors.assign(set="original"), h_errors.assign(set="harmonized")],
@@ -93,4 +114,5 @@ def run_shift_report(data: str | os.PathLike, out: str | os.PathLike,
     write_shift_report(out, features, errors, before, settings_info,
                        after=(h_features, after, change))
     return {"before": before.summary(), "after": after.summary(),
-            "change": change.to_dict("records"), "n_errors": len(errors)}
+            "change": change.to_dict("records"), "n_errors": len(errors), "notes": notes,
+            "roi": settings_info["roi"]}

@@ -25,8 +25,31 @@ h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
-img{max-width:100%}.note{color:#555;font-size:0.9em}
+img{max-width:100%;height:auto}.note{color:#555;font-size:0.9em}
+.scroll{overflow-x:auto;max-width:100%}figure{margin:1em 0}
+.answer{background:#eef5ff;border-left:4px solid #2a6fdb;padding:0.6em 1em;font-size:1.05em}
+.back{font-size:0.9em}
 """
+ACRONYMS = {"auc": "AUC", "ssim": "SSIM", "psnr": "PSNR", "ci": "CI", "frd": "FRD",
+            "mmd": "MMD", "roi": "ROI", "cam": "CAM", "id": "ID", "db": "dB", "pca": "PCA",
+            "lo": "low", "hi": "high", "p05": "(p < 0.05)", "sd": "SD"}
+
+
+def header_text(column: str) -> str:
+    """A column name as a reader wants it: words, not snake_case ("auc_lo" -> "AUC low")."""
+    return " ".join(ACRONYMS.get(w, w) for w in str(column).split("_"))
+
+
+def cell_text(value) -> str:
+    """Numbers rounded to what can be read (3 significant digits), missing values as a dash."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "\u2013"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
 
 
 def figure_to_data_uri(fig) -> str:
@@ -43,6 +66,15 @@ class HtmlReport:
         self.title = title
         self._parts: list[str] = []
 
+    def answer(self, text: str) -> None:
+        """The report's answer in a sentence or two: what a reader needs if they read
+        nothing else (put it first)."""
+        self._parts.append(f'<p class="answer">{html.escape(text)}</p>')
+
+    def back_link(self, href: str, text: str) -> None:
+        self._parts.append(f'<p class="back"><a href="{html.escape(href)}">&larr; '
+                           f"{html.escape(text)}</a></p>")
+
     def heading(self, text: str, level: int = 2) -> None:
         self._parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
@@ -54,14 +86,25 @@ class HtmlReport:
         """A relative link to a companion file (reports that belong together)."""
         self._parts.append(f'<p>See <a href="{html.escape(href)}">{html.escape(text)}</a>.</p>')
 
-    def table(self, df: pd.DataFrame, float_format: str = "{:.4g}") -> None:
-        formatters = {c: float_format.format for c in df.columns
-                      if pd.api.types.is_float_dtype(df[c])}
-        self._parts.append(df.to_html(index=False, formatters=formatters, border=0,
-                                      escape=True))
+    def table(self, df: pd.DataFrame, first: list[str] | None = None) -> None:
+        """A readable table: worded headers, rounded numbers, dashes for missing values,
+        the `first` columns (e.g. the worst numbers) moved to the front, and a horizontal
+        scroll bar instead of spilling past the page when it is still too wide."""
+        cols = [c for c in (first or []) if c in df.columns]
+        df = df[cols + [c for c in df.columns if c not in cols]]
+        shown = pd.DataFrame({header_text(c): [cell_text(v) for v in df[c]]
+                              for c in df.columns})
+        self._parts.append('<div class="scroll">' + shown.to_html(index=False, border=0,
+                                                                   escape=True) + "</div>")
 
     def figure(self, fig, caption: str = "") -> None:
         self._parts.append(f'<figure><img src="{figure_to_data_uri(fig)}">'
+                           f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>")
+
+    def image(self, path: str | os.PathLike, caption: str = "") -> None:
+        """An existing PNG, embedded (the report stays one file)."""
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        self._parts.append(f'<figure><img src="data:image/png;base64,{data}">'
                            f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>")
 
     def render(self) -> str:
@@ -78,15 +121,24 @@ class HtmlReport:
 
 
 def image_grid(rows: list[list[np.ndarray]], column_titles: list[str],
-               row_titles: list[str] | None = None, cell_inches: float = 2.2):
-    """A matplotlib figure of model-space images (0..1 shown as black..white)."""
+               row_titles: list[str] | None = None, cell_inches: float = 2.2,
+               outlines: list[np.ndarray | None] | None = None, colorbar: str | None = None):
+    """A matplotlib figure of model-space images (0..1 shown as black..white); RGB cells
+    (e.g. heat-map overlays) as they are. `outlines`: one mask per row (or None), drawn
+    as a red contour on every cell of that row (where the finding is); `colorbar`: a label
+    for an inferno 0..1 colour bar (for heat-map overlays)."""
     n_rows, n_cols = len(rows), len(column_titles)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols,
                                                       cell_inches * n_rows), squeeze=False)
     for r, row in enumerate(rows):
+        mask = outlines[r] if outlines else None
         for c, img in enumerate(row):
             ax = axes[r][c]
-            ax.imshow(np.asarray(img), cmap="gray", vmin=0.0, vmax=1.0, interpolation="lanczos")
+            img = np.asarray(img)
+            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="lanczos")
+            if mask is not None and mask.any():
+                m = _resize_mask(mask, img.shape[:2])
+                ax.contour(m, levels=[0.5], colors="red", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -94,4 +146,20 @@ def image_grid(rows: list[list[np.ndarray]], column_titles: list[str],
             if c == 0 and row_titles:
                 ax.set_ylabel(row_titles[r], fontsize=8)
     fig.tight_layout()
+    if colorbar:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "inferno"), ax=axes.ravel().tolist(),
+                           fraction=0.02, pad=0.01)
+        bar.set_label(colorbar, fontsize=8)
     return fig
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if mask.shape == tuple(shape):
+        return mask.astype(float)
+    from scipy.ndimage import zoom
+
+    return zoom(mask.astype(float), (shape[0] / mask.shape[0], shape[1] / mask.shape[1]),
+                order=0)
