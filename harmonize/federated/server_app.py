@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
@@ -24,6 +23,7 @@ from flwr.serverapp.strategy import (  # noqa: E402
     FedAvg,
     FedProx,
 )
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from harmonize.checkpoint import checkpoint_dir  # noqa: E402
@@ -32,12 +32,12 @@ from harmonize.federated.config import FederatedConfig  # noqa: E402
 from harmonize.federated.nodes import node_names  # noqa: E402
 from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
 from harmonize.federated.report import write_rounds_report  # noqa: E402
-from harmonize.report.html import header_text  # noqa: E402
 from harmonize.federated.server_optimizer import (  # noqa: E402
     ServerOptimizer,
     with_server_optimizer,
 )
 from harmonize.federated.tasks import build_task  # noqa: E402
+from harmonize.report.html import header_text  # noqa: E402
 
 SHARED_WEIGHTS = "shared_weights.safetensors"
 
