@@ -187,9 +187,21 @@ def cyclegan_federated(bench: Benchmark, out: Path, seed: int, steps: int, batch
         done.write_text(json.dumps({"wall_s": wall}))
     rounds = pd.read_csv(out / "rounds.csv")
     extra = {"K": k, "rounds": cfg.rounds, "wall_s": wall,
-             "bytes_per_node_round": float(rounds["train_bytes_sent"].mean()),
+             "bytes_per_node_round": sent_per_round(out, rounds),
              "seconds_per_round": float(np.diff(rounds["seconds"], prepend=0).mean())}
     return load_translator(summary["model"]), extra, summary
+
+
+def sent_per_round(out: Path, rounds: pd.DataFrame) -> float:
+    """Bytes each node sent per round (the nodes report it; else the shared weights)."""
+    if "train_bytes_sent" in rounds and rounds["train_bytes_sent"].notna().any():
+        return float(rounds["train_bytes_sent"].mean())
+    from safetensors.torch import load_file
+
+    from harmonize.federated.server_app import SHARED_WEIGHTS
+
+    return float(sum(v.numel() * v.element_size()
+                     for v in load_file(out / SHARED_WEIGHTS).values()))
 
 
 def reverse_memorization(bench: Benchmark, run_dir: Path, cfg_path: Path) -> float:

@@ -77,3 +77,4 @@ def assert_same_run(a, b, atol: float = 1e-4) -> None:
         np.testing.assert_allclose(a, b, atol=atol)
     else:
         np.testing.assert_array_equal(a, b)
+

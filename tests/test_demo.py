@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pandas as pd
+import pytest
+from report_checks import assert_reads_cleanly_in_a_browser
 
 from harmonize.cli import main
 
 
-def test_quick_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "-q", "--out", str(out), "--sites", "3", "--per-site",
-                 "24", "--size", "64"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["demo", "--quick", "-q", "--out", str(out), "--sites", "3",
+                     "--per-site", "24", "--size", "64"]) == 0
+    return out, stdout.getvalue()
+
+
+def test_quick_demo_writes_a_report_people_and_machines_can_read(quick_demo):
+    out, printed = quick_demo
     assert "AUC on unseen site_c" in printed and "report:" in printed
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # one grid per non-reference site
@@ -35,6 +46,17 @@ def test_quick_demo_writes_a_report_people_and_machines_can_read(tmp_path, capsy
         assert e["ssim"]["mean"] > fid["identity"][site]["ssim"]["mean"]
     assert set(summary["site_shift"]["histogram-matching"]["site_auc"]) == {"before", "after"}
     assert (out / "evaluate" / "audit" / "summary.csv").is_file()
+
+
+def test_demo_evaluate_and_site_shift_reports_read_cleanly_in_a_browser(quick_demo):
+    out, _ = quick_demo
+    demo = assert_reads_cleanly_in_a_browser(out / "report.html", "demo")
+    assert demo["title"].startswith("harmonize demo (quick run)")
+    evaluate = assert_reads_cleanly_in_a_browser(out / "evaluate" / "report.html", "evaluate")
+    assert evaluate["images"] >= 3  # AUC plot, ROC, before/after + Grad-CAM grid
+    shift = assert_reads_cleanly_in_a_browser(
+        out / "evaluate" / "shift_report" / "fourier" / "report.html", "shift_report")
+    assert "harmonized by fourier" in shift["title"]
 
 
 def test_synth_command_and_its_errors(tmp_path, capsys):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
+from report_checks import assert_reads_cleanly_in_a_browser
 
 from harmonize.evaluation.config import load_eval_config
 from harmonize.evaluation.evaluate import run_evaluation
@@ -14,11 +16,22 @@ from harmonize.evaluation.evaluate import run_evaluation
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_tb_cxr_study_trains_both_ways_and_measures_the_shift(tb_cxr, tmp_path):
-    out = tmp_path / "tb"
+@pytest.fixture(scope="module")
+def quick_study(tb_cxr, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tb") / "tb"
     config = load_eval_config(ROOT / "configs/eval/tb_cxr_2site_quick.yaml",
                               {"out": str(out), "data.manifest": str(tb_cxr / "manifest.csv")})
     run_evaluation(config)
+    return out
+
+
+def test_the_study_report_reads_cleanly_in_a_browser(quick_study):
+    result = assert_reads_cleanly_in_a_browser(quick_study / "report.html", "study")
+    assert result["images"] >= 3
+
+
+def test_quick_tb_cxr_study_trains_both_ways_and_measures_the_shift(quick_study):
+    out = quick_study
     table = pd.read_csv(out / "summary_table.csv", keep_default_na=False, na_values=[""])
     cells = set(zip(table["protocol"], table["test_site"], strict=True))
     assert cells == {("external", "montgomery"), ("external", "shenzhen"),
