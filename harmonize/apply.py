@@ -29,6 +29,7 @@ from harmonize.data.io import (
     read_image,
     write_image,
 )
+from harmonize.rerun import replacing_outputs
 from harmonize.translators import Translator
 
 LOG_NAME = "apply_log.csv"
@@ -167,6 +168,8 @@ def apply_translator(
     out = Path(out)
     rank, world = process_shard()
     items = discover_inputs(inp, out)[rank::world]  # each file to exactly one process
+    if not resume and rank == 0:
+        replacing_outputs(out, "outputs")
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be valid
     if derivation is None:
         derivation = (f"harmonized to site '{translator.reference_site_}' "

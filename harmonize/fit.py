@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.rerun import replacing_checkpoint
 from harmonize.training.metadata import training_metadata
 from harmonize.translators.base import Translator
 
@@ -41,4 +42,5 @@ def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | 
     translator.fit(model_space_images(rows, translator.policy, progress,
                                       f"fit {translator.kind}"), reference_site)
     meta = training_metadata(rows, reference_site, manifest_path, translator.policy)
+    replacing_checkpoint(Path(out), translator.kind, reference_site)
     return translator.save(out, meta)

@@ -82,3 +82,21 @@ def test_synth_and_demo_options_are_explained(capsys):
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "images per site" in text and "image side in pixels" in text
+
+
+def test_reruns_say_what_they_replace(synth, tmp_path, capsys):
+    model, out = tmp_path / "model", tmp_path / "harmonized"
+    train = ["train", "histogram-matching", "-q", "--data", str(synth / "manifest.csv"),
+             "--out", str(model)]
+    assert main([*train, "--reference-site", "site_a"]) == 0
+    assert "note:" not in capsys.readouterr().err  # a first run replaces nothing
+    assert main([*train, "--reference-site", "site_b"]) == 0
+    err = capsys.readouterr().err
+    assert "replacing the histogram-matching checkpoint" in err and "'site_a'" in err
+    assert main(["apply", "-q", "--model", str(model), str(synth / "site_a"), str(out)]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["apply", "-q", "--model", str(model), str(synth / "site_a"), str(out)]) == 0
+    assert "already holds 7 file(s)" in capsys.readouterr().err  # 6 images + the log
+    assert main(["apply", "-q", "--resume", "--model", str(model), str(synth / "site_a"),
+                 str(out)]) == 0
+    assert "note:" not in capsys.readouterr().err  # --resume keeps them: nothing to say

@@ -34,6 +34,7 @@ from harmonize.data.manifest import binary_targets, load_manifest, positive_labe
 from harmonize.data.splits import patient_split
 from harmonize.evaluation.config import EvalConfig, Protocol
 from harmonize.evaluation.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
+from harmonize.rerun import replacing_outputs
 
 RESULT_COLUMNS = [
     "regime", "translator", "classifier", "protocol", "test_site", "seed", "n", "n_positive",
@@ -125,6 +126,7 @@ def run_evaluation(config: EvalConfig) -> Path:
     if config.out is None:
         raise ConfigError("out is required (--out DIR)")
     out = Path(config.out)
+    replacing_outputs(out, "evaluation (results and report)", marker="report.html")
     out.mkdir(parents=True, exist_ok=True)
     check_specs(config.translators)
     dump_config(config, out / "config.yaml")

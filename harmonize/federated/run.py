@@ -18,6 +18,7 @@ from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import fill_site_lists, node_names
 from harmonize.federated.server_app import make_server_app
+from harmonize.rerun import replacing_outputs
 
 
 def with_split(manifest: Path, out: Path, seed: int) -> Path:
@@ -48,6 +49,7 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     """Simulate the federation; returns summary.json's content (+ wall time)."""
     cfg = resolved_config(cfg)
     out = Path(cfg.out)
+    replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.evaluate:
         cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
