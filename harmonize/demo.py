@@ -131,7 +131,7 @@ def finding_masks(manifest: Path) -> dict[str, np.ndarray]:
     df = load_manifest(manifest)
     if "finding_mask" not in df.columns:
         return {}
-    return {r["relpath"]: read_image(manifest.parent / r["finding_mask"]) > 0
+    return {r["relpath"]: read_image(manifest.parent / r["finding_mask"]).array > 0
             for r in df.to_dict("records") if r["finding_mask"]}
 
 

@@ -218,7 +218,7 @@ def site_shift(config: EvalConfig, data: Dataset, sets: dict, out: Path) -> dict
         s = run_shift_report(data.manifest, out / name, compare_with=hs.folder,
                              reference_site=data.reference_site, mask_column=mask_column,
                              cache_dir=out / "cache", progress=config.progress,
-                             label=f"harmonized by {name}",
+                             label=f"images harmonized by {name}",
                              back=("../../report.html", "back to the evaluation report"))
         shifts[name] = {r["measure"]: {"before": r["before"], "after": r["after"]}
                         for r in s["change"]}

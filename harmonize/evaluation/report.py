@@ -267,7 +267,7 @@ def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
         row_index = rows_idx[i]
         rec = data.df.iloc[row_index]
         finding = str(rec.get("finding_mask", "") or "")
-        outlines.append(read_image(root / finding) > 0 if finding else None)
+        outlines.append(read_image(root / finding).array > 0 if finding else None)
         line = []
         for name in names:
             path = rec["path"] if name == "raw" else sets[name].manifest["path"].iloc[row_index]

@@ -166,7 +166,7 @@ def write_shift_report(out: Path, features: pd.DataFrame, errors: pd.DataFrame,
 
     label = settings.get("label")
     if after is not None:
-        subject = f"original vs {label or 'harmonized'} images"
+        subject = f"original images vs {label or 'harmonized images'}"
     else:
         subject = label or f"{res.n_images} images"
     report = HtmlReport(f"Site-shift report (radiomics): {subject}")
