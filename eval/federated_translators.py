@@ -262,8 +262,10 @@ def plot_k_sweep(summary: pd.DataFrame, path: Path) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
     scaled = fed["method"].str.contains("lr x K")
+    k1 = fed[(~scaled) & (fed["K"] == 1)]  # at K = 1 both rules are the same run
     for part, label in ((fed[~scaled], "server lr = central lr"),
-                        (fed[scaled], "server lr = central lr x K")):
+                        (pd.concat([k1, fed[scaled]]) if scaled.any() else fed[scaled],
+                         "server lr = central lr x K")):
         if not part.empty:
             a.errorbar(part["K"], part["ssim"], yerr=[part["ssim"] - part["ssim_lo"],
                                                       part["ssim_hi"] - part["ssim"]],
