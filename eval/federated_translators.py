@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -106,27 +107,33 @@ class Scores:
               f"  memorized {mem['flagged_share']:.0%}", flush=True)
 
     def summary(self) -> pd.DataFrame:
-        """Per method: mean over seeds, CI over images of the seed-mean score, per-seed
-        means, and the paired difference to central."""
+        """Per method: mean over its seeds, a CI over images of the seed-mean score (seed
+        spread: the per-seed means), and the paired difference to central on the same
+        seeds and images (so a one-seed method is compared with central's same seed)."""
         per = pd.concat(self.per_image)
-        seed_mean = per.groupby(["method", "relpath"])[["ssim", "psnr"]].mean()
         results = pd.DataFrame(self.rows)
-        central = seed_mean.loc["central"] if "central" in seed_mean.index else None
-        identity = seed_mean.loc["identity", "ssim"].mean()
+
+        def image_means(method: str, seeds) -> pd.DataFrame:
+            part = per[(per["method"] == method) & per["seed"].isin(seeds)]
+            return part.groupby("relpath")[["ssim", "psnr"]].mean()
+
         out = []
         for method in results["method"].unique():
-            m = seed_mean.loc[method]
-            mean, lo, hi = bootstrap_mean_ci(m["ssim"].tolist())
             r = results[results["method"] == method]
+            seeds = sorted(r["seed"].unique())
+            m = image_means(method, seeds)
+            mean, lo, hi = bootstrap_mean_ci(m["ssim"].tolist())
             row = {"method": method, "ssim": mean, "ssim_lo": lo, "ssim_hi": hi,
                    "psnr": float(m["psnr"].mean()),
                    "ssim_per_seed": " / ".join(f"{v:.3f}" for v in r["ssim"]),
-                   "seeds": len(r)}
-            if central is not None and method != "central":
+                   "seeds": len(seeds)}
+            central = image_means("central", seeds)
+            if len(central) and method != "central":
                 d = (m["ssim"] - central["ssim"]).dropna()
                 dm, dlo, dhi = bootstrap_mean_ci(d.tolist())
                 row.update({"minus_central": dm, "minus_central_lo": dlo,
                             "minus_central_hi": dhi})
+                identity = image_means("identity", seeds)["ssim"].mean()
                 gain = central["ssim"].mean() - identity
                 row["share_of_central_gain"] = (mean - identity) / gain if gain else None
             for col in ("K", "rounds", "bytes_per_node_round", "seconds_per_round", "wall_s",
@@ -155,6 +162,7 @@ def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: 
     done = out / "wall.json"
     if done.is_file():  # --runs: reuse a finished run
         return load_translator(out / "model"), json.loads(done.read_text())["wall_s"]
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts afresh
     started = time.perf_counter()
     model = train_cyclegan(config)
     wall = time.perf_counter() - started
@@ -347,6 +355,7 @@ def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int, dd_set: dic
 
     done = out / "wall.json"
     if not done.is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts afresh
         config = load_config(ROOT / "configs/diffusion/quick.yaml", {
             **dd_set, "data.manifest": str(bench.central_manifest),
             "data.reference_site": bench.ref, "model.conditioning": "per-site",

@@ -238,11 +238,11 @@ def test_federated_ddib_with_local_priors_sends_only_the_reference_prior(synth3,
     out = run_translator_federated(config, synth3, tmp_path / "run")
     summary = json.loads((out / "summary.json").read_text())
     rounds = pd.read_csv(out / "rounds.csv")
-    # only the reference node sent weights: one prior's bytes, averaged over 3 nodes
+    # only the reference node sent weights: one prior's bytes
     server = load_translator(out / "model")
     assert server.model_sites == ["site_a"] and not server.conditioned
     prior_bytes = sum(v.numel() * 4 for v in server.unets_["site_a"].state_dict().values())
-    assert rounds["train_bytes_sent"].iloc[0] == pytest.approx(prior_bytes / 3)
+    assert rounds["train_bytes_sent"].iloc[0] == pytest.approx(prior_bytes)
     # each node keeps its translator: its own prior + the reference prior it received
     assert sorted(summary["node_models"]) == ["site_a", "site_b", "site_c"]
     node_b = load_translator(summary["node_models"]["site_b"])
@@ -255,6 +255,10 @@ def test_federated_ddib_with_local_priors_sends_only_the_reference_prior(synth3,
     assert rounds["eval_loss"].between(0, 10).all()
     assert_apply_harmonizes_site_b(summary["node_models"]["site_b"], synth3,
                                    tmp_path / "harmonized")
+    # a rerun into the same folder trains afresh and says so; its node models are new
+    before = (out / "nodes" / "site_b" / "model" / "metadata.json").stat().st_mtime
+    run_translator_federated(config, synth3, out)
+    assert (out / "nodes" / "site_b" / "model" / "metadata.json").stat().st_mtime > before
     with pytest.raises(Exception, match="rounds: 1"):
         from harmonize.federated.config import load_federated_config
 

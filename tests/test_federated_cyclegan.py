@@ -55,7 +55,8 @@ def node_batches(task, synth4, settings) -> list[tuple]:
         data = task.node_data(rows, "cpu")
         counts = [0 if data[0] is None else len(data[0]), 0 if data[2] is None else len(data[2])]
         seed = [task.config.seed, zlib.crc32(site.encode())]
-        out.append((rows, task.node_batch(data, 0, seed, half_weights(settings, *counts))))
+        out.append((rows, task.node_batch(data, 0, seed, half_weights(settings, *counts),
+                                          settings.get("count.sites"))))
     return out
 
 
@@ -89,6 +90,7 @@ def test_node_gradients_sum_to_the_central_gradient(synth4):
     arrays = task.initial_arrays()
     settings = {"nodes": 4, **task.server_settings()}
     assert settings["count.source"] == 12 and settings["count.reference"] == 4
+    assert settings["count.sites"] == [4, 4, 4]  # per source site, in condition order
     batches = [b for _, b in node_batches(task, synth4, settings)]
     assert [(b.source_weight, b.reference_weight) for b in batches] == [
         (0.0, 1.0), *[(pytest.approx(1 / 3), 0.0)] * 3]
@@ -106,7 +108,7 @@ def test_node_gradients_sum_to_the_central_gradient(synth4):
 
 
 def test_one_round_at_k1_is_one_central_adam_step(synth4):
-    task = make_task(synth4, local_lr=1.0)
+    task = make_task(synth4)  # the default local_lr: nodes send gradients, not lr-steps
     arrays = task.initial_arrays()
     settings = {"server-round": 1, "nodes": 4, **task.server_settings()}
     pairs = node_batches(task, synth4, settings)
@@ -128,7 +130,7 @@ def test_one_round_at_k1_is_one_central_adam_step(synth4):
         g_start = task.nets(arrays).g.eval()(x)
     moved = float((g_central - g_start).abs().max())
     assert moved > 0.1  # the step did something
-    assert float((g_fed - g_central).abs().max()) < 1e-4 * moved
+    assert float((g_fed - g_central).abs().max()) < 1e-5 * moved
 
 
 def test_more_local_steps_drift_from_the_central_step(synth4):
@@ -145,3 +147,19 @@ def test_more_local_steps_drift_from_the_central_step(synth4):
     # a source node has no reference images: D_B's real term and F_gan are not its own,
     # but D_A's real term on site_b is
     assert any(k.startswith("d_a.") for k in changed)
+
+
+def test_nodes_train_on_crops_at_the_native_scale_as_central_training(synth4):
+    """32 px images, 16 px crops: a node holds its images at their native 32 px (not
+    resized to 16) and crops them per step, so G learns at the scale it is applied at."""
+    task = make_task(synth4, set={"data.image_size": 16, "model.ngf": 8, "model.n_blocks": 1,
+                                  "model.ndf": 8, "model.n_layers_d": 1, "train.batch_size": 2,
+                                  "loss.pool_size": 0, "train.mixed_precision": "no"})
+    df = load_manifest(synth4 / "manifest.csv")
+    data = task.node_data(df[df["site"] == "site_b"].reset_index(drop=True), "cpu")
+    assert data[0].shape[-2:] == (32, 32)
+    batch = task.node_batch(data, 0, [0, 1], (1.0, 0.0))
+    assert batch.a.shape == (2, 1, 16, 16)
+    full = data[0]
+    assert any(torch.equal(batch.a[0, 0], full[k, 0, i:i + 16, j:j + 16])
+               for k in range(len(full)) for i in range(17) for j in range(17))

@@ -70,7 +70,9 @@ def answer_sentence(table: pd.DataFrame) -> str:
                        "significantly: not a demonstrated gain")
         else:
             verdict = f"does not beat plain augmentation ({a:.2f}; {gain:+.2f})"
-        parts.append(f"Unseen site {site}, {clf}: the best harmonized regime, {name}, has "
+        picked = (f"the best of {len(harm)} harmonized regimes by mean AUC (picking the "
+                  "best flatters it)" if len(harm) > 1 else "the harmonized regime")
+        parts.append(f"Unseen site {site}, {clf}: {picked}, {name}, has "
                      f"AUC {float(best['auc']):.2f} [{float(best['auc_lo']):.2f}, "
                      f"{float(best['auc_hi']):.2f}] and {verdict}.")
     return " ".join(parts) or "No external-site comparison of harmonized and augmented " \

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import read_image
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
 from harmonize.federated.nodes import read_manifest, split_rows
@@ -141,6 +142,12 @@ def half_weights(round_config: dict, n_source: int, n_reference: int) -> tuple[f
     return (w_src if n_source else 0.0), (w_ref if n_reference else 0.0)
 
 
+def _accumulate(summed: dict[str, torch.Tensor], named) -> None:
+    for key, p in named:
+        if p.grad is not None:
+            summed[key] = summed[key] + p.grad.detach() if key in summed else p.grad.detach()
+
+
 def _split(arrays: Arrays, prefix: str) -> Arrays:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
@@ -148,7 +155,7 @@ def _split(arrays: Arrays, prefix: str) -> Arrays:
 def _pool_arrays(name: str, pool: ImagePool) -> Arrays:
     if not pool.images:
         return {}
-    return {f"{name}.images": torch.stack(pool.images).cpu(),
+    return {f"{name}.images": torch.stack(pool.images).float().cpu(),  # no bf16 in arrays
             f"{name}.conditions": torch.stack(pool.conditions).cpu(),
             f"{name}.generator": pool.generator.get_state()}
 
@@ -217,12 +224,27 @@ class CycleGANTask:
         if manifest is None or not Path(manifest).is_file():
             return {}
         train, _ = split_rows(read_manifest(manifest))
-        is_ref = train["site"].astype(str) == self.config.reference_site
-        return {"count.source": int((~is_ref).sum()), "count.reference": int(is_ref.sum())}
+        sites = train["site"].astype(str)
+        is_ref = sites == self.config.reference_site
+        return {"count.source": int((~is_ref).sum()), "count.reference": int(is_ref.sum()),
+                "count.sites": [int((sites == s).sum()) for s in self.sites]}
 
     # --- a node's data ----------------------------------------------------------------
     def _images(self, rows: pd.DataFrame) -> torch.Tensor:
-        return cached_images(rows["path"].astype(str).tolist(), self.size) * 2 - 1
+        """The node's images at the scale central training crops from (data.load_size,
+        else the first image's native size), in network space."""
+        paths = rows["path"].astype(str).tolist()
+        side = self.cg.data.load_size or max(read_image(paths[0]).array.shape)
+        return cached_images(paths, max(side, self.size)) * 2 - 1
+
+    def _crops(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """A random image_size crop of each image (as central training's UnpairedCrops)."""
+        s, side = self.size, x.shape[-1]
+        if side == s:
+            return x
+        offsets = rng.integers(0, side - s + 1, size=(len(x), 2))
+        return torch.stack([img[:, i:i + s, j:j + s] for img, (i, j) in zip(x, offsets,
+                                                                           strict=True)])
 
     def node_data(self, rows: pd.DataFrame, device) -> tuple:
         sites = rows["site"].astype(str)
@@ -236,17 +258,25 @@ class CycleGANTask:
         xb = self._images(rows[is_ref]).to(device) if is_ref.any() else None
         return xa, ca, xb
 
-    def node_batch(self, data: tuple, step: int, seed: list[int], weights) -> NodeBatch:
+    def node_batch(self, data: tuple, step: int, seed: list[int], weights,
+                   site_counts: list[int] | None = None) -> NodeBatch:
+        """This step's images: `batch_size` source images (a source node), or as many
+        reference images as the source nodes draw together, each rendered as a source
+        site drawn in proportion to the sites' sizes (`site_counts`, else uniformly), as
+        central training pairs every source image with a reference image."""
         xa, ca, xb = data
         bs, s = self.cg.train.batch_size, len(self.sites)
+        rng = np.random.default_rng([*seed, 2, step])
         batch = NodeBatch(source_weight=weights[0], reference_weight=weights[1])
         if xa is not None:
             idx = torch.from_numpy(batch_indices(len(xa), bs, step, [*seed, 0])).to(xa.device)
-            batch.a, batch.a_cond = xa[idx], F.one_hot(ca[idx], s).float()
-        if xb is not None:  # one reference image per source condition, as in a central batch
+            batch.a, batch.a_cond = self._crops(xa[idx], rng), F.one_hot(ca[idx], s).float()
+        if xb is not None:
             idx = torch.from_numpy(batch_indices(len(xb), bs * s, step, [*seed, 1]))
-            batch.b = xb[idx.to(xb.device)]
-            cond = torch.arange(bs * s, device=xb.device) % s
+            batch.b = self._crops(xb[idx.to(xb.device)], rng)
+            share = (np.asarray(site_counts, float) / sum(site_counts) if site_counts
+                     and sum(site_counts) else np.full(s, 1.0 / s))
+            cond = torch.from_numpy(rng.choice(s, size=bs * s, p=share)).to(xb.device)
             batch.b_cond = F.one_hot(cond, s).float()
         return batch
 
@@ -268,6 +298,12 @@ class CycleGANTask:
         w = losses.LossWeights.from_config(self.cg.loss)
         opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)
         opt_d = torch.optim.SGD(nets.discriminators(), lr=c.local_lr)
+        gen_named = [(f"{n}.{k}", p) for n in ("g", "f")
+                     for k, p in getattr(nets, n).named_parameters()]
+        disc_named = [(f"{n}.{k}", p) for n in ("d_a", "d_b")
+                      for k, p in getattr(nets, n).named_parameters()]
+        summed: dict[str, torch.Tensor] = {}  # each parameter's gradients over the K steps
+        counts = round_config.get("count.sites")
         pool_b = ImagePool(self.cg.loss.pool_size, self.config.seed + node_seed)
         pool_a = ImagePool(self.cg.loss.pool_size, self.config.seed + node_seed + 1)
         _load_pool("pool_b", pool_b, local, device)
@@ -275,13 +311,15 @@ class CycleGANTask:
         sums = torch.zeros(2, device=device)  # (generators, discriminators), read once
         for i in range(c.local_steps):
             batch = self.node_batch(data, (server_round - 1) * c.local_steps + i,
-                                    [self.config.seed, node_seed], weights)
+                                    [self.config.seed, node_seed], weights,
+                                    list(counts) if counts else None)
             for p in nets.discriminators():
                 p.requires_grad_(False)
             with autocast(device, tc.mixed_precision):
                 loss_g, fake_b, fake_a = generator_objective(nets, batch, w)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            _accumulate(summed, gen_named)
             opt_g.step()
             for p in nets.discriminators():
                 p.requires_grad_(True)
@@ -289,12 +327,17 @@ class CycleGANTask:
                 loss_d = discriminator_objective(nets, batch, fake_b, fake_a, pool_b, pool_a)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            _accumulate(summed, disc_named)
             opt_d.step()
             sums += torch.stack([loss_g.detach(), loss_d.detach()])
         mean_g, mean_d = (sums / c.local_steps).tolist()
         own = {**_pool_arrays("pool_b", pool_b), **_pool_arrays("pool_a", pool_a)}
+        # sent: w - (sum of this node's local gradients), its update in gradient units
+        # (weights minus lr-scaled steps would lose the gradient to fp32 rounding of w);
         # equal weights in the average: each node's share is already in its loss
-        return nets.arrays(), own, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": 1}
+        sent = {k: (v - summed[k].float().cpu()) if k in summed else v.clone()
+                for k, v in arrays.items()}
+        return sent, own, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": 1}
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         return {"num-examples": 0}

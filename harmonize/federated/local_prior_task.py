@@ -20,6 +20,7 @@ here; patient-level DP of the reference prior belongs at the reference node.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +76,16 @@ class LocalPriorTask:
 
         replies = [m for m in replies if not m.has_error()]
         ref = [m for m in replies if float(m.content["metrics"].get("is_reference", 0)) > 0]
-        if len(ref) != 1:
+        if len(ref) != 1:  # no reference prior (or two): nothing to pass on
             return None, None
         metrics = {}
-        for key in ("train_loss", "bytes_sent", "compute_seconds"):
+        for key in ("train_loss", "compute_seconds"):
             values = [float(m.content["metrics"][key]) for m in replies
                       if key in m.content["metrics"]]
             if values:
                 metrics[key] = float(np.mean(values))
+        # what left a node: the reference node's prior; every other node sent nothing
+        metrics["bytes_sent"] = float(ref[0].content["metrics"].get("bytes_sent", 0))
         return ArrayRecord(ref[0].content["arrays"].to_torch_state_dict()), MetricRecord(metrics)
 
     # --- at a node ----------------------------------------------------------------------
@@ -92,6 +95,8 @@ class LocalPriorTask:
 
         node = str(rows["node"].iloc[0])
         losses, shared = [], {}
+        # a rerun into the same OUT trains afresh (this run's priors, this run's model)
+        shutil.rmtree(self.home(node), ignore_errors=True)
         for site in sorted(rows["site"].astype(str).unique()):
             run = self.home(node) / f"prior_{site}"
             run.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,9 @@ def record_replies(strategy, log: dict, required: int) -> None:
                              "aggregated": complete}
         if not complete:
             return None, None  # Flower keeps the previous arrays
-        return aggregate(server_round, [m for m in replies if not m.has_error()])
+        arrays, metrics = aggregate(server_round, [m for m in replies if not m.has_error()])
+        log[server_round]["aggregated"] = arrays is not None
+        return arrays, metrics
 
     strategy.aggregate_train = aggregate_train
 
@@ -132,7 +134,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     settings = {"seed": cfg.seed, "nodes": n_nodes}
     if hasattr(task, "server_settings"):
         settings.update(task.server_settings())
-    started = time.perf_counter()
+    started, wall_start = time.perf_counter(), time.time()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
                             num_rounds=cfg.rounds, train_config=ConfigRecord(settings),
                             evaluate_config=ConfigRecord({"rounds": cfg.rounds}))
@@ -157,7 +159,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         shared = {k: v.contiguous() for k, v in arrays.items()}
         atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
     node_models = {d.name: str(d / "model") for d in sorted((out / "nodes").glob("*"))
-                   if (d / "model" / "metadata.json").is_file()}  # kept at the nodes
+                   if (d / "model" / "metadata.json").is_file()  # kept at the nodes,
+                   and (d / "model" / "metadata.json").stat().st_mtime >= wall_start}  # now
     summary = {"model": str(model_dir) if model_dir else None, "node_models": node_models,
                "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,

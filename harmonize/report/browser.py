@@ -14,6 +14,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -69,12 +70,16 @@ class _Pipe:
         wanted = self.next_id
         deadline = time.monotonic() + timeout
         while True:
-            for msg in self._read(deadline):
+            reply = None
+            for msg in self._read(deadline):  # keep every event read with the reply
                 if msg.get("id") == wanted:
-                    if "error" in msg:
-                        raise RuntimeError(f"{method}: {msg['error']}")
-                    return msg.get("result", {})
-                self.events.append(msg)
+                    reply = msg
+                else:
+                    self.events.append(msg)
+            if reply is not None:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
 
     def wait_event(self, method: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
@@ -120,15 +125,19 @@ def check_report(path: str | os.PathLike, screenshot: str | os.PathLike | None =
         os.set_inheritable(3, True)
         os.set_inheritable(4, True)
 
-    with tempfile.TemporaryDirectory(prefix="harmonize-browser-") as profile:
-        proc = subprocess.Popen(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu",
-             "--remote-debugging-pipe", "--no-first-run", "--disable-extensions",
-             f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+    with tempfile.TemporaryDirectory(prefix="harmonize-browser-",
+                                     ignore_cleanup_errors=True) as profile:
+        try:  # its own session: helper processes are ended with it
+            proc = subprocess.Popen(
+                [browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--remote-debugging-pipe", "--no-first-run", "--disable-extensions",
+                 f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                 "about:blank"],
+                preexec_fn=fds, close_fds=False, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os.close(to_browser_r)
+            os.close(from_browser_w)
         pipe = _Pipe(proc, to_browser_w, from_browser_r)
         try:
             return _inspect(pipe, path, screenshot, width, height, timeout)
@@ -141,7 +150,8 @@ def check_report(path: str | os.PathLike, screenshot: str | os.PathLike | None =
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
             os.close(to_browser_w)
             os.close(from_browser_r)
 
@@ -156,6 +166,7 @@ def _inspect(pipe: _Pipe, path: Path, screenshot, width: int, height: int,
     pipe.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                                                      "deviceScaleFactor": 1,
                                                      "mobile": False}, session=session)
+    pipe.events.clear()  # about:blank's own load event must not count as the report's
     pipe.send("Page.navigate", {"url": path.as_uri()}, session=session)
     pipe.wait_event("Page.loadEventFired", timeout)
     pipe.send("Runtime.evaluate", {"expression": "Promise.all([...document.images].map("

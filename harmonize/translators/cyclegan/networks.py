@@ -204,7 +204,7 @@ class ImagePool:
                 out_conds.append(cond)
             elif torch.rand((), generator=self.generator) < 0.5:
                 k = int(torch.randint(self.size, (), generator=self.generator))
-                out_images.append(self.images[k].to(image.device))
+                out_images.append(self.images[k].to(image.device, image.dtype))
                 out_conds.append(self.conditions[k].to(cond.device))
                 self.images[k], self.conditions[k] = image, cond
             else:
