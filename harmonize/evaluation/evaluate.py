@@ -18,6 +18,7 @@ a paired bootstrap CI and p-value), predictions.csv, results.md, report.html, au
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,18 @@ def make_folds(data: Dataset, protocols: list[Protocol], test_size: float,
     return folds
 
 
+class Stages:
+    """'[n/m] what' lines on stderr, so a long run says where it is (with --quiet: none)."""
+
+    def __init__(self, total: int, show: bool = True) -> None:
+        self.total, self.show, self.done = total, show, 0
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        if self.show:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+
 def run_evaluation(config: EvalConfig) -> Path:
     """Run the matrix; returns OUT (results.csv, results.md, report.html, ...)."""
     if config.out is None:
@@ -131,11 +144,16 @@ def run_evaluation(config: EvalConfig) -> Path:
     check_specs(config.translators)
     dump_config(config, out / "config.yaml")
     timings: dict[str, float] = {}
+    n_stages = 6 if config.shift_report else 5
+    stage = Stages(n_stages, config.progress)
+    stage("data: the manifest (or the synthetic benchmark) and the patient split")
     t = time.perf_counter()
     data = prepare_data(config, out)
     timings["data_s"] = time.perf_counter() - t
 
     sets: dict[str, HarmonizedSet] = {}
+    stage(f"translators: train and apply {len(config.translators)} "
+          f"({', '.join(s.name for s in config.translators) or 'none'})")
     for spec in config.translators:
         hs = harmonize_dataset(spec, data.manifest, data.df, data.reference_site,
                                out / "translators" / spec.name, config.progress)
@@ -157,6 +175,7 @@ def run_evaluation(config: EvalConfig) -> Path:
              for f in folds for seed in config.seeds for clf in config.classifiers
              for regime in config.regimes
              for source in (["raw"] if regime in ("raw", "augment") else list(sets))]
+    stage(f"classifiers: {len(cells)} models (fold x seed x classifier x regime)")
     t = time.perf_counter()
     rows, preds, frozen = [], [], None
     bar = tqdm(cells, desc="evaluate", unit="model", disable=not config.progress)
@@ -189,14 +208,17 @@ def run_evaluation(config: EvalConfig) -> Path:
     from harmonize.evaluation.audit import run_audit
     from harmonize.evaluation.report import write_outputs
 
+    stage("audit: did a translator erase or invent findings (frozen classifier, Grad-CAM)")
     t = time.perf_counter()
     audit = run_audit(config, data, sets, images, frozen, folds[0], out)
     timings["audit_s"] = time.perf_counter() - t
     shifts = {}
     if config.shift_report:
+        stage("site shift: radiomics before / after each translator")
         t = time.perf_counter()
         shifts = site_shift(config, data, sets, out / "shift_report")
         timings["shift_reports_s"] = time.perf_counter() - t
+    stage("report: results.csv, results.md, report.html")
     write_outputs(out, config, data, sets, results, predictions, audit, timings, shifts)
     summary = {"results": str(out / "results.csv"), "report": str(out / "report.html"),
                "n_models": len(cells), "site_shift": shifts, "timings": timings}
