@@ -54,7 +54,8 @@ TASKS = {
 def test_federated_tasks_train_on_the_device_and_send_cpu_arrays(task, synth3, tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"task": task, "rounds": 2, **TASKS[task]}))
-    cfg = load_federated_config(path, {"reference_site": "site_a"})
+    sites = {"cyclegan.sites": ["site_b", "site_c"]} if task == "cyclegan" else {}
+    cfg = load_federated_config(path, {"reference_site": "site_a", **sites})
     worker = build_task(cfg)
     df = load_manifest(synth3 / "manifest.csv")
     for node in ("site_a", "site_b"):  # the reference node and a source node

@@ -104,8 +104,9 @@ def run_shift_report(data: str | os.PathLike, out: str | os.PathLike,
     if compare_with is None:
         result = analyze(features, reference_site, n_boot=n_boot)
         write_shift_report(out, features, errors, result, settings_info)
-        return {**result.summary(), "n_errors": len(errors), "notes": notes,
-                "roi": settings_info["roi"]}
+        summary = result.summary()
+        return {**summary, "n_errors": len(errors),
+                "notes": [*summary.get("notes", []), *notes], "roi": settings_info["roi"]}
     h_df = harmonized_counterpart(df, compare_with)
     h_features, h_errors = extract_features(h_df, settings, **kwargs)
     errors = pd.concat([errors.assign(set="original"), h_errors.assign(set="harmonized")],
