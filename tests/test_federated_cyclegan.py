@@ -163,3 +163,11 @@ def test_nodes_train_on_crops_at_the_native_scale_as_central_training(synth4):
     full = data[0]
     assert any(torch.equal(batch.a[0, 0], full[k, 0, i:i + 16, j:j + 16])
                for k in range(len(full)) for i in range(17) for j in range(17))
+
+
+def test_the_reference_node_renders_each_site_in_proportion_to_its_size():
+    from harmonize.federated.cyclegan_task import condition_plan
+
+    assert condition_plan([4, 4, 4], 6).tolist() == [0, 0, 1, 1, 2, 2]
+    assert condition_plan([10, 5, 1], 6).tolist() == [0, 0, 0, 0, 1, 1]
+    assert len(condition_plan([3, 1], 5)) == 5

@@ -130,6 +130,18 @@ def batch_indices(n: int, batch: int, step: int, seed: list[int]) -> np.ndarray:
     return perm[(step * batch + np.arange(batch)) % n]
 
 
+def condition_plan(site_counts: list[int], n: int) -> np.ndarray:
+    """The source condition of each of the reference node's n images: every site in
+    proportion to its size, allocated exactly (largest remainders), not drawn at random.
+    Measured: random draws (what a central batch of pairs does) cost 0.014-0.032 SSIM
+    against these stratified conditions on 2 of 2 seeds (docs/federated.md)."""
+    share = np.asarray(site_counts, float) / max(1, sum(site_counts))
+    counts = np.floor(share * n).astype(int)
+    for k in np.argsort(-(share * n - counts))[: n - counts.sum()]:
+        counts[k] += 1
+    return np.repeat(np.arange(len(site_counts)), counts)
+
+
 def half_weights(round_config: dict, n_source: int, n_reference: int) -> tuple[float, float]:
     """(source, reference) weight of this node: its share of each half's images when the
     server sent the totals ("count.source", "count.reference"), else equal shares (one
@@ -261,9 +273,9 @@ class CycleGANTask:
     def node_batch(self, data: tuple, step: int, seed: list[int], weights,
                    site_counts: list[int] | None = None) -> NodeBatch:
         """This step's images: `batch_size` source images (a source node), or as many
-        reference images as the source nodes draw together, each rendered as a source
-        site drawn in proportion to the sites' sizes (`site_counts`, else uniformly), as
-        central training pairs every source image with a reference image."""
+        reference images as the source nodes draw together, rendered as the source sites
+        in proportion to their sizes (`site_counts`, else equally), as central training
+        pairs every source image with a reference image."""
         xa, ca, xb = data
         bs, s = self.cg.train.batch_size, len(self.sites)
         rng = np.random.default_rng([*seed, 2, step])
@@ -274,10 +286,8 @@ class CycleGANTask:
         if xb is not None:
             idx = torch.from_numpy(batch_indices(len(xb), bs * s, step, [*seed, 1]))
             batch.b = self._crops(xb[idx.to(xb.device)], rng)
-            share = (np.asarray(site_counts, float) / sum(site_counts) if site_counts
-                     and sum(site_counts) else np.full(s, 1.0 / s))
-            cond = torch.from_numpy(rng.choice(s, size=bs * s, p=share)).to(xb.device)
-            batch.b_cond = F.one_hot(cond, s).float()
+            cond = torch.from_numpy(condition_plan(site_counts or [1] * s, bs * s))
+            batch.b_cond = F.one_hot(cond.to(xb.device), s).float()
         return batch
 
     # --- one round at a node ----------------------------------------------------------
