@@ -38,15 +38,15 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federated_translators import (  # noqa: E402
     CG_SET,
+    Federation,
     cyclegan_central,
     cyclegan_federated,
     ddib_central,
     ddib_federated,
-    images,
     translate_at_nodes,
 )
 
-from harmonize.data.manifest import load_manifest, save_manifest  # noqa: E402
+from harmonize.data.manifest import load_manifest  # noqa: E402
 from harmonize.data.splits import patient_split  # noqa: E402
 from harmonize.evaluation.report import markdown_table  # noqa: E402
 from harmonize.memorization import memorization_report  # noqa: E402
@@ -54,27 +54,6 @@ from harmonize.metrics import bootstrap_mean_ci, ssim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tb_cxr_2site" / "manifest.csv"
-
-
-class TwoHospitals:
-    """The attributes eval/federated_translators.py's training functions read."""
-
-    def __init__(self, out: Path, manifest: Path, ref: str, seed: int) -> None:
-        df = patient_split(load_manifest(manifest), test_size=0.25, seed=seed)
-        self.df, self.ref = df, ref
-        self.train = df[df["split"] == "train"]
-        self.test = df[(df["split"] == "test") & (df["site"] != ref)]
-        self.sites = sorted(self.train["site"].astype(str).unique())
-        self.sources = [s for s in self.sites if s != ref]
-        out.mkdir(parents=True, exist_ok=True)
-        self.fed_manifest, self.central_manifest = out / "train_nodes.csv", out / "train.csv"
-        save_manifest(self.train, self.fed_manifest)
-        save_manifest(self.train.assign(node="central"), self.central_manifest)
-        self.inputs = images(self.test["path"])
-
-    def site_images(self, site: str, split: str) -> list[np.ndarray]:
-        rows = self.df[(self.df["site"] == site) & (self.df["split"] == split)]
-        return images(rows["path"])
 
 
 def histogram(x: np.ndarray) -> np.ndarray:
@@ -95,7 +74,8 @@ def main() -> None:
     out = Path(args.out)
     runs = out / "runs"
     torch.set_num_threads(2)
-    h = TwoHospitals(out, Path(args.data), args.reference_site, args.seed)
+    h = Federation(out, patient_split(load_manifest(Path(args.data)), test_size=0.25,
+                                      seed=args.seed), args.reference_site)
     sites = list(h.test["site"])
     # the federated functions read these from argparse
     args.local_lr = args.server_lr_scale = None
@@ -116,11 +96,12 @@ def main() -> None:
     outputs["ddib federated local priors"] = translate_at_nodes(h, summary["node_models"])
 
     # style: a site classifier trained on raw training images of both hospitals
-    train_x = [histogram(x) for s in h.sites for x in h.site_images(s, "train")]
-    train_y = [int(s == h.ref) for s in h.sites for _ in h.site_images(s, "train")]
+    train = {s: h.site_images(s, "train") for s in h.sites}  # read once
+    train_x = [histogram(x) for s in h.sites for x in train[s]]
+    train_y = [int(s == h.ref) for s in h.sites for _ in train[s]]
     site_clf = LogisticRegression(max_iter=2000, C=1.0).fit(train_x, train_y)
     ref_test = h.site_images(h.ref, "test")
-    ref_train = h.site_images(h.ref, "train")
+    ref_train = train[h.ref]
     rows = []
     for method, ys in outputs.items():
         family = "cyclegan central" if method.startswith("cyclegan") else "ddib central"
@@ -149,7 +130,7 @@ def main() -> None:
     grid(out / "grid.png", h, outputs)
 
 
-def grid(path: Path, h: TwoHospitals, outputs: dict, n: int = 4) -> None:
+def grid(path: Path, h: Federation, outputs: dict, n: int = 4) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -58,29 +58,37 @@ from harmonize.translators import HistogramMatching, load_translator  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Benchmark:
-    """The synthetic sites, a patient split, and the images every method is scored on."""
+class Federation:
+    """A patient-split manifest as the runs need it: one node per site, one central node,
+    and the held-out non-reference images every method is scored on."""
 
-    def __init__(self, out: Path, per_site: int, size: int, seed: int = 0) -> None:
-        info = generate(out / "data", sites=4, per_site=per_site, size=size, seed=seed,
-                        progress=False)
-        self.ref = info["reference_site"]
-        df = patient_split(load_manifest(out / "data" / "manifest.csv"), test_size=0.25,
-                           seed=seed)
-        self.df = df
+    def __init__(self, out: Path, df: pd.DataFrame, ref: str) -> None:
+        self.df, self.ref = df, ref
         self.train = df[df["split"] == "train"]
-        self.test = df[(df["split"] == "test") & (df["site"] != self.ref)]
+        self.test = df[(df["split"] == "test") & (df["site"] != ref)]
         self.sites = sorted(self.train["site"].astype(str).unique())
-        self.sources = [s for s in self.sites if s != self.ref]
+        self.sources = [s for s in self.sites if s != ref]
+        out.mkdir(parents=True, exist_ok=True)
         self.fed_manifest, self.central_manifest = out / "train_nodes.csv", out / "train.csv"
         save_manifest(self.train, self.fed_manifest)
         save_manifest(self.train.assign(node="central"), self.central_manifest)
-        self.truth = images([out / "data" / p for p in self.test["reference_path"]])
         self.inputs = images(self.test["path"])
 
     def site_images(self, site: str, split: str) -> list[np.ndarray]:
         rows = self.df[(self.df["site"] == site) & (self.df["split"] == split)]
         return images(rows["path"])
+
+
+class Benchmark(Federation):
+    """The synthetic sites, with the paired truth of every held-out image."""
+
+    def __init__(self, out: Path, per_site: int, size: int, seed: int = 0) -> None:
+        info = generate(out / "data", sites=4, per_site=per_site, size=size, seed=seed,
+                        progress=False)
+        df = patient_split(load_manifest(out / "data" / "manifest.csv"), test_size=0.25,
+                           seed=seed)
+        super().__init__(out, df, info["reference_site"])
+        self.truth = images([out / "data" / p for p in self.test["reference_path"]])
 
 
 def images(paths) -> list[np.ndarray]:

@@ -29,6 +29,7 @@ every node); fix inverted exports at the node.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,12 @@ def half_weights(round_config: dict, n_source: int, n_reference: int) -> tuple[f
     return (w_src if n_source else 0.0), (w_ref if n_reference else 0.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _native_side(path: str) -> int:
+    """The longer side of an image (read once per process: every round asks)."""
+    return max(read_image(path).array.shape)
+
+
 def _accumulate(summed: dict[str, torch.Tensor], named) -> None:
     for key, p in named:
         if p.grad is not None:
@@ -246,7 +253,7 @@ class CycleGANTask:
         """The node's images at the scale central training crops from (data.load_size,
         else the first image's native size), in network space."""
         paths = rows["path"].astype(str).tolist()
-        side = self.cg.data.load_size or max(read_image(paths[0]).array.shape)
+        side = self.cg.data.load_size or _native_side(paths[0])
         return cached_images(paths, max(side, self.size)) * 2 - 1
 
     def _crops(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

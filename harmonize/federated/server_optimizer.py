@@ -23,7 +23,6 @@ optimizer only post-processes it (no effect on the privacy guarantee).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,12 +50,10 @@ class ServerOptimizer:
         self.buffers = {k: v.clone() for k, v in arrays.items() if not v.is_floating_point()}
         self.adam = (torch.optim.Adam(list(self.params.values()), lr=spec.lr,
                                       betas=spec.betas) if spec.kind == "adam" else None)
-        self.seconds = 0.0
 
     def step(self, server_round: int, mean: Arrays, nodes: int) -> Arrays:
         """New global weights from the strategy's average of `nodes` replies (each
         w - the sum of that node's K local gradients)."""
-        started = time.perf_counter()
         scale = nodes / self.spec.local_steps
         factor = self.spec.lr_factor(server_round)
         with torch.no_grad():
@@ -71,7 +68,6 @@ class ServerOptimizer:
                 group["lr"] = self.spec.lr * factor
             self.adam.step()
         self.buffers = {k: mean[k].clone() for k in self.buffers}
-        self.seconds += time.perf_counter() - started
         return {**{k: p.detach().clone() for k, p in self.params.items()}, **self.buffers}
 
 

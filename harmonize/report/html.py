@@ -98,13 +98,15 @@ class HtmlReport:
                                                                    escape=True) + "</div>")
 
     def figure(self, fig, caption: str = "") -> None:
-        self._parts.append(f'<figure><img src="{figure_to_data_uri(fig)}">'
-                           f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>")
+        self._embed(figure_to_data_uri(fig), caption)
 
     def image(self, path: str | os.PathLike, caption: str = "") -> None:
         """An existing PNG, embedded (the report stays one file)."""
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        self._parts.append(f'<figure><img src="data:image/png;base64,{data}">'
+        self._embed("data:image/png;base64," + base64.b64encode(Path(path).read_bytes())
+                    .decode(), caption)
+
+    def _embed(self, uri: str, caption: str) -> None:
+        self._parts.append(f'<figure><img src="{uri}">'
                            f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>")
 
     def render(self) -> str:
