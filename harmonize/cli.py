@@ -147,7 +147,8 @@ def _federated(args: argparse.Namespace) -> int:
     s = run_federated(load_federated_config(args.config, with_overrides(overrides,
                                                                         args.overrides)))
     print(f"{s['rounds']} rounds over {s['nodes']} nodes ({', '.join(s['node_names'])}) in "
-          f"{s['wall_seconds']:.0f} s" + (f"; epsilon {s['epsilon']:.2f} at delta "
+          f"{s['wall_seconds']:.0f} s" + (f"; epsilon {s['epsilon']:.2f} per "
+                                          f"{s.get('epsilon_unit') or 'hospital'} at delta "
                                           f"{s['delta']:g}" if s.get("epsilon") else ""))
     skipped = s.get("rounds_not_aggregated") or []
     if skipped:

@@ -1,7 +1,10 @@
 """The downstream classifier as a federated task, with `run_epochs` from
 `harmonize.classify.train` (FedAvg; FedProx's proximal term; FedBN keeps the
 normalization layers local: the node trains and evaluates with its own, the server still
-averages them for the global checkpoint used at unseen sites)."""
+averages them for the global checkpoint used at unseen sites). Under `privacy.mode:
+patient-dp` the node trains with patient-level DP-SGD (`patient_dp.py`) instead; a
+BatchNorm CNN then uses GroupNorm (8 groups; BatchNorm mixes patients in a batch and its
+running statistics would leave without noise, which is why Opacus refuses it)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from harmonize.classify.train import (
     save_classifier,
 )
 from harmonize.data.manifest import binary_targets
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import (
     Arrays,
@@ -41,9 +45,28 @@ class ClassifierTask:
         self.config = config
         self.cc = config.classifier
 
+    @property
+    def private(self) -> bool:
+        return self.config.privacy.mode == "patient-dp"
+
+    @property
+    def norm(self) -> str:
+        return "group" if self.private and self.cc.model.norm == "batch" else self.cc.model.norm
+
     def build(self) -> Classifier:
         m = self.cc.model
-        return Classifier(m.arch, self.cc.image_size, m.width, m.norm)
+        return Classifier(m.arch, self.cc.image_size, m.width, self.norm)
+
+    def steps_per_round(self, patients: int, per_step: int) -> int:
+        """DP-SGD steps of one round: local_epochs passes in expectation."""
+        return self.cc.local_epochs * max(1, round(patients / per_step))
+
+    def dp_plan(self, rows: pd.DataFrame, node: str = ""):
+        if self.cc.augment or self.cc.balance == "sampler":
+            raise ValueError("patient-dp: classifier.augment and balance: sampler are not "
+                             "supported (DP-SGD samples patients itself); turn them off")
+        return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,
+                                    self.steps_per_round, self.cc.batch_size, node=node)
 
     def initial_arrays(self) -> Arrays:
         torch.manual_seed(self.config.seed)
@@ -91,15 +114,52 @@ class ClassifierTask:
         center = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if proximal_mu > 0 else None)
         loss_fn = make_loss(y, tc.balance).to(pick_device())
-        losses = run_epochs(model, make_loader(x, y, tc), loss_fn, opt,
-                            self.cc.local_epochs,
-                            proximal=(proximal_mu, center) if center else None)
+        proximal = (proximal_mu, center) if center else None
+        extra = {}
+        if self.private:
+            losses, extra = self._train_private(model, x, y, rows, loss_fn, opt, proximal,
+                                                server_round, seed)
+        else:
+            losses = run_epochs(model, make_loader(x, y, tc), loss_fn, opt,
+                                self.cc.local_epochs, proximal=proximal)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         own = {k: state[k] for k in self._local_keys(model)}
         if self.cc.keep_optimizer:
             own.update({k: v.cpu() for k, v in optimizer_arrays(opt).items()})
         return state, own, {
-            "train_loss": losses[-1], "num-examples": len(y)}
+            "train_loss": losses[-1], "num-examples": len(y), **extra}
+
+    def _train_private(self, model, x, y, rows, loss_fn, opt, proximal, server_round: int,
+                       seed: int) -> tuple[list[float], dict]:
+        """One round of patient-level DP-SGD (the module docstring of patient_dp)."""
+        plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
+        steps = plan.steps // self.config.rounds
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
+        clipper = patient_dp.PatientClipper(list(model.parameters()), plan, seed)
+        private, device = patient_dp.per_sample(model), next(model.parameters()).device
+        targets = torch.as_tensor(y, dtype=torch.float32)
+        model.train()
+        losses = []
+        for _ in range(steps):
+            idx, row_patient, n = sampler.sample()
+            opt.zero_grad(set_to_none=True)
+            if n:
+                xb, yb = x[idx].to(device), targets[idx].to(device)
+                loss = loss_fn(private(xb).float(), yb)
+                loss.backward()
+                losses.append(float(loss))
+                clipper.privatize(torch.from_numpy(row_patient), n)
+            else:
+                clipper.privatize(None, 0)
+            if proximal:  # data-independent: added after the noise
+                mu, center = proximal
+                for name, p in model.named_parameters():
+                    p.grad += mu * (p.detach() - center[name])
+            opt.step()
+        private._close()  # removes Opacus' hooks: the model is plain again
+        done = server_round * steps
+        return ([float(np.mean(losses)) if losses else float("nan")],
+                patient_dp.dp_metrics(plan, done))
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         x, y = self._data(rows)
@@ -110,6 +170,7 @@ class ClassifierTask:
     def save(self, arrays: Arrays, out: Path, metadata: dict) -> Path:
         model = self.build()
         model.load_state_dict(arrays)
-        cfg = ClassifierConfig.model_validate({"model": self.cc.model.model_dump(),
+        cfg = ClassifierConfig.model_validate({"model": {**self.cc.model.model_dump(),
+                                                         "norm": self.norm},
                                                "data": {"image_size": self.cc.image_size}})
         return save_classifier(model, out, cfg, metadata)

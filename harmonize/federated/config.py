@@ -14,15 +14,43 @@ __all__ = ["ConfigError", "FederatedConfig", "load_federated_config"]
 
 
 class PrivacyConfig(Section):
+    mode: Literal["none", "node-dp", "patient-dp"] = Field(
+        "none", description="node-dp: DP of a hospital's whole update on the aggregate "
+        "(see dp); patient-dp: DP-SGD inside each node, epsilon per patient "
+        "(harmonize/federated/patient_dp.py); docs/federated.md says which to use")
     dp: Literal["none", "server-fixed", "client-fixed"] = Field(
-        "none", description="central DP on the aggregate: clip each node's update to "
-        "clipping_norm (server side, or client side with fixedclipping_mod) and add Gaussian "
-        "noise of sd noise_multiplier * clipping_norm / nodes")
-    noise_multiplier: float = Field(1.0, ge=0)
-    clipping_norm: float = Field(1.0, gt=0)
+        "none", description="node-dp: clip each node's update to clipping_norm (server "
+        "side, or client side with fixedclipping_mod) and add Gaussian noise of sd "
+        "noise_multiplier * clipping_norm / nodes; setting it implies mode node-dp")
+    noise_multiplier: float = Field(1.0, ge=0, description="node-dp's noise multiplier")
+    clipping_norm: float = Field(1.0, gt=0, description="node-dp's clipping norm")
     delta: float = Field(1e-5, gt=0, lt=1)
-    secagg: bool = Field(False, description="SecAgg+ (see docs: not available with the "
-                         "Message API strategies in flwr 1.41)")
+    epsilon: float | None = Field(None, gt=0, description="patient-dp: target epsilon "
+                                  "per patient over the whole run, at delta")
+    max_grad_norm: float = Field(1.0, gt=0, description="patient-dp: clip of each "
+                                 "patient's gradient (all its images summed)")
+    patients_per_step: int | None = Field(None, ge=1, description="patient-dp: expected "
+                                          "patients per DP-SGD step (Poisson sampling); "
+                                          "default: the task's batch size")
+    max_noise_multiplier: float = Field(20.0, gt=0, description="patient-dp: refuse to "
+                                        "start when epsilon needs more noise than this")
+    secagg: bool = Field(False, description="SecAgg+ (secure aggregation) for FedAvg "
+                         "tasks: the server sees only the sum of the nodes' updates")
+
+    @model_validator(mode="after")
+    def _mode(self) -> PrivacyConfig:
+        if self.dp != "none" and self.mode == "none":
+            self.mode = "node-dp"  # configs that only set dp
+        if self.mode == "node-dp" and self.dp == "none":
+            self.dp = "server-fixed"
+        if self.mode == "patient-dp":
+            if self.dp != "none":
+                raise ValueError("privacy: patient-dp and node-dp (dp) are separate "
+                                 "modes; set dp: none or mode: node-dp")
+            if self.epsilon is None:
+                raise ValueError("privacy.epsilon: give the target epsilon per patient for "
+                                 "patient-dp (e.g. 10)")
+        return self
 
 
 class ClassifierTaskConfig(Section):

@@ -24,7 +24,10 @@ def rounds_answer(cfg: FederatedConfig, rounds: pd.DataFrame, summary: dict) -> 
     text += (f"; {len(failures)} node failure(s), listed below" if failures
              else "; no node failed")
     if summary.get("epsilon") is not None:
-        text += f"; node-level DP epsilon {summary['epsilon']:.3g} (delta {summary['delta']:g})"
+        unit = summary.get("epsilon_unit") or "hospital"
+        level = "patient-level DP-SGD" if unit == "patient" else "node-level DP"
+        text += (f"; {level}, epsilon {summary['epsilon']:.3g} per {unit} "
+                 f"(delta {summary['delta']:g})")
     if "train_bytes_sent" in rounds and rounds["train_bytes_sent"].notna().any():
         text += (f"; each node sent {rounds['train_bytes_sent'].mean() / 1e6:.2f} MB of "
                  "weights per round (no images)")

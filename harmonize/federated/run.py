@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from harmonize.configs import dump_config
+from harmonize.configs import ConfigError, dump_config
+from harmonize.data.io import atomic_write
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import fill_site_lists, node_names
+from harmonize.federated.nodes import fill_site_lists, node_names, node_rows, split_rows
 from harmonize.federated.server_app import make_server_app
 from harmonize.rerun import replacing_outputs
 
@@ -45,6 +46,31 @@ def resolved_config(cfg: FederatedConfig) -> FederatedConfig:
     return fill_site_lists(cfg)
 
 
+def patient_dp_plans(cfg: FederatedConfig) -> dict:
+    """patient-dp: every node's calibrated DP-SGD before anything starts (a target that
+    cannot be met is refused here, with the reason, rather than at round 1)."""
+    from harmonize.federated.tasks import build_task
+
+    task = build_task(cfg)
+    if not hasattr(task, "dp_plan"):
+        raise ConfigError(f"privacy.mode patient-dp is not available for task {cfg.task}"
+                          + (f" with diffusion.prior {cfg.diffusion.prior}"
+                             if cfg.task == "diffusion" else ""))
+    plans = {}
+    for node in node_names(cfg.manifest):
+        train, _ = split_rows(node_rows(cfg.manifest, node))
+        plan = task.dp_plan(train, node)
+        if plan is None:  # e.g. a node whose weights never leave
+            continue
+        plan = plan[0] if isinstance(plan, tuple) else plan
+        plans[node] = {"patients": plan.patients, "sample_rate": plan.sample_rate,
+                       "expected_patients_per_step": plan.expected_patients,
+                       "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
+                       "max_grad_norm": plan.max_grad_norm, "epsilon": plan.epsilon(),
+                       "delta": plan.delta}
+    return plans
+
+
 def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     """Simulate the federation; returns summary.json's content (+ wall time)."""
     cfg = resolved_config(cfg)
@@ -58,6 +84,7 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
             # (local priors keep it: the evaluation message delivers the reference prior)
     nodes = node_names(cfg.manifest)
+    plans = patient_dp_plans(cfg) if cfg.privacy.mode == "patient-dp" else None
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)
     from flwr.simulation import run_simulation
@@ -81,6 +108,10 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
         raise RuntimeError(f"the federated run ended without a result in {out}; see the "
                            "log above")
     summary = json.loads((out / "summary.json").read_text())
+    if plans is not None:  # each node's DP-SGD, beside what the nodes reported
+        summary["patient_dp"] = plans
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     summary["wall_seconds"] = time.perf_counter() - started
     summary["node_names"] = nodes
     return summary

@@ -77,15 +77,18 @@ def record_replies(strategy, log: dict, required: int) -> None:
 
     def aggregate_train(server_round, replies):
         replies = list(replies)
-        ok, failed = [], []
+        ok, failed, epsilon = [], [], {}
         for m in replies:
             if m.has_error():
                 failed.append(one_line(m.error.reason))
-            else:
-                ok.append(str(m.content["node"]["name"]) if "node" in m.content else "?")
+                continue
+            name = str(m.content["node"]["name"]) if "node" in m.content else "?"
+            ok.append(name)
+            if "epsilon" in m.content["metrics"]:  # patient-dp: this node's spent budget
+                epsilon[name] = float(m.content["metrics"]["epsilon"])
         complete = len(ok) >= required
         log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
-                             "aggregated": complete}
+                             "aggregated": complete, "epsilon": epsilon}
         if not complete:
             return None, None  # Flower keeps the previous arrays
         arrays, metrics = aggregate(server_round, [m for m in replies if not m.has_error()])
@@ -149,7 +152,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     if len(result.arrays) > 0 and len(skipped) < cfg.rounds:  # some round was aggregated
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
-                              "epsilon": _epsilon(cfg, cfg.rounds)},
+                              **_privacy_summary(cfg, replies)},
                 "training_manifest": str(cfg.manifest)}
         arrays = result.arrays.to_torch_state_dict()
         model_dir = task.save(arrays, out / "model", meta)
@@ -165,16 +168,30 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
                "rounds_not_aggregated": skipped,
-               "epsilon": _epsilon(cfg, cfg.rounds), "delta": cfg.privacy.delta
-               if cfg.privacy.dp != "none" else None}
+               "privacy": cfg.privacy.mode, **_privacy_summary(cfg, replies)}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
     return summary
 
 
+def _privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
+    """epsilon (node-dp: per hospital; patient-dp: per patient, the largest over nodes,
+    each node's in epsilon_per_node) and delta; None without DP."""
+    if cfg.privacy.mode == "patient-dp":
+        per_node: dict[str, float] = {}
+        for r in sorted(replies):
+            per_node.update(replies[r].get("epsilon", {}))
+        return {"epsilon": max(per_node.values()) if per_node else None,
+                "epsilon_per_node": per_node, "epsilon_unit": "patient",
+                "delta": cfg.privacy.delta}
+    eps = _epsilon(cfg, cfg.rounds)
+    return {"epsilon": eps, "epsilon_unit": "hospital" if eps is not None else None,
+            "delta": cfg.privacy.delta if cfg.privacy.mode == "node-dp" else None}
+
+
 def _epsilon(cfg: FederatedConfig, rounds: int) -> float | None:
-    if cfg.privacy.dp == "none":
+    if cfg.privacy.mode != "node-dp":
         return None
     eps = gaussian_epsilon(cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta)
     return eps if math.isfinite(eps) else None
@@ -193,6 +210,10 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
                 if k != "num-examples":
                     row[prefix + k.removeprefix("train_")] = float(v)
         row["epsilon"] = _epsilon(cfg, r)
+        per_node = replies.get(r, {}).get("epsilon", {})
+        if per_node:  # patient-dp: each node's budget spent so far, and the largest
+            row["epsilon"] = max(per_node.values())
+            row.update({f"epsilon_{name}": v for name, v in sorted(per_node.items())})
         row["nodes_ok"] = len(replies.get(r, {}).get("ok", []))
         row["aggregated"] = bool(replies.get(r, {}).get("aggregated", False))
         row["failed"] = " | ".join(replies.get(r, {}).get("failed", []))

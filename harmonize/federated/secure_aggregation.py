@@ -1,0 +1,503 @@
+"""Secure aggregation (Flower's SecAgg+, Bell et al., CCS 2020) for the FedAvg tasks.
+
+What it protects: each node masks its reply with pairwise masks (agreed by key exchange
+with the other nodes) and a private mask, so the server only learns the *sum* of the
+nodes' replies, never one hospital's update. It does not protect the aggregate itself:
+the averaged model (and with two nodes, the other node's update, to a node that knows its
+own) still reveals what the weights reveal; node-level differential privacy is what
+bounds that. The number of examples each node reports (its FedAvg weight) and its scalar
+metrics still reach the server in the clear.
+
+How (flwr 1.42 has SecAgg+ only in the legacy API): the server runs Flower's legacy
+`FedAvg` inside `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
+`LegacyContext`; each node is a legacy ClientApp (a `NumPyClient`) behind
+`secaggplus_mod`. The nodes train with the same task objects as the Message-API app
+(`tasks.build_task`), keep their local state in `context.state`, and read only their own
+rows (`nodes.resolve_node` / `node_rows` / `split_rows`).
+
+Weighting (read from flwr 1.42's `secaggplus_mod` / `SecAggPlusWorkflow`): node i reports
+w_i = its num-examples; it sends the quantized, masked vector of (q_i / Q) * p_i together
+with q_i = round(w_i / max_weight * Q), where p_i are the weights it returns (the weights,
+not the change of the weights). The server unmasks the sums and divides:
+sum_i (q_i/Q) p_i / sum_i (q_i/Q), i.e. the num-examples-weighted FedAvg mean, up to the
+quantization below. `FedAvg.aggregate_fit` then only receives that mean (every reply
+carries it); this module takes it as it is (no second averaging) and averages the
+metrics by num-examples, as the Message-API FedAvg does.
+
+Quantization error: each node clips (q_i/Q) * p_i to [-C, C] (C = clipping_range) and
+rounds it stochastically onto Q = quantization_range levels (step 2C/Q, unbiased). Per
+element, |secure - plain| <= n * (2C/Q) / sum_i(w_i/M) + (weight rounding, at most
+n * (1/2Q) * 2 max|p| / sum_i(w_i/M)), with M = max_weight and n nodes
+(`quantization_error_bound`). With M = the largest node's num-examples and equal nodes
+that is about 2C/Q: 9.5e-7 at the defaults C = 8, Q = 2**24 (float32's own step at 1 is
+1.2e-7). Hence the defaults: M is taken from the task (the largest node's training rows
+for the classifier, 1 for CycleGAN, local_steps for the diffusion prior), not Flower's
+1000, which would make the error 1000/w times larger; C must cover the returned weights
+times w_i/M (at most |p| <= C for the largest node); a node whose weights fall outside it
+stops with an error that names it (Flower would clip silently, a wrong aggregate);
+Q is as large as the 2**32 modulus allows for up to 255 nodes (n * Q must stay below
+the modulus, or the sum wraps).
+
+Integer buffers (BatchNorm's num_batches_tracked) do not take part: the nodes send only
+floating-point arrays, and the global model keeps the initial value of the integer ones
+(the Message-API FedAvg averages them; they are unused with BatchNorm's default momentum).
+
+Cost: four messages per round instead of one (setup, key sharing, masked vectors,
+unmasking), key agreement and Shamir shares among num_shares neighbours per node, each
+float sent as an int64 (2x the bytes of float32), and mask generation of one int64 per
+weight per neighbour at every node and at the server (eval/bench/bench_secagg.py).
+Every node must finish the round (a round with a failed node is not aggregated).
+
+Not supported here: node-level DP (`privacy.dp`; server-side clipping needs each update,
+which SecAgg+ hides, and Flower's client-side clipping mod expects the full weight list),
+local diffusion priors (nothing is averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from harmonize.checkpoint import checkpoint_dir
+from harmonize.configs import ConfigError
+from harmonize.data.io import atomic_write
+from harmonize.federated.client_app import update_norm
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.nodes import (
+    node_names,
+    node_rows,
+    read_manifest,
+    resolve_node,
+    split_rows,
+)
+from harmonize.federated.report import write_rounds_report
+from harmonize.federated.server_app import SHARED_WEIGHTS, one_line, plot_rounds
+from harmonize.federated.server_optimizer import ServerOptimizer
+from harmonize.federated.tasks import build_task
+
+Arrays = dict[str, torch.Tensor]
+MODULUS = 2**32  # Flower's largest modulus_range: the masks' (and the sums') range
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """SecAgg+ settings (None: chosen from the number of nodes / the task).
+
+    num_shares: neighbours each node secret-shares its keys with (itself included);
+      default every node (full SecAgg; SecAgg+'s sparse graph pays off for many nodes).
+    reconstruction_threshold: shares needed to rebuild a key; default a majority,
+      n // 2 + 1, so a server cannot collect both a node's mask seed and its key shares.
+    clipping_range, quantization_range, max_weight: see the module docstring.
+    timeout: seconds the server waits for each stage's replies (None: no limit).
+    """
+
+    num_shares: int | float | None = None
+    reconstruction_threshold: int | float | None = None
+    clipping_range: float = 8.0
+    quantization_range: int = 2**24
+    max_weight: float | None = None
+    timeout: float | None = None
+
+
+def protocol_settings(params: SecAggParams, n_nodes: int,
+                      cfg: FederatedConfig | None = None) -> dict:
+    """The values the SecAggPlusWorkflow gets for `n_nodes` nodes (checked)."""
+    if n_nodes < 2:
+        raise ConfigError("SecAgg+ needs at least 2 nodes (with one the sum is its update)")
+    if n_nodes * params.quantization_range >= MODULUS:
+        raise ConfigError(f"SecAgg+: {n_nodes} nodes x quantization_range "
+                          f"{params.quantization_range} reach the 2**32 modulus (the sum "
+                          "would wrap); lower quantization_range")
+    shares, threshold = params.num_shares, params.reconstruction_threshold
+    if shares is None:
+        shares = n_nodes if n_nodes > 2 else 1.0  # Flower: an int must exceed 2
+    if threshold is None:
+        threshold = n_nodes // 2 + 1 if n_nodes > 2 else 1.0  # 2 of 2
+    max_weight = params.max_weight
+    if max_weight is None:
+        max_weight = default_max_weight(cfg) if cfg is not None else 1000.0
+    return {"num_shares": shares, "reconstruction_threshold": threshold,
+            "clipping_range": float(params.clipping_range),
+            "quantization_range": int(params.quantization_range),
+            "max_weight": float(max_weight), "modulus_range": MODULUS,
+            "timeout": params.timeout}
+
+
+def default_max_weight(cfg: FederatedConfig) -> float:
+    """The largest num-examples a node of this task reports: the precision of SecAgg+'s
+    weighted sum scales with max_weight / the nodes' weights (module docstring)."""
+    if cfg.task == "cyclegan":
+        return 1.0  # every node reports 1 (each node's share is in its loss)
+    if cfg.task == "diffusion":
+        return float(cfg.diffusion.local_steps)  # every node reports its steps
+    if cfg.manifest is not None and Path(cfg.manifest).is_file():
+        train, _ = split_rows(read_manifest(cfg.manifest))
+        return float(train.groupby(train["node"].astype(str)).size().max())
+    return 1000.0  # Flower's default; a node with more rows says so
+
+
+def quantization_error_bound(weights: list[float], *, clipping_range: float,
+                             quantization_range: int, max_weight: float,
+                             max_abs: float) -> float:
+    """Largest per-element |SecAgg+ mean - exact weighted mean| for nodes of these
+    weights (num-examples) whose returned values are at most `max_abs` in magnitude:
+    stochastic rounding (< one step 2C/Q per node), rounding of the weights to 1/Q, and
+    the float32 rounding of the result."""
+    n, q = len(weights), quantization_range
+    total = sum(w / max_weight for w in weights) - n * 0.5 / q
+    rounding = n * (2 * clipping_range / q) / total
+    weight_rounding = n * (0.5 / q) * 2 * max_abs / total
+    return rounding + weight_rounding + 2.0**-23 * max_abs
+
+
+# --- layout: dict <-> list of numpy arrays ----------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The arrays' order (task.initial_arrays()'s keys) and which of them are secure-
+    summed (floating point); the server sends all, the nodes return the float ones."""
+
+    keys: tuple[str, ...]
+    floats: tuple[str, ...]
+    dtypes: dict
+
+    @classmethod
+    def of(cls, arrays: Arrays) -> Layout:
+        return cls(tuple(arrays), tuple(k for k, v in arrays.items() if v.is_floating_point()),
+                   {k: v.dtype for k, v in arrays.items()})
+
+    def to_list(self, arrays: Arrays, keys=None) -> list[np.ndarray]:
+        return [arrays[k].detach().cpu().contiguous().numpy() for k in keys or self.keys]
+
+    def to_dict(self, values: list[np.ndarray], keys=None) -> Arrays:
+        keys = keys or self.keys
+        if len(values) != len(keys):
+            raise ValueError(f"expected {len(keys)} arrays, got {len(values)}")
+        return {k: torch.from_numpy(np.array(v)).to(self.dtypes[k])
+                for k, v in zip(keys, values, strict=True)}
+
+
+_LAYOUTS: dict[str, Layout] = {}  # per process and config: the task's array layout
+
+
+def task_layout(cfg: FederatedConfig, task) -> Layout:
+    key = cfg.model_dump_json()
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = Layout.of(task.initial_arrays())
+    return _LAYOUTS[key]
+
+
+def check_secagg_config(cfg: FederatedConfig) -> None:
+    if cfg.privacy.dp != "none":
+        raise ConfigError("SecAgg+ here runs without node-level DP (privacy.dp: none): "
+                          "server-side clipping needs each node's update, which SecAgg+ "
+                          "hides")
+    if cfg.task == "diffusion" and cfg.diffusion.prior == "local":
+        raise ConfigError("SecAgg+: local diffusion priors average nothing; use "
+                          "diffusion.prior shared")
+
+
+def check_fits(arrays: Arrays, floats, weight: float, clipping_range: float,
+               max_weight: float, node: str) -> None:
+    """SecAgg+ clips (weight / max_weight) * value to [-C, C] without a word, which would
+    make the aggregate wrong: stop, naming the node, instead."""
+    if weight > max_weight:
+        raise ValueError(f"node {node}: num-examples {weight:g} exceeds SecAgg+ max_weight "
+                         f"{max_weight:g}; raise max_weight")
+    peak = max((float(arrays[k].abs().max()) for k in floats if arrays[k].numel()),
+               default=0.0)
+    if not np.isfinite(peak) or peak * weight / max_weight > clipping_range:
+        raise ValueError(f"node {node}: weights up to {peak:.4g} (x {weight:g}/"
+                         f"{max_weight:g}) leave the SecAgg+ clipping range "
+                         f"+-{clipping_range:g}; raise clipping_range")
+
+
+# --- the node ---------------------------------------------------------------------------
+def _label(context: Context) -> str:
+    return str(context.node_config.get("node",
+                                       f"partition {context.node_config.get('partition-id')}"))
+
+
+class SecAggNode(NumPyClient):
+    """One hospital: trains with the task's code on its own rows and returns the float
+    arrays, which `secaggplus_mod` quantizes and masks before they leave."""
+
+    def __init__(self, cfg: FederatedConfig, context: Context) -> None:
+        self.cfg, self.ctx = cfg, context
+
+    def _setup(self):
+        torch.set_num_threads(self.cfg.threads_per_node)
+        node, manifest = resolve_node(self.ctx.node_config, self.cfg.manifest)
+        task = build_task(self.cfg)
+        return node, manifest, task, task_layout(self.cfg, task)
+
+    def _local(self) -> Arrays | None:
+        state = self.ctx.state
+        return state["local"].to_torch_state_dict() if "local" in state.array_records else None
+
+    def fit(self, parameters, config):
+        node = _label(self.ctx)
+        try:
+            node, manifest, task, layout = self._setup()
+            rows, _ = split_rows(node_rows(manifest, node))
+            received = layout.to_dict(parameters)
+            started = time.perf_counter()
+            arrays, local, metrics = task.train(received, self._local(), rows, dict(config))
+            metrics["compute_seconds"] = time.perf_counter() - started
+            if local:
+                self.ctx.state["local"] = ArrayRecord(local)
+            weight = float(metrics.pop("num-examples"))
+            check_fits(arrays, layout.floats, weight, float(config["secagg.clipping-range"]),
+                       float(config["secagg.max-weight"]), node)
+            metrics["update_norm"] = update_norm({k: arrays[k] for k in layout.floats},
+                                                 received)
+            # what leaves: one int64 per float (masked), plus the weight factor
+            metrics["bytes_sent"] = float(8 * (1 + sum(arrays[k].numel()
+                                                       for k in layout.floats)))
+        except Exception as err:
+            raise RuntimeError(f"node {node}: {' '.join(str(err).split())}") from err
+        metrics["node"] = node
+        return layout.to_list(arrays, layout.floats), int(weight), metrics
+
+    def evaluate(self, parameters, config):
+        node = _label(self.ctx)
+        try:
+            node, manifest, task, layout = self._setup()
+            _, test = split_rows(node_rows(manifest, node))
+            if test.empty:
+                return 0.0, 0, {**dict.fromkeys(task.eval_keys, 0.0)}
+            metrics = task.evaluate(layout.to_dict(parameters), self._local(), test)
+        except Exception as err:
+            raise RuntimeError(f"node {node}: {' '.join(str(err).split())}") from err
+        n = int(metrics.pop("num-examples"))
+        return float(metrics.get("loss", 0.0)), n, metrics
+
+
+def make_secagg_client_app(cfg: FederatedConfig | None = None,
+                           config_from_run=None) -> ClientApp:
+    """A legacy ClientApp behind `secaggplus_mod` (or, under `flwr run`, one that reads
+    the config from the run: ``config_from_run(context.run_config)``)."""
+
+    def client_fn(context: Context):
+        c = cfg if cfg is not None else config_from_run(context.run_config)
+        return SecAggNode(c, context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+# --- the server -------------------------------------------------------------------------
+def weighted_metrics(results: list[tuple[int, dict]]) -> dict:
+    """Numeric metrics averaged by num-examples (strings, e.g. the node name, dropped)."""
+    total = sum(n for n, _ in results)
+    if total <= 0:
+        return {}
+    keys = {k for _, m in results for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: sum(n * float(m[k]) for n, m in results if k in m) / total
+            for k in sorted(keys)}
+
+
+class SecureFedAvg(FedAvg):
+    """Legacy FedAvg whose aggregate_fit takes SecAgg+'s weighted mean as it is, puts
+    back the integer buffers, applies the task's server optimizer (CycleGAN) and notes
+    each round's replies; a round with any failed node is not aggregated."""
+
+    def __init__(self, layout: Layout, initial: Arrays, required: int,
+                 optimizer: ServerOptimizer | None = None, **kwargs) -> None:
+        super().__init__(accept_failures=False, fit_metrics_aggregation_fn=weighted_metrics,
+                         evaluate_metrics_aggregation_fn=weighted_metrics, **kwargs)
+        self.layout, self.required, self.optimizer = layout, required, optimizer
+        self.current = {k: v.clone() for k, v in initial.items()}
+        self.log: dict[int, dict] = {}
+
+    def aggregate_fit(self, server_round, results, failures):
+        failed = [one_line(getattr(f.args[0], "reason", f.args[0]) if isinstance(f, Exception)
+                           and f.args else f) for f in failures]
+        ok = [str(r.metrics.get("node", "?")) for _, r in results]
+        complete = not failed and len(results) >= self.required
+        self.log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
+                                  "aggregated": complete}
+        if not complete:
+            return None, {}
+        # every reply carries the same unmasked weighted mean (SecAggPlusWorkflow)
+        mean = self.layout.to_dict(parameters_to_ndarrays(results[0][1].parameters),
+                                   self.layout.floats)
+        merged = {**self.current, **mean}
+        if self.optimizer is not None:
+            merged = self.optimizer.step(server_round, merged, len(results))
+        self.current = {k: merged[k].to(self.layout.dtypes[k]) for k in self.layout.keys}
+        metrics = weighted_metrics([(r.num_examples, r.metrics) for _, r in results])
+        return ndarrays_to_parameters(self.layout.to_list(self.current)), metrics
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        if not results or sum(r.num_examples for _, r in results) == 0 or failures:
+            return None, {}
+        return super().aggregate_evaluate(server_round, results, failures)
+
+
+def make_secagg_server_app(cfg: FederatedConfig | None = None,
+                           secagg: SecAggParams | None = None,
+                           config_from_run=None) -> ServerApp:
+    """A ServerApp running FedAvg with SecAgg+ (or, under `flwr run`, reading the config
+    from the run); writes OUT/model, rounds.csv, summary.json like the plain app."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        c = cfg if cfg is not None else config_from_run(context.run_config)
+        run_secagg_server(grid, context, c, secagg or SecAggParams())
+
+    return app
+
+
+def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
+                      secagg: SecAggParams) -> dict:
+    check_secagg_config(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
+    protocol = protocol_settings(secagg, n_nodes, cfg)
+    task = build_task(cfg)
+    initial = task.initial_arrays()
+    layout = task_layout(cfg, task)
+    settings = {"seed": cfg.seed, "nodes": n_nodes,
+                "secagg.clipping-range": protocol["clipping_range"],
+                "secagg.max-weight": protocol["max_weight"]}
+    if cfg.strategy == "fedprox":
+        settings["proximal-mu"] = cfg.proximal_mu
+    if hasattr(task, "server_settings"):
+        settings.update(task.server_settings())
+    optimizer = (ServerOptimizer(task.server_optimizer(), initial)
+                 if hasattr(task, "server_optimizer") else None)
+    strategy = SecureFedAvg(
+        layout, initial, n_nodes, optimizer, fraction_fit=1.0,
+        fraction_evaluate=1.0 if cfg.evaluate else 0.0, min_fit_clients=n_nodes,
+        min_evaluate_clients=n_nodes, min_available_clients=n_nodes,
+        on_fit_config_fn=lambda r: {**settings, "server-round": r},
+        on_evaluate_config_fn=lambda r: {"server-round": r, "rounds": cfg.rounds},
+        initial_parameters=ndarrays_to_parameters(layout.to_list(initial)))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
+                           strategy=strategy)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        protocol["num_shares"], protocol["reconstruction_threshold"],
+        max_weight=protocol["max_weight"], clipping_range=protocol["clipping_range"],
+        quantization_range=protocol["quantization_range"],
+        modulus_range=protocol["modulus_range"], timeout=protocol["timeout"]))
+    started = time.perf_counter()
+    workflow(grid, legacy)
+    seconds = time.perf_counter() - started
+    rounds = rounds_table(cfg, legacy.history, strategy.log, started)
+    atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
+    plot_rounds(rounds, out / "rounds.png")
+    failures = [{"round": r, "reason": reason} for r, v in sorted(strategy.log.items())
+                for reason in v["failed"]]
+    skipped = [r for r in range(1, cfg.rounds + 1)
+               if not strategy.log.get(r, {}).get("aggregated", False)]
+    record = {k: protocol[k] for k in ("num_shares", "reconstruction_threshold",
+                                       "clipping_range", "quantization_range", "max_weight")}
+    model_dir = None
+    if len(skipped) < cfg.rounds:
+        meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
+                              "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
+                              "epsilon": None, "secagg": record},
+                "training_manifest": str(cfg.manifest)}
+        arrays = strategy.current
+        model_dir = task.save(arrays, out / "model", meta)
+        checkpoint_dir(model_dir)
+        shared = {k: v.contiguous() for k, v in arrays.items()}  # the aggregate
+        atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
+    summary = {"model": str(model_dir) if model_dir else None, "node_models": {},
+               "rounds": cfg.rounds, "nodes": n_nodes, "seconds": seconds,
+               "failures": failures, "rounds_not_aggregated": skipped,
+               "epsilon": None, "delta": None, "secagg": record}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
+    write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
+    return summary
+
+
+def rounds_table(cfg: FederatedConfig, history, log: dict, started: float) -> pd.DataFrame:
+    """One row per round, as the plain app's rounds.csv: `seconds` from the start to
+    this round's secure aggregate being unmasked."""
+    rows = []
+    for r in range(1, cfg.rounds + 1):
+        at = log.get(r, {}).get("at")
+        row: dict = {"round": r, "seconds": None if at is None else at - started}
+        for prefix, source in (("train_", history.metrics_distributed_fit),
+                               ("eval_", history.metrics_distributed)):
+            for k, values in source.items():
+                for rr, v in values:
+                    if rr == r:
+                        row[prefix + k.removeprefix("train_")] = float(v)
+        row["epsilon"] = None
+        row["nodes_ok"] = len(log.get(r, {}).get("ok", []))
+        row["aggregated"] = bool(log.get(r, {}).get("aggregated", False))
+        row["failed"] = " | ".join(log.get(r, {}).get("failed", [])) or (
+            "" if r in log else "secure aggregation halted (too few nodes replied)")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- simulation -------------------------------------------------------------------------
+def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
+                          secagg: SecAggParams | None = None) -> dict:
+    """As `run.run_federated`, with SecAgg+: summary.json's content (+ wall time)."""
+    from flwr.simulation import run_simulation
+
+    from harmonize.configs import dump_config
+    from harmonize.data.manifest import load_manifest
+    from harmonize.federated.run import resolved_config, with_split
+    from harmonize.rerun import replacing_outputs
+
+    cfg = resolved_config(cfg)
+    check_secagg_config(cfg)
+    out = Path(cfg.out)
+    replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.evaluate:
+        cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
+        if not (load_manifest(cfg.manifest)["split"] == "test").any():
+            cfg.evaluate = False
+    nodes = node_names(cfg.manifest)
+    protocol_settings(secagg or SecAggParams(), cfg.min_nodes or len(nodes), cfg)  # early
+    dump_config(cfg, out / "config.yaml")
+    (out / "summary.json").unlink(missing_ok=True)
+    cpus = cpus or cfg.parallel_nodes
+    if not cfg.progress:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(server_app=make_secagg_server_app(cfg, secagg),
+                   client_app=make_secagg_client_app(cfg), num_supernodes=len(nodes),
+                   backend_config={"client_resources": {"num_cpus": 1,
+                                                        "num_gpus": cfg.gpu_share()},
+                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                 "logging_level": "ERROR"}},
+                   verbose_logging=False)
+    if not (out / "summary.json").is_file():
+        raise RuntimeError(f"the secure federated run ended without a result in {out}; "
+                           "see the log above")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["node_names"] = nodes
+    return summary
+
+
+__all__ = ["SecAggParams", "make_secagg_client_app", "make_secagg_server_app",
+           "protocol_settings", "quantization_error_bound", "run_secagg_simulation"]
