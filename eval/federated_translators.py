@@ -377,7 +377,8 @@ def ddib_central(bench: Benchmark, out: Path, seed: int, steps: int, dd_set: dic
 
 
 def ddib_federated(bench: Benchmark, out: Path, seed: int, steps: int, prior: str,
-                   args, dd_set: dict = DD_SET) -> tuple[dict, dict]:
+                   args, dd_set: dict = DD_SET, privacy: dict | None = None
+                   ) -> tuple[dict, dict]:
     rounds = 1 if prior == "local" else args.rounds
     overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
                  "out": str(out), "rounds": rounds, "seed": seed,
@@ -385,7 +386,8 @@ def ddib_federated(bench: Benchmark, out: Path, seed: int, steps: int, prior: st
                  "diffusion.config": str(ROOT / "configs/diffusion/quick.yaml"),
                  "diffusion.set": dd_set, "diffusion.sites": bench.sites,
                  "parallel_nodes": args.parallel_nodes,
-                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
+                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False,
+                 **({"privacy": privacy} if privacy else {})}
     cfg = load_federated_config(ROOT / "configs/federated/diffusion-quick.yaml", overrides)
     done = out / "wall.json"
     if not done.is_file():

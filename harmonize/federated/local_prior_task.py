@@ -12,10 +12,13 @@ trained independently, so translation needs no shared training at all).
   loss on its held-out images returns.
 
 Equal to central per-site DDIB by construction (the same code trains each prior on the
-same images), up to seeds and the global gradient-norm clip central training takes over
-all priors at once. What travels: the reference prior, which can draw reference-style
-images (the memorization check runs on its draws). Node-level DP has nothing to average
-here; patient-level DP of the reference prior belongs at the reference node.
+same images), up to seeds. What travels: the reference prior, which can draw
+reference-style images (the memorization check runs on its draws). Node-level DP has
+nothing to average here. Patient-level DP (`privacy.mode: patient-dp`) is needed for the
+reference prior alone, the only weights that leave a node: the reference node trains it
+with DP-SGD (`patient_dp.py`; same UNet, loss, optimizer, warm-up and EMA as central
+training, fp32, patients drawn by Poisson sampling instead of epochs); the other priors
+never leave their node and train as before.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.manifest import save_manifest
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
 from harmonize.translators.diffusion.config import load_config
@@ -94,7 +98,7 @@ class LocalPriorTask:
         from harmonize.translators.diffusion.train import train_diffusion
 
         node = str(rows["node"].iloc[0])
-        losses, shared = [], {}
+        losses, shared, extra = [], {}, {}
         # a rerun into the same OUT trains afresh (this run's priors, this run's model)
         shutil.rmtree(self.home(node), ignore_errors=True)
         for site in sorted(rows["site"].astype(str).unique()):
@@ -102,14 +106,81 @@ class LocalPriorTask:
             run.mkdir(parents=True, exist_ok=True)
             manifest = run / "manifest.csv"
             save_manifest(rows[rows["site"].astype(str) == site], manifest)
-            model = train_diffusion(self._prior_config(site, manifest, run / "run"))
-            log = pd.read_csv(run / "run" / "train_log.csv")
-            losses.append(float(log["loss"].tail(max(1, len(log) // 5)).mean()))
+            config = self._prior_config(site, manifest, run / "run")
+            private = self.config.privacy.mode == "patient-dp" and site == self.ref
+            if private:
+                model, loss, extra = self._train_private(config, rows[rows["site"].astype(
+                    str) == site].reset_index(drop=True), node)
+                losses.append(loss)
+            else:
+                model = train_diffusion(config)
+                log = pd.read_csv(run / "run" / "train_log.csv")
+                losses.append(float(log["loss"].tail(max(1, len(log) // 5)).mean()))
             if site == self.ref:
                 shared = self._own_prior(model, site).state_dict()
         return ({k: v.detach().cpu().clone() for k, v in shared.items()}, {},
                 {"train_loss": float(np.mean(losses)), "is_reference": float(bool(shared)),
-                 "num-examples": 1})
+                 "num-examples": 1, **extra})
+
+    # --- patient-level DP of the reference prior ------------------------------------------
+    def dp_plan(self, rows: pd.DataFrame, node: str = ""):
+        """The reference prior's DP-SGD; None at a node without the reference site
+        (nothing of it leaves)."""
+        ref_rows = rows[rows["site"].astype(str) == self.ref].reset_index(drop=True)
+        if ref_rows.empty:
+            return None
+        return patient_dp.node_plan(self.config.privacy, ref_rows, 1,
+                                    lambda patients, per_step: self.config.diffusion.local_steps,
+                                    self.dc.train.batch_size, node=node)
+
+    def _train_private(self, config, rows: pd.DataFrame, node: str) -> tuple[Path, float, dict]:
+        """Train the reference prior with patient-level DP-SGD; returns (checkpoint,
+        mean loss of the last fifth of the steps, the DP metrics)."""
+        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers.training_utils import EMAModel
+
+        from harmonize.training.device import pick_device
+        from harmonize.training.run import set_lr
+        from harmonize.translators.diffusion import losses
+
+        tc, device = config.train, pick_device()
+        plan, patient_of_row = self.dp_plan(rows, node)
+        seed = self.config.seed * 7919 + 1
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**config.unet_config(None)).to(device)
+        params = list(unet.parameters())
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power,
+                       foreach=True)
+        ema.to(device)
+        scheduler = DDPMScheduler(**config.scheduler_config())
+        x = (cached_images(rows["path"].astype(str).tolist(), self.size) * 2 - 1).to(device)
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
+        clipper = patient_dp.PatientClipper(params, plan, seed)
+        private = patient_dp.per_sample(unet)
+        unet.train()
+        history = []
+        for step in range(1, plan.steps + 1):
+            idx, row_patient, n = sampler.sample()
+            opt.zero_grad(set_to_none=True)
+            if n:
+                loss = losses.denoising_loss(private, scheduler, x[torch.from_numpy(idx)])
+                loss.backward()
+                history.append(float(loss))
+                clipper.privatize(torch.from_numpy(row_patient), n)
+            else:
+                clipper.privatize(None, 0)
+            opt.step()
+            ema.step(params)
+            set_lr([opt], tc.lr * min(1.0, step / max(tc.lr_warmup_steps, 1)))
+        private._close()
+        ema.copy_to(params)
+        meta = {"federated": {"prior": "local", "node": node, "patient_dp":
+                              patient_dp.dp_metrics(plan, plan.steps)}}
+        model = self.translator({self.ref: unet.eval()}).save(Path(tc.out) / "model", meta)
+        tail = history[-max(1, len(history) // 5):]
+        return model, float(np.mean(tail)) if tail else float("nan"), \
+            patient_dp.dp_metrics(plan, plan.steps)
 
     @staticmethod
     def _own_prior(model: Path, site: str):
