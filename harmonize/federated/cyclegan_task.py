@@ -25,6 +25,14 @@ The reference node draws as many images per step as the source nodes together (S
 batch_size), one per source condition, as a central batch pairs each source image with
 a reference image. No polarity guard (it would need the reference site's mean image at
 every node); fix inverted exports at the node.
+
+Patient-level DP (`privacy.mode: patient-dp`, `patient_dp.py`): every one of the four
+networks' updates touches a node's real images (at a source node G, F through the
+cycle, D_A through its real term, D_B through G(a); at the reference node the same with
+the roles swapped), so all four train privately: each local step samples patients,
+privatizes the generators' gradient (G, F) and then the discriminators' (D_A, D_B), each
+clipped per patient and noised (two releases per step in the accounting). The image
+pool is off (past fakes would carry other steps' patients into this step's gradient).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import torch.nn.functional as F
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
 from harmonize.federated.nodes import read_manifest, split_rows
@@ -297,6 +306,97 @@ class CycleGANTask:
             batch.b_cond = F.one_hot(cond.to(xb.device), s).float()
         return batch
 
+    # --- patient-level DP ------------------------------------------------------------
+    def dp_plan(self, rows: pd.DataFrame, node: str = ""):
+        sites = rows["site"].astype(str)
+        is_ref = sites == self.config.reference_site
+        if is_ref.any() and (~is_ref).any():
+            raise ConfigError(f"node '{node}': patient-dp needs the reference site and the "
+                              "source sites at separate nodes (one node per site)")
+        batch = self.cg.train.batch_size * (len(self.sites) if is_ref.any() else 1)
+        return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,
+                                    lambda patients, per_step: self.config.cyclegan.local_steps,
+                                    batch, releases_per_step=2, node=node)
+
+    def private_batch(self, data: tuple, idx: np.ndarray, rng: np.random.Generator,
+                      site_counts: list[int] | None) -> NodeBatch:
+        """The sampled patients' images (all of one half: one node per site)."""
+        xa, ca, xb = data
+        s = len(self.sites)
+        batch = NodeBatch(source_weight=1.0, reference_weight=1.0)
+        rows = torch.from_numpy(idx)
+        if xa is not None:
+            rows = rows.to(xa.device)
+            batch.a, batch.a_cond = self._crops(xa[rows], rng), F.one_hot(ca[rows], s).float()
+        else:
+            rows = rows.to(xb.device)
+            batch.b = self._crops(xb[rows], rng)
+            cond = torch.from_numpy(condition_plan(site_counts or [1] * s, len(idx)))
+            batch.b_cond = F.one_hot(cond.to(xb.device), s).float()
+        return batch
+
+    def _train_private(self, nets: Nets, data: tuple, rows: pd.DataFrame, weights,
+                       round_config: dict, server_round: int, node_seed: int):
+        """One round of patient-level DP-SGD (module docstring); returns the summed
+        privatized gradients, the mean losses and the DP metrics."""
+        c, w = self.config.cyclegan, losses.LossWeights.from_config(self.cg.loss)
+        plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
+        seed = self.config.seed * 100_003 + node_seed + server_round
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
+        private = Nets(*(patient_dp.per_sample(getattr(nets, n)) for n in NETS))
+        clip_g = patient_dp.PatientClipper(nets.generators(), plan, seed)
+        clip_d = patient_dp.PatientClipper(nets.discriminators(), plan, seed + 1)
+        opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)
+        opt_d = torch.optim.SGD(nets.discriminators(), lr=c.local_lr)
+        weight = weights[0] or weights[1]  # this node's share of its half (one half)
+        named = {"g": [(f"{n}.{k}", p) for n in ("g", "f")
+                       for k, p in getattr(nets, n).named_parameters()],
+                 "d": [(f"{n}.{k}", p) for n in ("d_a", "d_b")
+                       for k, p in getattr(nets, n).named_parameters()]}
+        no_pool = ImagePool(0)
+        counts = round_config.get("count.sites")
+        summed: dict[str, torch.Tensor] = {}
+        history = []
+        for i in range(c.local_steps):
+            rng = np.random.default_rng([seed, 2, i])
+            idx, row_patient, n = sampler.sample()
+            patients = torch.from_numpy(row_patient) if n else None
+            batch = self.private_batch(data, idx, rng, list(counts) if counts else None) \
+                if n else None
+            for p in nets.discriminators():
+                p.requires_grad_(False)
+            for d in (private.d_a, private.d_b):  # frozen here: no per-image gradients
+                d.disable_hooks()
+            opt_g.zero_grad(set_to_none=True)
+            fake_b = fake_a = None
+            if batch is not None:
+                loss_g, fake_b, fake_a = generator_objective(private, batch, w)
+                loss_g.backward()
+            clip_g.privatize(patients, n)
+            for d in (private.d_a, private.d_b):
+                d.enable_hooks()
+            for p in nets.discriminators():
+                p.requires_grad_(True)
+            for p in nets.generators():
+                p.grad *= weight  # post-processing: the node's share of the objective
+            _accumulate(summed, named["g"])
+            opt_g.step()
+            opt_d.zero_grad(set_to_none=True)
+            if batch is not None:
+                loss_d = discriminator_objective(private, batch, fake_b, fake_a, no_pool,
+                                                 no_pool)
+                loss_d.backward()
+                history.append((float(loss_g), float(loss_d)))
+            clip_d.privatize(patients, n)
+            for p in nets.discriminators():
+                p.grad *= weight
+            _accumulate(summed, named["d"])
+            opt_d.step()
+        for net in (private.g, private.f, private.d_a, private.d_b):
+            net._close()
+        mean_g, mean_d = np.mean(history, axis=0).tolist() if history else (np.nan, np.nan)
+        return summed, mean_g, mean_d, patient_dp.dp_metrics(plan, server_round * c.local_steps)
+
     # --- one round at a node ----------------------------------------------------------
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
@@ -311,6 +411,12 @@ class CycleGANTask:
         nets = self.nets(arrays)
         for name in NETS:
             getattr(nets, name).to(device)
+        if self.config.privacy.mode == "patient-dp":
+            summed, mean_g, mean_d, extra = self._train_private(
+                nets, data, rows, weights, round_config, server_round, node_seed)
+            sent = {k: (v - summed[k].float().cpu()) if k in summed else v.clone()
+                    for k, v in arrays.items()}
+            return sent, {}, {"loss_g": mean_g, "loss_d": mean_d, "num-examples": 1, **extra}
         c, tc = self.config.cyclegan, self.cg.train
         w = losses.LossWeights.from_config(self.cg.loss)
         opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)

@@ -1,56 +1,69 @@
 """Secure aggregation (Flower's SecAgg+, Bell et al., CCS 2020) for the FedAvg tasks.
 
 What it protects: each node masks its reply with pairwise masks (agreed by key exchange
-with the other nodes) and a private mask, so the server only learns the *sum* of the
-nodes' replies, never one hospital's update. It does not protect the aggregate itself:
-the averaged model (and with two nodes, the other node's update, to a node that knows its
-own) still reveals what the weights reveal; node-level differential privacy is what
-bounds that. The number of examples each node reports (its FedAvg weight) and its scalar
-metrics still reach the server in the clear.
+with the other nodes) and a private mask, so the server learns only the *sum* of the
+nodes' updates, never one hospital's update. It does not protect the aggregate itself:
+the averaged model still reveals what the weights reveal (and with two nodes, a node
+that knows its own update can subtract it); node-level differential privacy is what
+bounds that. Each node's num-examples (its FedAvg weight) and its scalar metrics still
+reach the server in the clear. The protocol is secure against an honest-but-curious
+server and up to reconstruction_threshold - 1 colluding nodes.
 
 How (flwr 1.42 has SecAgg+ only in the legacy API): the server runs Flower's legacy
 `FedAvg` inside `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
 `LegacyContext`; each node is a legacy ClientApp (a `NumPyClient`) behind
 `secaggplus_mod`. The nodes train with the same task objects as the Message-API app
 (`tasks.build_task`), keep their local state in `context.state`, and read only their own
-rows (`nodes.resolve_node` / `node_rows` / `split_rows`).
+rows (`nodes.resolve_node` / `node_rows` / `split_rows`). Arrays travel as lists in the
+key order of `task.initial_arrays()`.
 
-Weighting (read from flwr 1.42's `secaggplus_mod` / `SecAggPlusWorkflow`): node i reports
-w_i = its num-examples; it sends the quantized, masked vector of (q_i / Q) * p_i together
-with q_i = round(w_i / max_weight * Q), where p_i are the weights it returns (the weights,
-not the change of the weights). The server unmasks the sums and divides:
-sum_i (q_i/Q) p_i / sum_i (q_i/Q), i.e. the num-examples-weighted FedAvg mean, up to the
-quantization below. `FedAvg.aggregate_fit` then only receives that mean (every reply
-carries it); this module takes it as it is (no second averaging) and averages the
-metrics by num-examples, as the Message-API FedAvg does.
+What is summed: SecAgg+ sums whatever the node returns. Here a node returns its update
+u_i = p_i - g (its new float weights minus the global weights g it received); the
+server adds the secure mean of the updates to g, which is exactly the mean of the p_i
+(the weights sum to one), so the model is the one FedAvg of the weights would give, and
+the clipping range need only cover the updates (small for the classifier and the
+diffusion prior; for CycleGAN, whose nodes send w - sum of raw gradients, the update is
+in gradient units).
 
-Quantization error: each node clips (q_i/Q) * p_i to [-C, C] (C = clipping_range) and
-rounds it stochastically onto Q = quantization_range levels (step 2C/Q, unbiased). Per
-element, |secure - plain| <= n * (2C/Q) / sum_i(w_i/M) + (weight rounding, at most
-n * (1/2Q) * 2 max|p| / sum_i(w_i/M)), with M = max_weight and n nodes
-(`quantization_error_bound`). With M = the largest node's num-examples and equal nodes
-that is about 2C/Q: 9.5e-7 at the defaults C = 8, Q = 2**24 (float32's own step at 1 is
-1.2e-7). Hence the defaults: M is taken from the task (the largest node's training rows
+Weighting (read from flwr 1.42's `secaggplus_mod` / `SecAggPlusWorkflow`): node i with
+weight w_i (its num-examples, as the task reports it) sends q_i = round(w_i / M * Q) and
+the masked, quantized vector of (q_i / Q) * u_i (M = max_weight, Q = quantization_range);
+the server unmasks the two sums and divides: sum_i (q_i/Q) u_i / sum_i (q_i/Q), the
+num-examples-weighted FedAvg mean. Legacy `FedAvg.aggregate_fit` then receives that
+mean in every reply; `SecureFedAvg` takes it as it is (no second averaging) and averages
+the metrics by num-examples, as the Message-API FedAvg does.
+
+Quantization error: each node clips (q_i/Q) u_i to [-C, C] (C = clipping_range) and
+rounds it stochastically (unbiased) onto Q levels, a step of 2C/Q. Per element,
+
+    |secure - plain| <= n (2C/Q) / S + n (1/2Q) 2 max|u| / S + float32 rounding,
+
+S = sum_i w_i / M, n nodes (`quantization_error_bound`; the second term is the weights'
+rounding). With M = the largest node's num-examples and equal nodes S = n, so the error
+is about 2C/Q: 1.5e-8 at C = 8, Q = 2**30 (3 nodes), below float32's own step at 1
+(nodes send their updates as float64: Flower quantizes in the arrays' dtype, and
+float32 would round at its own step near C, ~1e-6).
+Hence the defaults (`SecAggParams`): M from the task (the largest node's training rows
 for the classifier, 1 for CycleGAN, local_steps for the diffusion prior), not Flower's
-1000, which would make the error 1000/w times larger; C must cover the returned weights
-times w_i/M (at most |p| <= C for the largest node); a node whose weights fall outside it
-stops with an error that names it (Flower would clip silently, a wrong aggregate);
-Q is as large as the 2**32 modulus allows for up to 255 nodes (n * Q must stay below
-the modulus, or the sum wraps).
+1000, which would make the error ~1000 / w_i times larger; C covering the updates; Q as
+large as the 2**32 modulus allows for n (n * Q must stay below it, or the sum wraps).
+A node whose weighted update leaves [-C, C] (Flower would clip it silently: a wrong
+aggregate) or whose weight exceeds M stops with an error that names it.
 
-Integer buffers (BatchNorm's num_batches_tracked) do not take part: the nodes send only
-floating-point arrays, and the global model keeps the initial value of the integer ones
-(the Message-API FedAvg averages them; they are unused with BatchNorm's default momentum).
+Integer buffers (BatchNorm's num_batches_tracked) do not take part: nodes send only the
+floating-point arrays, and the global model keeps the integers' initial values (the
+Message-API FedAvg averages them; BatchNorm ignores them at its default momentum).
 
-Cost: four messages per round instead of one (setup, key sharing, masked vectors,
-unmasking), key agreement and Shamir shares among num_shares neighbours per node, each
-float sent as an int64 (2x the bytes of float32), and mask generation of one int64 per
-weight per neighbour at every node and at the server (eval/bench/bench_secagg.py).
-Every node must finish the round (a round with a failed node is not aggregated).
+Cost: four server-node exchanges per round instead of one (setup, key sharing, masked
+vectors, unmasking), key agreement and Shamir shares with num_shares neighbours at each
+node, one int64 per float sent (2x float32's bytes), and one pseudo-random mask per
+neighbour over the whole model at every node and at the server (eval/bench/
+bench_secagg.py measures it). Every node must finish the round: a round in which a node
+failed is not aggregated (the model stays as it was).
 
-Not supported here: node-level DP (`privacy.dp`; server-side clipping needs each update,
-which SecAgg+ hides, and Flower's client-side clipping mod expects the full weight list),
-local diffusion priors (nothing is averaged).
+Not supported here: node-level DP (`privacy.dp`: server-side clipping needs each update,
+which SecAgg+ hides, and Flower's legacy client-side clipping mod expects the full
+weight list); local diffusion priors (nothing is averaged).
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,20 +112,25 @@ MODULUS = 2**32  # Flower's largest modulus_range: the masks' (and the sums') ra
 
 @dataclass(frozen=True)
 class SecAggParams:
-    """SecAgg+ settings (None: chosen from the number of nodes / the task).
+    """SecAgg+ settings; None: chosen from the number of nodes n and the task.
 
     num_shares: neighbours each node secret-shares its keys with (itself included);
       default every node (full SecAgg; SecAgg+'s sparse graph pays off for many nodes).
     reconstruction_threshold: shares needed to rebuild a key; default a majority,
-      n // 2 + 1, so a server cannot collect both a node's mask seed and its key shares.
-    clipping_range, quantization_range, max_weight: see the module docstring.
+      n // 2 + 1, so the server cannot get both a node's mask seed and its key shares.
+    clipping_range: C, the bound of (weight / max_weight) * update; default 8 for the
+      classifier and the diffusion prior (their per-round changes are far smaller), 128 x
+      local_steps for CycleGAN (its nodes send sums of raw gradients, ~5-15 per step).
+    quantization_range: Q levels over [-C, C]; default the largest power of two with
+      n * Q below the 2**32 modulus, at most 2**30 (Flower rounds into int32).
+    max_weight: M; default the largest num-examples a node reports (module docstring).
     timeout: seconds the server waits for each stage's replies (None: no limit).
     """
 
     num_shares: int | float | None = None
     reconstruction_threshold: int | float | None = None
-    clipping_range: float = 8.0
-    quantization_range: int = 2**24
+    clipping_range: float | None = None
+    quantization_range: int | None = None
     max_weight: float | None = None
     timeout: float | None = None
 
@@ -121,23 +140,36 @@ def protocol_settings(params: SecAggParams, n_nodes: int,
     """The values the SecAggPlusWorkflow gets for `n_nodes` nodes (checked)."""
     if n_nodes < 2:
         raise ConfigError("SecAgg+ needs at least 2 nodes (with one the sum is its update)")
-    if n_nodes * params.quantization_range >= MODULUS:
-        raise ConfigError(f"SecAgg+: {n_nodes} nodes x quantization_range "
-                          f"{params.quantization_range} reach the 2**32 modulus (the sum "
-                          "would wrap); lower quantization_range")
+    q = params.quantization_range or default_quantization_range(n_nodes)
+    if n_nodes * q >= MODULUS or q > 2**30:
+        raise ConfigError(f"SecAgg+: quantization_range {q} with {n_nodes} nodes: n x Q "
+                          "must stay below the 2**32 modulus (else the sum wraps) and Q at "
+                          "most 2**30; lower quantization_range")
     shares, threshold = params.num_shares, params.reconstruction_threshold
     if shares is None:
         shares = n_nodes if n_nodes > 2 else 1.0  # Flower: an int must exceed 2
     if threshold is None:
         threshold = n_nodes // 2 + 1 if n_nodes > 2 else 1.0  # 2 of 2
+    clipping = params.clipping_range
+    if clipping is None:
+        clipping = default_clipping_range(cfg)
     max_weight = params.max_weight
     if max_weight is None:
         max_weight = default_max_weight(cfg) if cfg is not None else 1000.0
     return {"num_shares": shares, "reconstruction_threshold": threshold,
-            "clipping_range": float(params.clipping_range),
-            "quantization_range": int(params.quantization_range),
+            "clipping_range": float(clipping), "quantization_range": int(q),
             "max_weight": float(max_weight), "modulus_range": MODULUS,
             "timeout": params.timeout}
+
+
+def default_quantization_range(n_nodes: int) -> int:
+    return min(2**30, 1 << ((MODULUS - 1) // n_nodes).bit_length() - 1)
+
+
+def default_clipping_range(cfg: FederatedConfig | None) -> float:
+    if cfg is not None and cfg.task == "cyclegan":
+        return 128.0 * cfg.cyclegan.local_steps
+    return 8.0
 
 
 def default_max_weight(cfg: FederatedConfig) -> float:
@@ -150,21 +182,22 @@ def default_max_weight(cfg: FederatedConfig) -> float:
     if cfg.manifest is not None and Path(cfg.manifest).is_file():
         train, _ = split_rows(read_manifest(cfg.manifest))
         return float(train.groupby(train["node"].astype(str)).size().max())
-    return 1000.0  # Flower's default; a node with more rows says so
+    return 1000.0  # Flower's default, when the server has no manifest
 
 
 def quantization_error_bound(weights: list[float], *, clipping_range: float,
                              quantization_range: int, max_weight: float,
-                             max_abs: float) -> float:
-    """Largest per-element |SecAgg+ mean - exact weighted mean| for nodes of these
-    weights (num-examples) whose returned values are at most `max_abs` in magnitude:
-    stochastic rounding (< one step 2C/Q per node), rounding of the weights to 1/Q, and
-    the float32 rounding of the result."""
+                             max_update: float, max_value: float = 0.0) -> float:
+    """Largest per-element |SecAgg+ model - exact weighted FedAvg mean| for nodes of these
+    weights (num-examples) whose updates are at most `max_update` in magnitude (and the
+    weights at most `max_value`): stochastic rounding (< one step 2C/Q per node), the
+    weights' rounding to multiples of 1/Q, and the float32 rounding of the result (the
+    updates are sent in float64)."""
     n, q = len(weights), quantization_range
     total = sum(w / max_weight for w in weights) - n * 0.5 / q
     rounding = n * (2 * clipping_range / q) / total
-    weight_rounding = n * (0.5 / q) * 2 * max_abs / total
-    return rounding + weight_rounding + 2.0**-23 * max_abs
+    weight_rounding = n * (0.5 / q) * 2 * max_update / total
+    return rounding + weight_rounding + 2.0**-23 * max_value
 
 
 # --- layout: dict <-> list of numpy arrays ----------------------------------------------
@@ -213,19 +246,66 @@ def check_secagg_config(cfg: FederatedConfig) -> None:
                           "diffusion.prior shared")
 
 
-def check_fits(arrays: Arrays, floats, weight: float, clipping_range: float,
-               max_weight: float, node: str) -> None:
+def check_fits(update: Arrays, weight: float, clipping_range: float, max_weight: float,
+               node: str) -> float:
     """SecAgg+ clips (weight / max_weight) * value to [-C, C] without a word, which would
-    make the aggregate wrong: stop, naming the node, instead."""
+    make the aggregate wrong: stop, naming the node, instead. Returns that peak value."""
     if weight > max_weight:
-        raise ValueError(f"node {node}: num-examples {weight:g} exceeds SecAgg+ max_weight "
-                         f"{max_weight:g}; raise max_weight")
-    peak = max((float(arrays[k].abs().max()) for k in floats if arrays[k].numel()),
-               default=0.0)
-    if not np.isfinite(peak) or peak * weight / max_weight > clipping_range:
-        raise ValueError(f"node {node}: weights up to {peak:.4g} (x {weight:g}/"
-                         f"{max_weight:g}) leave the SecAgg+ clipping range "
+        raise ValueError(f"node {node}: num-examples {weight:g} exceeds the SecAgg+ "
+                         f"max_weight {max_weight:g}; raise max_weight")
+    peak = max((float(v.abs().max()) for v in update.values() if v.numel()), default=0.0)
+    scaled = peak * weight / max_weight
+    if not np.isfinite(scaled) or scaled > clipping_range:
+        raise ValueError(f"node {node}: its update reaches {peak:.4g} (x weight {weight:g}"
+                         f"/{max_weight:g}), outside the SecAgg+ clipping range "
                          f"+-{clipping_range:g}; raise clipping_range")
+    return scaled
+
+
+JSON_KEYS = "secagg.json-keys"
+
+
+def encode_settings(settings: dict) -> dict:
+    """The round settings as legacy config scalars: lists (CycleGAN's per-site counts)
+    travel as JSON text, named in JSON_KEYS (the legacy API takes no lists)."""
+    lists = sorted(k for k, v in settings.items() if isinstance(v, (list, tuple)))
+    return {**{k: json.dumps(list(v)) if k in lists else v for k, v in settings.items()},
+            JSON_KEYS: ",".join(lists)}
+
+
+def decode_settings(config: dict) -> dict:
+    lists = [k for k in str(config.get(JSON_KEYS, "")).split(",") if k]
+    return {k: json.loads(v) if k in lists else v for k, v in config.items()
+            if k != JSON_KEYS}
+
+
+class RecordingGrid:
+    """The server's Grid, noting every error reply per round (the SecAgg+ workflow
+    drops a failed node's reason when it halts a round)."""
+
+    def __init__(self, grid: Grid, errors: dict[int, list[str]]) -> None:
+        self._grid, self.errors = grid, errors
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            if m.has_error():
+                reason = node_reason(m.error.reason)
+                if m.metadata.message_type != "train":
+                    reason = f"{m.metadata.message_type}: {reason}"
+                rnd = int(m.metadata.group_id) if m.metadata.group_id.isdigit() else 0
+                self.errors.setdefault(rnd, []).append(reason)
+        return replies
+
+
+def node_reason(text: str) -> str:
+    """One line, starting at the node's own message ("node site_b: ...") if present."""
+    text = " ".join(str(text).split())
+    found = re.search(r"Error: (node \S+: .*?)(?: The above exception| Traceback|$)", text)
+    return one_line(found.group(1) if found else text)
 
 
 # --- the node ---------------------------------------------------------------------------
@@ -258,22 +338,29 @@ class SecAggNode(NumPyClient):
             rows, _ = split_rows(node_rows(manifest, node))
             received = layout.to_dict(parameters)
             started = time.perf_counter()
-            arrays, local, metrics = task.train(received, self._local(), rows, dict(config))
+            arrays, local, metrics = task.train(received, self._local(), rows,
+                                                decode_settings(config))
             metrics["compute_seconds"] = time.perf_counter() - started
             if local:
                 self.ctx.state["local"] = ArrayRecord(local)
             weight = float(metrics.pop("num-examples"))
-            check_fits(arrays, layout.floats, weight, float(config["secagg.clipping-range"]),
-                       float(config["secagg.max-weight"]), node)
-            metrics["update_norm"] = update_norm({k: arrays[k] for k in layout.floats},
-                                                 received)
+            # sent: this round's change of the float arrays (the server adds the secure
+            # mean of the changes to the weights it sent: the mean of the new weights)
+            # in float64: Flower quantizes in the arrays' dtype, and float32 would round
+            # (w/M) u + C to float32's step at C (1e-6 at C = 8), not to 2C/Q
+            update = {k: arrays[k].double() - received[k].double() for k in layout.floats}
+            metrics["secagg_peak"] = check_fits(
+                update, weight, float(config["secagg.clipping-range"]),
+                float(config["secagg.max-weight"]), node)
+            metrics["update_norm"] = update_norm(arrays, received)
             # what leaves: one int64 per float (masked), plus the weight factor
-            metrics["bytes_sent"] = float(8 * (1 + sum(arrays[k].numel()
-                                                       for k in layout.floats)))
+            metrics["bytes_sent"] = float(8 * (1 + sum(v.numel() for v in update.values())))
         except Exception as err:
-            raise RuntimeError(f"node {node}: {' '.join(str(err).split())}") from err
+            text = " ".join(str(err).split())
+            raise RuntimeError(text if text.startswith(f"node {node}: ")
+                               else f"node {node}: {text}") from err
         metrics["node"] = node
-        return layout.to_list(arrays, layout.floats), int(weight), metrics
+        return layout.to_list(update, layout.floats), int(weight), metrics
 
     def evaluate(self, parameters, config):
         node = _label(self.ctx)
@@ -284,7 +371,9 @@ class SecAggNode(NumPyClient):
                 return 0.0, 0, {**dict.fromkeys(task.eval_keys, 0.0)}
             metrics = task.evaluate(layout.to_dict(parameters), self._local(), test)
         except Exception as err:
-            raise RuntimeError(f"node {node}: {' '.join(str(err).split())}") from err
+            text = " ".join(str(err).split())
+            raise RuntimeError(text if text.startswith(f"node {node}: ")
+                               else f"node {node}: {text}") from err
         n = int(metrics.pop("num-examples"))
         return float(metrics.get("loss", 0.0)), n, metrics
 
@@ -327,18 +416,20 @@ class SecureFedAvg(FedAvg):
         self.log: dict[int, dict] = {}
 
     def aggregate_fit(self, server_round, results, failures):
-        failed = [one_line(getattr(f.args[0], "reason", f.args[0]) if isinstance(f, Exception)
-                           and f.args else f) for f in failures]
         ok = [str(r.metrics.get("node", "?")) for _, r in results]
-        complete = not failed and len(results) >= self.required
-        self.log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
+        complete = not failures and len(results) >= self.required
+        self.log[server_round] = {"ok": ok, "at": time.perf_counter(),
                                   "aggregated": complete}
         if not complete:
             return None, {}
-        # every reply carries the same unmasked weighted mean (SecAggPlusWorkflow)
-        mean = self.layout.to_dict(parameters_to_ndarrays(results[0][1].parameters),
-                                   self.layout.floats)
-        merged = {**self.current, **mean}
+        # every reply carries the same unmasked weighted mean of the updates
+        # (SecAggPlusWorkflow); float64 until the sum with the weights sent
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        if len(mean) != len(self.layout.floats):
+            raise ValueError(f"expected {len(self.layout.floats)} arrays, got {len(mean)}")
+        merged = dict(self.current)
+        for k, v in zip(self.layout.floats, mean, strict=True):
+            merged[k] = torch.from_numpy(self.current[k].double().numpy() + v)
         if self.optimizer is not None:
             merged = self.optimizer.step(server_round, merged, len(results))
         self.current = {k: merged[k].to(self.layout.dtypes[k]) for k in self.layout.keys}
@@ -383,6 +474,7 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
         settings["proximal-mu"] = cfg.proximal_mu
     if hasattr(task, "server_settings"):
         settings.update(task.server_settings())
+    settings = encode_settings(settings)
     optimizer = (ServerOptimizer(task.server_optimizer(), initial)
                  if hasattr(task, "server_optimizer") else None)
     strategy = SecureFedAvg(
@@ -399,14 +491,15 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
         max_weight=protocol["max_weight"], clipping_range=protocol["clipping_range"],
         quantization_range=protocol["quantization_range"],
         modulus_range=protocol["modulus_range"], timeout=protocol["timeout"]))
+    errors: dict[int, list[str]] = {}  # round -> the nodes' error replies
     started = time.perf_counter()
-    workflow(grid, legacy)
+    workflow(RecordingGrid(grid, errors), legacy)
     seconds = time.perf_counter() - started
-    rounds = rounds_table(cfg, legacy.history, strategy.log, started)
+    rounds = rounds_table(cfg, legacy.history, strategy.log, errors, started)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
     plot_rounds(rounds, out / "rounds.png")
-    failures = [{"round": r, "reason": reason} for r, v in sorted(strategy.log.items())
-                for reason in v["failed"]]
+    failures = [{"round": r, "reason": reason} for r, v in sorted(errors.items())
+                for reason in v]
     skipped = [r for r in range(1, cfg.rounds + 1)
                if not strategy.log.get(r, {}).get("aggregated", False)]
     record = {k: protocol[k] for k in ("num_shares", "reconstruction_threshold",
@@ -432,7 +525,8 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     return summary
 
 
-def rounds_table(cfg: FederatedConfig, history, log: dict, started: float) -> pd.DataFrame:
+def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
+                 started: float) -> pd.DataFrame:
     """One row per round, as the plain app's rounds.csv: `seconds` from the start to
     this round's secure aggregate being unmasked."""
     rows = []
@@ -448,7 +542,7 @@ def rounds_table(cfg: FederatedConfig, history, log: dict, started: float) -> pd
         row["epsilon"] = None
         row["nodes_ok"] = len(log.get(r, {}).get("ok", []))
         row["aggregated"] = bool(log.get(r, {}).get("aggregated", False))
-        row["failed"] = " | ".join(log.get(r, {}).get("failed", [])) or (
+        row["failed"] = " | ".join(errors.get(r, [])) or (
             "" if r in log else "secure aggregation halted (too few nodes replied)")
         rows.append(row)
     return pd.DataFrame(rows)
