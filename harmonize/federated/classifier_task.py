@@ -147,7 +147,7 @@ class ClassifierTask:
                 xb, yb = x[idx].to(device), targets[idx].to(device)
                 loss = loss_fn(private(xb).float(), yb)
                 loss.backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 clipper.privatize(torch.from_numpy(row_patient), n)
             else:
                 clipper.privatize(None, 0)

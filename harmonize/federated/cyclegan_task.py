@@ -386,7 +386,7 @@ class CycleGANTask:
                 loss_d = discriminator_objective(private, batch, fake_b, fake_a, no_pool,
                                                  no_pool)
                 loss_d.backward()
-                history.append((float(loss_g), float(loss_d)))
+                history.append((float(loss_g.detach()), float(loss_d.detach())))
             clip_d.privatize(patients, n)
             for p in nets.discriminators():
                 p.grad *= weight

@@ -166,7 +166,7 @@ class LocalPriorTask:
             if n:
                 loss = losses.denoising_loss(private, scheduler, x[torch.from_numpy(idx)])
                 loss.backward()
-                history.append(float(loss))
+                history.append(float(loss.detach()))
                 clipper.privatize(torch.from_numpy(row_patient), n)
             else:
                 clipper.privatize(None, 0)

@@ -127,6 +127,8 @@ def per_sample(module: torch.nn.Module):
     for m in module.modules():
         if getattr(m, "inplace", False):
             m.inplace = False
+    # Opacus' hooks fire on module outputs when the input needs no gradient: expected
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     return GradSampleModule(module, loss_reduction="mean", force_functorch=True)
 
 

@@ -80,6 +80,7 @@ import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, Context
+from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -294,7 +295,7 @@ class RecordingGrid:
         for m in replies:
             if m.has_error():
                 reason = node_reason(m.error.reason)
-                if m.metadata.message_type != "train":
+                if m.metadata.message_type != MessageType.TRAIN:
                     reason = f"{m.metadata.message_type}: {reason}"
                 rnd = int(m.metadata.group_id) if m.metadata.group_id.isdigit() else 0
                 self.errors.setdefault(rnd, []).append(reason)
@@ -315,8 +316,9 @@ def _label(context: Context) -> str:
 
 
 class SecAggNode(NumPyClient):
-    """One hospital: trains with the task's code on its own rows and returns the float
-    arrays, which `secaggplus_mod` quantizes and masks before they leave."""
+    """One hospital: trains with the task's code on its own rows and returns the change
+    of its float arrays (float64), which `secaggplus_mod` quantizes and masks before
+    anything leaves."""
 
     def __init__(self, cfg: FederatedConfig, context: Context) -> None:
         self.cfg, self.ctx = cfg, context
