@@ -226,3 +226,23 @@ def test_only_the_reference_prior_trains_privately(synth3, tmp_path):
     model = tmp_path / "nodes" / "site_a" / "prior_site_a" / "run" / "model"
     meta = json.loads((model / "metadata.json").read_text())
     assert meta["federated"]["patient_dp"]["epsilon"] == pytest.approx(plan.epsilon())
+
+
+def test_shared_prior_node_trains_privately(synth3):
+    from harmonize.federated.diffusion_task import DiffusionTask
+
+    cfg = FederatedConfig(
+        task="diffusion", reference_site="site_a", rounds=3, manifest=synth3 / "manifest.csv",
+        privacy={"mode": "patient-dp", "epsilon": 10.0, "delta": 1e-3},
+        diffusion={"config": ROOT / "configs/diffusion/quick.yaml", "local_steps": 2,
+                   "sites": ["site_a", "site_b", "site_c"],
+                   "set": {"data.image_size": 32, "train.batch_size": 4}})
+    task = DiffusionTask(cfg)
+    rows = load_manifest(synth3 / "manifest.csv")
+    rows = rows[rows["site"] == "site_b"].assign(node="site_b").reset_index(drop=True)
+    arrays = task.initial_arrays()
+    sent, _, metrics = task.train(arrays, None, rows, {"server-round": 2, "nodes": 3})
+    plan = task.dp_plan(rows, "site_b")[0]
+    assert plan.steps == 6  # 3 rounds x 2 local steps
+    assert metrics["epsilon"] == pytest.approx(plan.epsilon(4))  # after round 2 of 3
+    assert any(not torch.equal(sent[k], arrays[k]) for k in arrays)

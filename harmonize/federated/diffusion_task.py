@@ -16,6 +16,8 @@ Design (docs/federated.md has the privacy argument):
 - Central baseline: the same code with all images at one node (labels per image).
 - No polarity guard (it would need the reference site's mean image at every node); fix
   inverted exports at the node.
+- `privacy.mode: patient-dp`: each local step is a patient-level DP-SGD step
+  (`patient_dp.py`: Poisson-sampled patients, per-patient clipping, noise), fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import (
     Arrays,
@@ -108,9 +111,22 @@ class DiffusionTask:
             load_optimizer_state(opt, local)  # torch moves the moments to the parameters
         steps = self.config.diffusion.local_steps
         total = torch.zeros((), device=device)  # read once, after the last step
+        extra, sampler, clipper, private = {}, None, None, unet
+        if self.config.privacy.mode == "patient-dp":
+            plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
+            sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate,
+                                                int(rng.integers(2**31)))
+            clipper = patient_dp.PatientClipper(list(unet.parameters()), plan,
+                                                int(rng.integers(2**31)))
+            private = patient_dp.per_sample(unet)
+            extra = patient_dp.dp_metrics(plan, server_round * steps)
         for i in range(steps):
             done = (server_round - 1) * steps + i + 1  # this node's steps so far: warm-up
             set_lr([opt], tc.lr * min(1.0, done / max(tc.lr_warmup_steps, 1)))
+            if clipper is not None:  # patient-dp: its own sampling, clipping and noise
+                total += self._private_step(private, scheduler, clipper, sampler, opt, x,
+                                            labels)
+                continue
             idx = torch.from_numpy(rng.integers(len(x), size=tc.batch_size)).to(device)
             classes = losses.drop_classes(labels[idx], self.dc.model.class_dropout,
                                           self.null_class)
@@ -121,13 +137,37 @@ class DiffusionTask:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
             opt.step()
             total += loss.detach()
+        if clipper is not None:
+            private._close()
         shared = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
         own_rows = labels.unique().cpu()
         if nodes > 1 and len(own_rows) == 1:  # see the module docstring
             before = arrays[CLASS_ROWS][own_rows]
             shared[CLASS_ROWS][own_rows] = before + nodes * (shared[CLASS_ROWS][own_rows] - before)
         own = {k: v.cpu() for k, v in optimizer_arrays(opt).items()}
-        return shared, own, {"train_loss": float(total) / steps, "num-examples": steps}
+        return shared, own, {"train_loss": float(total) / steps, "num-examples": steps,
+                             **extra}
+
+    def dp_plan(self, rows: pd.DataFrame, node: str = ""):
+        return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,
+                                    lambda patients, per_step: self.config.diffusion.local_steps,
+                                    self.dc.train.batch_size, node=node)
+
+    def _private_step(self, private, scheduler, clipper, sampler, opt, x, labels
+                      ) -> torch.Tensor:
+        """One patient-level DP-SGD step; returns its loss (0 for an empty sample)."""
+        idx, row_patient, n = sampler.sample()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=x.device)
+        if n:
+            rows = torch.from_numpy(idx).to(x.device)
+            classes = losses.drop_classes(labels[rows], self.dc.model.class_dropout,
+                                          self.null_class)
+            loss = losses.denoising_loss(private, scheduler, x[rows], classes)
+            loss.backward()
+        clipper.privatize(torch.from_numpy(row_patient) if n else None, n)
+        opt.step()
+        return loss.detach()
 
     @torch.no_grad()
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
