@@ -6,6 +6,9 @@
   only it trains with DP-SGD. Score: SSIM of every held-out non-reference image to its
   truth; share of the non-private gain over identity = (SSIM - identity) / (SSIM at inf
   - identity). Non-private runs are reused from --runs (eval/federated_translators.py's).
+- `--task histogram`: federated histogram matching (the reference node releases
+  --landmarks intensity quantiles once, with the Gaussian mechanism under DP), same data
+  and score.
 - `--task classifier`: the federated CNN (GroupNorm, as DP-SGD needs) over 3 sites' nodes;
   AUC on their held-out patients and on the unseen 4th site.
 
@@ -63,8 +66,8 @@ def label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
-# --- DDIB local priors ---------------------------------------------------------------------
-def run_ddib(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+# --- translators (synthetic benchmark, paired truth) ----------------------------------------
+def run_translator(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     import sys
 
     sys.path.insert(0, str(ROOT / "eval"))
@@ -72,34 +75,56 @@ def run_ddib(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     bench = Benchmark(out, args.per_site, 64)
     scores = Scores(bench)
+    method = {"ddib": "federated DDIB, local priors",
+              "histogram": "federated histogram matching"}[args.task]
+
+    def histogram(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
+        from harmonize.translators import load_translator
+
+        if not (run / "summary.json").is_file():
+            cfg = load_federated_config(ROOT / "configs/federated/histogram.yaml", {
+                "manifest": str(bench.fed_manifest), "reference_site": bench.ref,
+                "out": str(run), "seed": seed, "progress": False,
+                "histogram.landmarks": args.landmarks,
+                **({"privacy": privacy(eps)} if privacy(eps) else {})})
+            run_federated(cfg)
+        summary = json.loads((run / "summary.json").read_text())
+        t = load_translator(summary["model"])
+        return (t.transform(bench.inputs, list(bench.test["site"])), summary,
+                {"wall_s": summary["seconds"]})
+
+    def ddib(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
+        summary, extra = ddib_federated(
+            bench, run, seed, args.steps, "local", args,
+            privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
+        return translate_at_nodes(bench, summary["node_models"]), summary, extra
+
+    train = ddib if args.task == "ddib" else histogram
+    prefix = "local" if args.task == "ddib" else f"hm{args.landmarks}"
     rows = []
     for seed in args.seeds:
         scores.add("identity", seed, bench.inputs, {})
         for eps in args.epsilons:
-            name = "local" if math.isinf(eps) else f"local_dp{label(eps)}"
-            started = time.perf_counter()
-            summary, extra = ddib_federated(
-                bench, args.runs / f"{name}_s{seed}", seed, args.steps, "local", args,
-                privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
-            outputs = translate_at_nodes(bench, summary["node_models"])
+            name = prefix if math.isinf(eps) else f"{prefix}_dp{label(eps)}"
+            outputs, summary, extra = train(args.runs / f"{name}_s{seed}", seed, eps)
             scores.add(f"eps {label(eps)}", seed, outputs, extra)
             plan = (summary.get("patient_dp") or {}).get(bench.ref, {})
             rows.append({"epsilon": label(eps), "seed": seed, "ssim": scores.rows[-1]["ssim"],
                          "spent_epsilon": summary.get("epsilon"),
                          "noise_multiplier": plan.get("noise_multiplier"),
                          "sample_rate": plan.get("sample_rate"), "dp_steps": plan.get("steps"),
-                         "wall_s": extra["wall_s"], "seconds": time.perf_counter() - started})
+                         "wall_s": extra["wall_s"]})
     per = pd.concat(scores.per_image)
     table = []
     ident = per[per["method"] == "identity"].groupby("relpath")["ssim"].mean()
     nonprivate = per[per["method"] == "eps inf"].groupby("relpath")["ssim"].mean()
+    results = pd.DataFrame(rows)
     for eps in args.epsilons:
         m = per[per["method"] == f"eps {label(eps)}"].groupby("relpath")["ssim"].mean()
         mean, lo, hi = bootstrap_mean_ci(m.tolist())
         gain = nonprivate.mean() - ident.mean() if len(nonprivate) else float("nan")
-        r = pd.DataFrame(rows)
-        r = r[r["epsilon"] == label(eps)]
-        table.append({"method": "federated DDIB, local priors", "epsilon": label(eps),
+        r = results[results["epsilon"] == label(eps)]
+        table.append({"method": method, "epsilon": label(eps),
                       "ssim": mean, "ssim_lo": lo, "ssim_hi": hi,
                       "identity": float(ident.mean()),
                       "share_of_nonprivate_gain": (mean - ident.mean()) / gain,
@@ -107,10 +132,9 @@ def run_ddib(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                       "noise_multiplier": r["noise_multiplier"].mean(),
                       "sample_rate": r["sample_rate"].mean(),
                       "wall_s": r["wall_s"].mean()})
-    scores_df = pd.DataFrame(scores.rows)
-    scores_df.to_csv(out / "scores.csv", index=False)
+    pd.DataFrame(scores.rows).to_csv(out / "scores.csv", index=False)
     per.to_csv(out / "per_image.csv", index=False)
-    return pd.DataFrame(rows), pd.DataFrame(table)
+    return results, pd.DataFrame(table)
 
 
 # --- classifier ----------------------------------------------------------------------------
@@ -177,7 +201,7 @@ def run_classifier(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def plot(table: pd.DataFrame, task: str, path: Path) -> None:
-    metric = "ssim" if task == "ddib" else "auc"
+    metric = "auc" if task == "classifier" else "ssim"
     fig, ax = plt.subplots(figsize=(5, 3.4))
     groups = table.groupby("test") if "test" in table else [("", table)]
     for name, part in groups:
@@ -186,7 +210,7 @@ def plot(table: pd.DataFrame, task: str, path: Path) -> None:
                                            part[f"{metric}_hi"] - part[metric]],
                     marker="o", capsize=3, label=name or part["method"].iloc[0])
         ax.set_xticks(x, [f"eps {e}" for e in part["epsilon"]])
-    if task == "ddib":
+    if task != "classifier":
         ax.axhline(table["identity"].iloc[0], color="grey", ls="--", label="identity")
     ax.set_ylabel(metric.upper())
     ax.set_xlabel("epsilon per patient (delta 1e-5)")
@@ -198,7 +222,7 @@ def plot(table: pd.DataFrame, task: str, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["ddib", "classifier"], default="ddib")
+    ap.add_argument("--task", choices=["ddib", "histogram", "classifier"], default="ddib")
     ap.add_argument("--out", default=None, help="default: eval_out/privacy_TASK")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epsilons", default="inf,50,10,3")
@@ -207,19 +231,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="ddib: steps of each prior")
     ap.add_argument("--patients-per-step", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=10, help="classifier rounds")
+    ap.add_argument("--landmarks", type=int, default=16, help="histogram: landmarks")
     ap.add_argument("--parallel-nodes", type=int, default=2)
     ap.add_argument("--runs", default=None, help="runs folder (default OUT/runs); "
                     "finished runs there are reused")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
-    args.per_site = args.per_site or (40 if args.task == "ddib" else 100)
+    args.per_site = args.per_site or (100 if args.task == "classifier" else 40)
     out = Path(args.out or f"eval_out/privacy_{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     args.runs = Path(args.runs) if args.runs else out / "runs"
     torch.set_num_threads(2)
     started = time.perf_counter()
-    rows, table = run_ddib(args, out) if args.task == "ddib" else run_classifier(args, out)
+    rows, table = (run_classifier(args, out) if args.task == "classifier"
+                   else run_translator(args, out))
     rows.to_csv(out / "results.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(markdown_table(table))

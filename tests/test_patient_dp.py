@@ -246,3 +246,39 @@ def test_shared_prior_node_trains_privately(synth3):
     assert plan.steps == 6  # 3 rounds x 2 local steps
     assert metrics["epsilon"] == pytest.approx(plan.epsilon(4))  # after round 2 of 3
     assert any(not torch.equal(sent[k], arrays[k]) for k in arrays)
+
+
+def test_federated_histogram_matching_releases_the_central_landmarks(synth3, tmp_path):
+    """Without DP the released landmarks are central histogram matching's; with DP they
+    are noised once, epsilon per patient as asked, and still map images."""
+    from harmonize.fit import model_space_images
+    from harmonize.translators import HistogramMatching, load_translator
+
+    df = load_manifest(synth3 / "manifest.csv")
+    runs = {}
+    for name, extra in (("plain", []), ("dp", ["--set", "privacy.mode=patient-dp", "--set",
+                                               "privacy.epsilon=10", "--set",
+                                               "privacy.delta=1e-3"])):
+        out = tmp_path / name
+        assert main(["federated", "-q", "--config", str(ROOT / "configs/federated/histogram.yaml"),
+                     "--data", str(synth3 / "manifest.csv"), "--reference-site", "site_a",
+                     "--out", str(out), *extra]) == 0
+        runs[name] = json.loads((out / "summary.json").read_text())
+        runs[name]["translator"] = load_translator(out / "model")
+    ref = df[df["site"] == "site_a"]
+    central = HistogramMatching(n_quantiles=16).fit(
+        model_space_images(ref, runs["plain"]["translator"].policy, progress=False), "site_a")
+    plain, dp = runs["plain"]["translator"], runs["dp"]["translator"]
+    np.testing.assert_allclose(plain.reference_quantiles_, central.reference_quantiles_,
+                               atol=1e-6)
+    assert runs["plain"]["epsilon"] is None
+    assert runs["dp"]["epsilon"] == pytest.approx(10.0, rel=0.01)
+    assert runs["dp"]["patient_dp"]["site_a"]["sample_rate"] == 1.0  # one release, all
+    moved = np.abs(dp.reference_quantiles_ - plain.reference_quantiles_)
+    assert 0 < moved.max() < 0.5 and np.all(np.diff(dp.reference_quantiles_) >= 0)
+    images = [x for x, _ in model_space_images(df[df["site"] == "site_b"].head(4),
+                                               plain.policy, progress=False)]
+    out_plain = plain.transform(images, ["site_b"] * 4)
+    out_dp = dp.transform(images, ["site_b"] * 4)
+    for a, b in zip(out_plain, out_dp, strict=True):
+        assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9

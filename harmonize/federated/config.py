@@ -104,8 +104,17 @@ class DiffusionTaskConfig(Section):
                                     "deployment, where the server has no manifest)")
 
 
+class HistogramTaskConfig(Section):
+    landmarks: int = Field(16, ge=3, description="intensity quantiles the reference node "
+                           "releases (fewer: less DP noise per landmark, coarser map)")
+    template: int = Field(16, ge=4, le=64, description="side of the mean thumbnail the "
+                          "polarity guard correlates with (inverted exports are flipped)")
+    intensity: Literal["auto", "bit-depth", "percentile"] = Field(
+        "auto", description="how images map to [0, 1] (as harmonize fit)")
+
+
 class FederatedConfig(Section):
-    task: Literal["classifier", "cyclegan", "diffusion"]
+    task: Literal["classifier", "cyclegan", "diffusion", "histogram"]
     manifest: Path | None = None
     reference_site: str | None = None
     out: Path | None = None
@@ -121,6 +130,7 @@ class FederatedConfig(Section):
     classifier: ClassifierTaskConfig = ClassifierTaskConfig()
     cyclegan: CycleGANTaskConfig = CycleGANTaskConfig()
     diffusion: DiffusionTaskConfig = DiffusionTaskConfig()
+    histogram: HistogramTaskConfig = HistogramTaskConfig()
     threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
     parallel_nodes: int = Field(1, ge=1, description="simulation: nodes training at once, "
                                 "each with threads_per_node threads (Ray actors)")
@@ -139,10 +149,14 @@ class FederatedConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> FederatedConfig:
-        if self.privacy.secagg:
-            raise ValueError("privacy.secagg: SecAgg+ runs only with Flower's legacy "
-                             "strategy API in flwr 1.41, not with the Message API "
-                             "strategies this app uses; use privacy.dp instead")
+        if self.privacy.secagg:  # secure_aggregation.py: what SecAgg+ can sum
+            if self.privacy.mode == "node-dp":
+                raise ValueError("privacy.secagg: node-level DP clips each node's update at "
+                                 "the server, which SecAgg+ hides; use patient-dp with it")
+            if self.task == "histogram" or (self.task == "diffusion"
+                                            and self.diffusion.prior == "local"):
+                raise ValueError("privacy.secagg: this task sends one node's arrays, not a "
+                                 "mean to aggregate; run it without secagg")
         if self.task == "cyclegan" and self.cyclegan.config is None:
             raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
                              "configs/cyclegan/quick.yaml")
@@ -157,6 +171,14 @@ class FederatedConfig(Section):
             if self.privacy.dp != "none":
                 raise ValueError("diffusion.prior local: node-level DP (privacy.dp) needs "
                                  "an average over nodes and there is none; use dp: none")
+        if self.task == "histogram":
+            if self.rounds != 1:
+                raise ValueError("task histogram: set rounds: 1 (the reference node "
+                                 "releases its landmarks once)")
+            if self.privacy.mode == "node-dp":
+                raise ValueError("task histogram: node-level DP needs an average over "
+                                 "nodes and only the reference node sends; use mode "
+                                 "patient-dp")
         if self.task == "diffusion" and self.diffusion.config is None:
             raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
                              "configs/diffusion/quick.yaml")
@@ -164,7 +186,7 @@ class FederatedConfig(Section):
 
     def check_ready(self) -> None:
         missing = [k for k in ("manifest", "out") if getattr(self, k) is None]
-        if self.task in ("cyclegan", "diffusion") and self.reference_site is None:
+        if self.task != "classifier" and self.reference_site is None:
             missing.append("reference_site")
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (--data / --out / "

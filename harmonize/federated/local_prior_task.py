@@ -40,6 +40,26 @@ from harmonize.translators.diffusion.config import load_config
 from harmonize.translators.diffusion.translator import INFERENCE_KEYS, DiffusionTranslator
 
 
+def aggregate_reference_reply(server_round: int, replies) -> tuple:
+    """The reference node's arrays (its prior, or its landmarks); the other nodes sent
+    no weights. Shared by the tasks in which only the reference node sends."""
+    from flwr.app import ArrayRecord, MetricRecord
+
+    replies = [m for m in replies if not m.has_error()]
+    ref = [m for m in replies if float(m.content["metrics"].get("is_reference", 0)) > 0]
+    if len(ref) != 1:  # nothing from the reference node (or two): nothing to pass on
+        return None, None
+    metrics = {}
+    for key in ("train_loss", "compute_seconds"):
+        values = [float(m.content["metrics"][key]) for m in replies
+                  if key in m.content["metrics"]]
+        if values:
+            metrics[key] = float(np.mean(values))
+    # what left a node: the reference node's arrays; every other node sent nothing
+    metrics["bytes_sent"] = float(ref[0].content["metrics"].get("bytes_sent", 0))
+    return ArrayRecord(ref[0].content["arrays"].to_torch_state_dict()), MetricRecord(metrics)
+
+
 class LocalPriorTask:
     kind = "diffusion"
     eval_keys = ("loss",)
@@ -71,26 +91,7 @@ class LocalPriorTask:
         return {}  # nothing exists before the reference node has trained its prior
 
     def custom_aggregation(self):
-        return self.aggregate_train
-
-    @staticmethod
-    def aggregate_train(server_round: int, replies) -> tuple:
-        """The reference node's prior; the other nodes sent no weights."""
-        from flwr.app import ArrayRecord, MetricRecord
-
-        replies = [m for m in replies if not m.has_error()]
-        ref = [m for m in replies if float(m.content["metrics"].get("is_reference", 0)) > 0]
-        if len(ref) != 1:  # no reference prior (or two): nothing to pass on
-            return None, None
-        metrics = {}
-        for key in ("train_loss", "compute_seconds"):
-            values = [float(m.content["metrics"][key]) for m in replies
-                      if key in m.content["metrics"]]
-            if values:
-                metrics[key] = float(np.mean(values))
-        # what left a node: the reference node's prior; every other node sent nothing
-        metrics["bytes_sent"] = float(ref[0].content["metrics"].get("bytes_sent", 0))
-        return ArrayRecord(ref[0].content["arrays"].to_torch_state_dict()), MetricRecord(metrics)
+        return aggregate_reference_reply
 
     # --- at a node ----------------------------------------------------------------------
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,

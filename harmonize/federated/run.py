@@ -73,6 +73,10 @@ def patient_dp_plans(cfg: FederatedConfig) -> dict:
 
 def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
     """Simulate the federation; returns summary.json's content (+ wall time)."""
+    if cfg.privacy.secagg:  # Flower's SecAgg+ runs on its legacy API: its own apps
+        from harmonize.federated.secure_aggregation import run_secagg_simulation
+
+        return run_secagg_simulation(cfg, cpus)
     cfg = resolved_config(cfg)
     out = Path(cfg.out)
     replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")

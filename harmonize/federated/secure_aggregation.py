@@ -61,9 +61,13 @@ neighbour over the whole model at every node and at the server (eval/bench/
 bench_secagg.py measures it). Every node must finish the round: a round in which a node
 failed is not aggregated (the model stays as it was).
 
-Not supported here: node-level DP (`privacy.dp`: server-side clipping needs each update,
+Patient-level DP (`privacy.mode: patient-dp`, DP-SGD inside each node's task.train)
+combines with it: the nodes' epsilon per patient is reported as in the plain app, and
+SecAgg+ hides each node's noised update behind the sum. Not supported here: node-level
+DP (`privacy.mode: node-dp` / `privacy.dp`: server-side clipping needs each update,
 which SecAgg+ hides, and Flower's legacy client-side clipping mod expects the full
-weight list); local diffusion priors (nothing is averaged).
+weight list); tasks with their own aggregation (local diffusion priors, histogram
+landmarks: one node's arrays, nothing is averaged).
 """
 
 from __future__ import annotations
@@ -238,13 +242,16 @@ def task_layout(cfg: FederatedConfig, task) -> Layout:
 
 
 def check_secagg_config(cfg: FederatedConfig) -> None:
-    if cfg.privacy.dp != "none":
-        raise ConfigError("SecAgg+ here runs without node-level DP (privacy.dp: none): "
-                          "server-side clipping needs each node's update, which SecAgg+ "
-                          "hides")
+    if cfg.privacy.mode == "node-dp" or cfg.privacy.dp != "none":
+        raise ConfigError("SecAgg+ here runs without node-level DP (privacy.mode node-dp "
+                          "/ privacy.dp): server-side clipping needs each node's update, "
+                          "which SecAgg+ hides; patient-dp (DP-SGD at the nodes) works")
     if cfg.task == "diffusion" and cfg.diffusion.prior == "local":
         raise ConfigError("SecAgg+: local diffusion priors average nothing; use "
                           "diffusion.prior shared")
+    if hasattr(build_task(cfg), "custom_aggregation"):  # e.g. histogram landmarks
+        raise ConfigError(f"SecAgg+: task {cfg.task} sends one node's arrays, not a "
+                          "FedAvg mean; run it without privacy.secagg")
 
 
 def check_fits(update: Arrays, weight: float, clipping_range: float, max_weight: float,
@@ -387,6 +394,8 @@ def make_secagg_client_app(cfg: FederatedConfig | None = None,
 
     def client_fn(context: Context):
         c = cfg if cfg is not None else config_from_run(context.run_config)
+        if not c.progress:  # secaggplus_mod logs every stage of every node
+            logging.getLogger("flwr").setLevel(logging.WARNING)
         return SecAggNode(c, context).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
@@ -419,9 +428,11 @@ class SecureFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         ok = [str(r.metrics.get("node", "?")) for _, r in results]
+        epsilon = {str(r.metrics.get("node", "?")): float(r.metrics["epsilon"])
+                   for _, r in results if "epsilon" in r.metrics}  # patient-dp, per node
         complete = not failures and len(results) >= self.required
         self.log[server_round] = {"ok": ok, "at": time.perf_counter(),
-                                  "aggregated": complete}
+                                  "aggregated": complete, "epsilon": epsilon}
         if not complete:
             return None, {}
         # every reply carries the same unmasked weighted mean of the updates
@@ -435,7 +446,9 @@ class SecureFedAvg(FedAvg):
         if self.optimizer is not None:
             merged = self.optimizer.step(server_round, merged, len(results))
         self.current = {k: merged[k].to(self.layout.dtypes[k]) for k in self.layout.keys}
-        metrics = weighted_metrics([(r.num_examples, r.metrics) for _, r in results])
+        metrics = weighted_metrics([(r.num_examples, {k: v for k, v in r.metrics.items()
+                                                      if k != "epsilon"})
+                                    for _, r in results])
         return ndarrays_to_parameters(self.layout.to_list(self.current)), metrics
 
     def aggregate_evaluate(self, server_round, results, failures):
@@ -510,7 +523,7 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     if len(skipped) < cfg.rounds:
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
-                              "epsilon": None, "secagg": record},
+                              **privacy_summary(cfg, strategy.log), "secagg": record},
                 "training_manifest": str(cfg.manifest)}
         arrays = strategy.current
         model_dir = task.save(arrays, out / "model", meta)
@@ -520,11 +533,25 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     summary = {"model": str(model_dir) if model_dir else None, "node_models": {},
                "rounds": cfg.rounds, "nodes": n_nodes, "seconds": seconds,
                "failures": failures, "rounds_not_aggregated": skipped,
-               "epsilon": None, "delta": None, "secagg": record}
+               "privacy": cfg.privacy.mode, **privacy_summary(cfg, strategy.log),
+               "secagg": record}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
     return summary
+
+
+def privacy_summary(cfg: FederatedConfig, log: dict) -> dict:
+    """As the plain app's summary: patient-dp's epsilon per patient (the largest over
+    the nodes, each node's in epsilon_per_node); None without DP."""
+    if cfg.privacy.mode != "patient-dp":
+        return {"epsilon": None, "epsilon_unit": None, "delta": None}
+    per_node: dict[str, float] = {}
+    for r in sorted(log):
+        per_node.update(log[r].get("epsilon", {}))
+    return {"epsilon": max(per_node.values()) if per_node else None,
+            "epsilon_per_node": per_node, "epsilon_unit": "patient",
+            "delta": cfg.privacy.delta}
 
 
 def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
@@ -541,7 +568,9 @@ def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
                 for rr, v in values:
                     if rr == r:
                         row[prefix + k.removeprefix("train_")] = float(v)
-        row["epsilon"] = None
+        per_node = log.get(r, {}).get("epsilon", {})
+        row["epsilon"] = max(per_node.values()) if per_node else None  # patient-dp
+        row.update({f"epsilon_{name}": v for name, v in sorted(per_node.items())})
         row["nodes_ok"] = len(log.get(r, {}).get("ok", []))
         row["aggregated"] = bool(log.get(r, {}).get("aggregated", False))
         row["failed"] = " | ".join(errors.get(r, [])) or (
@@ -572,6 +601,11 @@ def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
             cfg.evaluate = False
     nodes = node_names(cfg.manifest)
     protocol_settings(secagg or SecAggParams(), cfg.min_nodes or len(nodes), cfg)  # early
+    plans = None
+    if cfg.privacy.mode == "patient-dp":  # each node's calibrated DP-SGD, refused early
+        from harmonize.federated.run import patient_dp_plans
+
+        plans = patient_dp_plans(cfg)
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)
     cpus = cpus or cfg.parallel_nodes
@@ -590,6 +624,10 @@ def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
         raise RuntimeError(f"the secure federated run ended without a result in {out}; "
                            "see the log above")
     summary = json.loads((out / "summary.json").read_text())
+    if plans is not None:
+        summary["patient_dp"] = plans
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     summary["wall_seconds"] = time.perf_counter() - started
     summary["node_names"] = nodes
     return summary

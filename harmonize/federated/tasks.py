@@ -5,7 +5,8 @@ rows) into (updated arrays, new local state, metrics); it never sends images.
 - `ClassifierTask` (classifier_task): the downstream classifier;
 - `CycleGANTask` (cyclegan_task) and `DiffusionTask` (diffusion_task, one shared prior):
   the translators, whose loss terms come from the translators' own `losses.py`;
-- `LocalPriorTask` (local_prior_task): DDIB with each site's prior trained at its node.
+- `LocalPriorTask` (local_prior_task): DDIB with each site's prior trained at its node;
+- `HistogramTask` (histogram_task): histogram matching, the reference node's landmarks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ def build_task(config: FederatedConfig):
         from harmonize.federated.classifier_task import ClassifierTask
 
         return ClassifierTask(config)
+    if config.task == "histogram":
+        from harmonize.federated.histogram_task import HistogramTask
+
+        return HistogramTask(config)
     if config.task == "diffusion" and config.diffusion.prior == "local":
         from harmonize.federated.local_prior_task import LocalPriorTask
 
