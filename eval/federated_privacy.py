@@ -6,6 +6,8 @@
   only it trains with DP-SGD. Score: SSIM of every held-out non-reference image to its
   truth; share of the non-private gain over identity = (SSIM - identity) / (SSIM at inf
   - identity). Non-private runs are reused from --runs (eval/federated_translators.py's).
+- `--task cyclegan`: the federated CycleGAN at K = 1 (all four networks DP-SGD trained
+  at every node), same data and score; non-private runs reused from --runs.
 - `--task histogram`: federated histogram matching (the reference node releases
   --landmarks intensity quantiles once, with the Gaussian mechanism under DP), same data
   and score.
@@ -71,11 +73,17 @@ def run_translator(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     import sys
 
     sys.path.insert(0, str(ROOT / "eval"))
-    from federated_translators import Benchmark, Scores, ddib_federated, translate_at_nodes
+    from federated_translators import (
+        Benchmark,
+        Scores,
+        cyclegan_federated,
+        ddib_federated,
+        translate_at_nodes,
+    )
 
     bench = Benchmark(out, args.per_site, 64)
     scores = Scores(bench)
-    method = {"ddib": "federated DDIB, local priors",
+    method = {"ddib": "federated DDIB, local priors", "cyclegan": "federated CycleGAN K=1",
               "histogram": "federated histogram matching"}[args.task]
 
     def histogram(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
@@ -99,8 +107,17 @@ def run_translator(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
         return translate_at_nodes(bench, summary["node_models"]), summary, extra
 
-    train = ddib if args.task == "ddib" else histogram
-    prefix = "local" if args.task == "ddib" else f"hm{args.landmarks}"
+    def cyclegan(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
+        t, extra, summary = cyclegan_federated(
+            bench, run, seed, args.steps, 2, 1, args,
+            privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
+        if "patient_dp" not in summary and (run / "summary.json").is_file():
+            summary = json.loads((run / "summary.json").read_text())
+        return t.transform(bench.inputs, list(bench.test["site"])), summary, extra
+
+    train = {"ddib": ddib, "cyclegan": cyclegan, "histogram": histogram}[args.task]
+    prefix = {"ddib": "local", "cyclegan": "federated_k1",
+              "histogram": f"hm{args.landmarks}"}[args.task]
     rows = []
     for seed in args.seeds:
         scores.add("identity", seed, bench.inputs, {})
@@ -222,13 +239,15 @@ def plot(table: pd.DataFrame, task: str, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["ddib", "histogram", "classifier"], default="ddib")
+    ap.add_argument("--task", choices=["ddib", "cyclegan", "histogram", "classifier"],
+                    default="ddib")
     ap.add_argument("--out", default=None, help="default: eval_out/privacy_TASK")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epsilons", default="inf,50,10,3")
     ap.add_argument("--per-site", type=int, default=None, help="default: 40 (ddib), "
                     "100 (classifier)")
-    ap.add_argument("--steps", type=int, default=200, help="ddib: steps of each prior")
+    ap.add_argument("--steps", type=int, default=None, help="ddib: steps of each prior "
+                    "(default 200); cyclegan: rounds at K = 1 (default 300)")
     ap.add_argument("--patients-per-step", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=10, help="classifier rounds")
     ap.add_argument("--landmarks", type=int, default=16, help="histogram: landmarks")
@@ -239,6 +258,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
     args.per_site = args.per_site or (100 if args.task == "classifier" else 40)
+    args.steps = args.steps or (300 if args.task == "cyclegan" else 200)
     out = Path(args.out or f"eval_out/privacy_{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     args.runs = Path(args.runs) if args.runs else out / "runs"

@@ -179,17 +179,18 @@ def cyclegan_central(bench: Benchmark, out: Path, seed: int, steps: int, batch: 
 
 
 def cyclegan_federated(bench: Benchmark, out: Path, seed: int, steps: int, batch: int, k: int,
-                       args, cg_set: dict = CG_SET) -> tuple:
+                       args, cg_set: dict = CG_SET, privacy: dict | None = None) -> tuple:
     overrides = {"manifest": str(bench.fed_manifest), "reference_site": bench.ref,
                  "out": str(out), "rounds": max(1, steps // k), "seed": seed,
                  "cyclegan.local_steps": k, "cyclegan.config": str(ROOT /
                                                                     "configs/cyclegan/quick.yaml"),
                  "cyclegan.set": {**cg_set, "train.batch_size": batch},
                  "parallel_nodes": args.parallel_nodes,
-                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False}
-    if args.local_lr:
+                 "threads_per_node": max(1, 2 // args.parallel_nodes), "progress": False,
+                 **({"privacy": privacy} if privacy else {})}
+    if getattr(args, "local_lr", None):
         overrides["cyclegan.local_lr"] = args.local_lr
-    if args.server_lr_scale:
+    if getattr(args, "server_lr_scale", None):
         overrides["cyclegan.server_lr"] = 2e-4 * (k if args.server_lr_scale == "k" else 1)
     cfg = load_federated_config(ROOT / "configs/federated/cyclegan-quick.yaml", overrides)
     done = out / "wall.json"
