@@ -10,6 +10,10 @@ from pathlib import Path
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig, load_federated_config
 from harmonize.federated.nodes import fill_site_lists
+from harmonize.federated.secure_aggregation import (
+    make_secagg_client_app,
+    make_secagg_server_app,
+)
 from harmonize.federated.server_app import make_server_app
 
 APP_ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +34,9 @@ def config_from_run(run_config: dict) -> FederatedConfig:
 
 client_app = make_client_app(config_from_run=config_from_run)
 server_app = make_server_app(config_from_run=config_from_run)
+
+# SecAgg+ (privacy.secagg) runs Flower's legacy API, so it is a second pair of apps: point
+# [tool.flwr.app.components] at harmonize.federated.app:secagg_server_app /
+# secagg_client_app for such a deployment (docs/federated.md)
+secagg_client_app = make_secagg_client_app(config_from_run=config_from_run)
+secagg_server_app = make_secagg_server_app(config_from_run=config_from_run)

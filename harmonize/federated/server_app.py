@@ -121,6 +121,10 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
+    if cfg.privacy.secagg:  # never run "secure" aggregation without it
+        raise ValueError("privacy.secagg: this is the plain ServerApp; a SecAgg+ run needs "
+                         "harmonize.federated.app:secagg_server_app and secagg_client_app "
+                         "(docs/federated.md, Secure aggregation)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
