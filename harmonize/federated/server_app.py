@@ -226,8 +226,11 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
 
 
 def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
-    metrics = [c for c in rounds.columns if c not in ("round", "seconds", "nodes_ok", "failed",
-                                                      "aggregated", "train_compute_seconds")
+    # one panel per quantity: the per-node epsilons are in the table (their maximum is
+    # plotted), the DP plan's constants are in summary.json
+    skip = {"round", "seconds", "nodes_ok", "failed", "aggregated", "train_compute_seconds",
+            "train_epsilon", "train_noise_multiplier", "train_sample_rate", "train_dp_steps"}
+    metrics = [c for c in rounds.columns if c not in skip and not c.startswith("epsilon_")
                and rounds[c].notna().any()]
     if not metrics:
         return
