@@ -237,6 +237,41 @@ def plot(table: pd.DataFrame, task: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_combined(dirs: list[Path], path: Path) -> None:
+    """The docs' figure: each translator's SSIM (left) and the classifier's AUC (right)
+    against epsilon per patient, from finished runs' summary.csv."""
+    tables = [pd.read_csv(d / "summary.csv") for d in dirs if (d / "summary.csv").is_file()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    order = ["inf", "50", "10", "3"]
+    for t in tables:
+        t = t.assign(epsilon=t["epsilon"].astype(str).str.replace(".0", "", regex=False))
+        parts = (t.groupby("test", sort=False) if "test" in t
+                 else [(t["method"].iloc[0], t)])
+        ax, metric = (right, "auc") if "test" in t else (left, "ssim")
+        for name, part in parts:
+            part = part[part["epsilon"].isin(order)]
+            xs = [order.index(e) for e in part["epsilon"]]
+            ax.errorbar(xs, part[metric], yerr=[part[metric] - part[f"{metric}_lo"],
+                                                part[f"{metric}_hi"] - part[metric]],
+                        marker="o", capsize=3, label=name)
+        if metric == "ssim":
+            ident = float(t["identity"].iloc[0])
+    for ax, ylabel in ((left, "SSIM to the truth"), (right, "AUC")):
+        ax.set_xticks(range(len(order)), [f"{e}" for e in order])
+        ax.set_xlabel("epsilon per patient (delta 1e-5)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    if any("ssim" in t for t in tables):
+        left.axhline(ident, color="grey", ls="--", lw=1)
+        left.text(len(order) - 1, ident, "identity", fontsize=7, va="bottom", ha="right")
+    right.axhline(0.5, color="grey", ls="--", lw=1)
+    left.set_title("translators (synthetic, 30 patients per node)", fontsize=9)
+    right.set_title("federated classifier (GroupNorm CNN)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=["ddib", "cyclegan", "histogram", "classifier"],
@@ -254,7 +289,12 @@ def main() -> None:
     ap.add_argument("--parallel-nodes", type=int, default=2)
     ap.add_argument("--runs", default=None, help="runs folder (default OUT/runs); "
                     "finished runs there are reused")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                    help="only draw the combined figure of finished outputs to --out (a PNG)")
     args = ap.parse_args()
+    if args.combine:
+        plot_combined([Path(d) for d in args.combine], Path(args.out))
+        return
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
     args.per_site = args.per_site or (100 if args.task == "classifier" else 40)
