@@ -285,7 +285,7 @@ def main() -> None:
                     "(default 200); cyclegan: rounds at K = 1 (default 300)")
     ap.add_argument("--patients-per-step", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=10, help="classifier rounds")
-    ap.add_argument("--landmarks", type=int, default=16, help="histogram: landmarks")
+    ap.add_argument("--landmarks", type=int, default=8, help="histogram: landmarks")
     ap.add_argument("--parallel-nodes", type=int, default=2)
     ap.add_argument("--runs", default=None, help="runs folder (default OUT/runs); "
                     "finished runs there are reused")

@@ -105,7 +105,7 @@ class DiffusionTaskConfig(Section):
 
 
 class HistogramTaskConfig(Section):
-    landmarks: int = Field(16, ge=3, description="intensity quantiles the reference node "
+    landmarks: int = Field(8, ge=3, description="intensity quantiles the reference node "
                            "releases (fewer: less DP noise per landmark, coarser map)")
     template: int = Field(16, ge=4, le=64, description="side of the mean thumbnail the "
                           "polarity guard correlates with (inverted exports are flipped)")
