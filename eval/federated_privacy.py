@@ -185,6 +185,7 @@ def run_classifier(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "manifest": str(manifest), "out": str(run), "seed": seed,
                     "rounds": args.rounds, "progress": False, "evaluate": False,
                     "classifier.model.norm": "group", "classifier.keep_optimizer": False,
+                    "classifier.balance": "none",  # patient-dp needs it; same for all
                     **({"privacy": privacy(eps)} if privacy(eps) else {})})
                 run_federated(cfg)
             summary = json.loads((run / "summary.json").read_text())
@@ -244,7 +245,7 @@ def plot_combined(dirs: list[Path], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     order = ["inf", "50", "10", "3"]
     for t in tables:
-        t = t.assign(epsilon=t["epsilon"].astype(str).str.replace(".0", "", regex=False))
+        t = t.assign(epsilon=[label(float(e)) for e in t["epsilon"]])
         parts = (t.groupby("test", sort=False) if "test" in t
                  else [(t["method"].iloc[0], t)])
         ax, metric = (right, "auc") if "test" in t else (left, "ssim")

@@ -71,6 +71,42 @@ def test_unreachable_targets_are_refused_with_the_reason():
     assert PrivacyConfig(dp="server-fixed").mode == "node-dp"  # older configs
 
 
+def test_classifier_settings_that_break_the_bound_are_refused(synth3):
+    from harmonize.federated.classifier_task import ClassifierTask
+
+    rows = load_manifest(synth3 / "manifest.csv").head(10)
+    for classifier, message in (({}, "balance: none"),  # weighted-loss is the default
+                                ({"balance": "none", "augment": True}, "augment: false"),
+                                ({"balance": "none", "model": {"arch": "vit"}},
+                                 "arch vit is not supported")):
+        cfg = FederatedConfig(task="classifier", classifier=classifier,
+                              privacy={"mode": "patient-dp", "epsilon": 10})
+        with pytest.raises(ValueError, match=message):
+            ClassifierTask(cfg).dp_plan(rows, "site_a")
+
+
+def test_noise_is_not_reproducible_from_the_config_and_metrics_stay_private():
+    """The server sets the seed: noise drawn from it could be subtracted again."""
+    from harmonize.federated.patient_dp import public_metrics
+
+    plan = PatientDPPlan(10, 0.5, 1, 1, 1.0, 1.0, 1e-5, 1.0)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)  # as a task seeds torch from config.seed
+        w = torch.nn.Parameter(torch.zeros(1000))
+        PatientClipper([w], plan).privatize(None, 0)  # an empty sample: noise alone
+        draws.append(w.grad.clone())
+        assert float(w.grad.std()) == pytest.approx(1.0 * 1.0 / 5.0, rel=0.1)  # sigma C / qP
+    assert not torch.equal(draws[0], draws[1])
+    s1 = PatientSampler(np.arange(50), 0.5)
+    s2 = PatientSampler(np.arange(50), 0.5)
+    assert [tuple(s1.sample()[0]) for _ in range(3)] != [tuple(s2.sample()[0]) for _ in range(3)]
+    sent = public_metrics({"train_loss": 0.3, "num-examples": 57, "compute_seconds": 2.0,
+                           "epsilon": 1.2, "update_norm": 3.0},
+                          PrivacyConfig(mode="patient-dp", epsilon=10))
+    assert sent == {"epsilon": 1.2, "update_norm": 3.0, "num-examples": 1}
+
+
 def test_patients_are_sampled_whole():
     rows = pd.DataFrame({"patient_id": ["p1", "p1", "p2", "p3", "p3", "p3"]})
     patient_of_row, how = patient_index(rows)
@@ -139,7 +175,7 @@ def synth3(tmp_path_factory):
 def test_federated_classifier_with_patient_dp(synth3, tmp_path, capsys):
     config = {"task": "classifier", "rounds": 2, "threads_per_node": 1,
               "classifier": {"model": {"arch": "cnn", "width": 4, "norm": "batch"},
-                             "image_size": 32, "batch_size": 8},
+                             "image_size": 32, "batch_size": 8, "balance": "none"},
               "privacy": {"mode": "patient-dp", "epsilon": 8.0, "delta": 1e-3}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
@@ -154,6 +190,9 @@ def test_federated_classifier_with_patient_dp(synth3, tmp_path, capsys):
     assert plan["patients"] == 12 and plan["noise_multiplier"] > 0  # 25% held out
     rounds = pd.read_csv(out / "rounds.csv")
     assert rounds["epsilon_site_b"].is_monotonic_increasing
+    # the nodes sent no loss and no example count: nothing computed from data unnoised
+    assert not any(c.startswith("train_loss") for c in rounds.columns)
+    assert "train_update_norm" in rounds  # a norm of the noisy update: post-processing
     assert rounds["epsilon"].iloc[-1] == pytest.approx(summary["epsilon"])
     # BatchNorm was replaced by GroupNorm (checkpoint loads as such)
     from harmonize.classify.train import load_classifier
@@ -165,7 +204,8 @@ def test_federated_classifier_with_patient_dp(synth3, tmp_path, capsys):
 
 def test_an_unreachable_target_stops_the_run_before_it_starts(synth3, tmp_path, capsys):
     config = {"task": "classifier", "rounds": 50, "threads_per_node": 1,
-              "classifier": {"model": {"arch": "cnn", "width": 4}, "image_size": 32},
+              "classifier": {"model": {"arch": "cnn", "width": 4}, "image_size": 32,
+                             "balance": "none"},
               "privacy": {"mode": "patient-dp", "epsilon": 0.5, "delta": 1e-3,
                           "max_noise_multiplier": 3}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))

@@ -62,9 +62,14 @@ class ClassifierTask:
         return self.cc.local_epochs * max(1, round(patients / per_step))
 
     def dp_plan(self, rows: pd.DataFrame, node: str = ""):
-        if self.cc.augment or self.cc.balance == "sampler":
-            raise ValueError("patient-dp: classifier.augment and balance: sampler are not "
-                             "supported (DP-SGD samples patients itself); turn them off")
+        if self.cc.augment or self.cc.balance != "none":
+            raise ValueError("patient-dp: set classifier.balance: none and augment: false "
+                             "(class weights from a node's labels couple its patients' "
+                             "gradients, a sampler replaces DP-SGD's patient sampling)")
+        if self.cc.model.arch != "cnn":
+            raise ValueError(f"patient-dp: classifier.model.arch {self.cc.model.arch} is not "
+                             "supported (resnet18 / densenet121 keep BatchNorm, the ViT has "
+                             "parameters Opacus cannot give per-image gradients); use cnn")
         return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,
                                     self.steps_per_round, self.cc.batch_size, node=node)
 
@@ -100,7 +105,7 @@ class ClassifierTask:
         x, y = self._data(rows)
         check_labels(y)
         model = self._model(arrays, local).to(pick_device())
-        seed = self.config.seed * 1000 + server_round
+        seed = self.config.seed * 1000 + server_round  # not for DP noise (patient_dp.py)
         torch.manual_seed(seed)
         tc = TrainConfig(batch_size=self.cc.batch_size, lr=self.cc.lr,
                          weight_decay=self.cc.weight_decay, augment=self.cc.augment,
@@ -118,7 +123,7 @@ class ClassifierTask:
         extra = {}
         if self.private:
             losses, extra = self._train_private(model, x, y, rows, loss_fn, opt, proximal,
-                                                server_round, seed)
+                                                server_round)
         else:
             losses = run_epochs(model, make_loader(x, y, tc), loss_fn, opt,
                                 self.cc.local_epochs, proximal=proximal)
@@ -129,34 +134,34 @@ class ClassifierTask:
         return state, own, {
             "train_loss": losses[-1], "num-examples": len(y), **extra}
 
-    def _train_private(self, model, x, y, rows, loss_fn, opt, proximal, server_round: int,
-                       seed: int) -> tuple[list[float], dict]:
+    def _train_private(self, model, x, y, rows, loss_fn, opt, proximal,
+                       server_round: int) -> tuple[list[float], dict]:
         """One round of patient-level DP-SGD (the module docstring of patient_dp)."""
         plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
         steps = plan.steps // self.config.rounds
-        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
-        clipper = patient_dp.PatientClipper(list(model.parameters()), plan, seed)
-        private, device = patient_dp.per_sample(model), next(model.parameters()).device
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate)
+        clipper = patient_dp.PatientClipper(list(model.parameters()), plan)
+        device = next(model.parameters()).device
         targets = torch.as_tensor(y, dtype=torch.float32)
         model.train()
         losses = []
-        for _ in range(steps):
-            idx, row_patient, n = sampler.sample()
-            opt.zero_grad(set_to_none=True)
-            if n:
-                xb, yb = x[idx].to(device), targets[idx].to(device)
-                loss = loss_fn(private(xb).float(), yb)
-                loss.backward()
-                losses.append(float(loss.detach()))
-                clipper.privatize(torch.from_numpy(row_patient), n)
-            else:
-                clipper.privatize(None, 0)
-            if proximal:  # data-independent: added after the noise
-                mu, center = proximal
-                for name, p in model.named_parameters():
-                    p.grad += mu * (p.detach() - center[name])
-            opt.step()
-        private._close()  # removes Opacus' hooks: the model is plain again
+        with patient_dp.private_gradients(model) as private:
+            for _ in range(steps):
+                idx, row_patient, n = sampler.sample()
+                opt.zero_grad(set_to_none=True)
+                if n:
+                    xb, yb = x[idx].to(device), targets[idx].to(device)
+                    loss = loss_fn(private(xb).float(), yb)
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    clipper.privatize(torch.from_numpy(row_patient), n)
+                else:
+                    clipper.privatize(None, 0)
+                if proximal:  # data-independent: added after the noise
+                    mu, center = proximal
+                    for name, p in model.named_parameters():
+                        p.grad += mu * (p.detach() - center[name])
+                opt.step()
         done = server_round * steps
         return ([float(np.mean(losses)) if losses else float("nan")],
                 patient_dp.dp_metrics(plan, done))

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_rows, resolve_node, split_rows
 from harmonize.federated.tasks import build_task
@@ -81,6 +82,7 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
                                  f"{' '.join(str(err).split())}"), reply_to=msg)
         if cfg.privacy.dp != "none":
             metrics["num-examples"] = 1  # DP: equal weights, so one node's sensitivity is C
+        metrics = patient_dp.public_metrics(metrics, cfg.privacy)  # no loss, no counts
         return Message(RecordDict({"arrays": ArrayRecord(arrays),
                                    "metrics": MetricRecord(metrics),
                                    "node": ConfigRecord({"name": node})}), reply_to=msg)

@@ -339,13 +339,23 @@ class CycleGANTask:
                        round_config: dict, server_round: int, node_seed: int):
         """One round of patient-level DP-SGD (module docstring); returns the summed
         privatized gradients, the mean losses and the DP metrics."""
-        c, w = self.config.cyclegan, losses.LossWeights.from_config(self.cg.loss)
+        c = self.config.cyclegan
         plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
-        seed = self.config.seed * 100_003 + node_seed + server_round
-        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
-        private = Nets(*(patient_dp.per_sample(getattr(nets, n)) for n in NETS))
-        clip_g = patient_dp.PatientClipper(nets.generators(), plan, seed)
-        clip_d = patient_dp.PatientClipper(nets.discriminators(), plan, seed + 1)
+        seed = self.config.seed * 100_003 + node_seed + server_round  # crops only
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate)
+        clip_g = patient_dp.PatientClipper(nets.generators(), plan)
+        clip_d = patient_dp.PatientClipper(nets.discriminators(), plan)
+        with patient_dp.private_gradients(*(getattr(nets, n) for n in NETS)) as wrapped:
+            summed, history = self._private_steps(nets, Nets(*wrapped), data, sampler,
+                                                  clip_g, clip_d, weights, round_config, seed)
+        mean_g, mean_d = np.mean(history, axis=0).tolist() if history else (np.nan, np.nan)
+        return summed, mean_g, mean_d, patient_dp.dp_metrics(plan, server_round * c.local_steps)
+
+    def _private_steps(self, nets: Nets, private: Nets, data: tuple, sampler, clip_g,
+                       clip_d, weights, round_config: dict, seed: int) -> tuple[dict, list]:
+        """The round's DP-SGD steps; returns the summed privatized gradients and the
+        (generator, discriminator) loss of each non-empty step."""
+        c, w = self.config.cyclegan, losses.LossWeights.from_config(self.cg.loss)
         opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)
         opt_d = torch.optim.SGD(nets.discriminators(), lr=c.local_lr)
         weight = weights[0] or weights[1]  # this node's share of its half (one half)
@@ -392,10 +402,7 @@ class CycleGANTask:
                 p.grad *= weight
             _accumulate(summed, named["d"])
             opt_d.step()
-        for net in (private.g, private.f, private.d_a, private.d_b):
-            net._close()
-        mean_g, mean_d = np.mean(history, axis=0).tolist() if history else (np.nan, np.nan)
-        return summed, mean_g, mean_d, patient_dp.dp_metrics(plan, server_round * c.local_steps)
+        return summed, history
 
     # --- one round at a node ----------------------------------------------------------
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,

@@ -114,12 +114,30 @@ class DiffusionTask:
         extra, sampler, clipper, private = {}, None, None, unet
         if self.config.privacy.mode == "patient-dp":
             plan, patient_of_row = self.dp_plan(rows, str(rows["node"].iloc[0]))
-            sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate,
-                                                int(rng.integers(2**31)))
-            clipper = patient_dp.PatientClipper(list(unet.parameters()), plan,
-                                                int(rng.integers(2**31)))
+            sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate)
+            clipper = patient_dp.PatientClipper(list(unet.parameters()), plan)
             private = patient_dp.per_sample(unet)
             extra = patient_dp.dp_metrics(plan, server_round * steps)
+        try:
+            self._steps(unet, private, scheduler, opt, clipper, sampler, x, labels, rng,
+                        server_round, steps, total)
+        finally:
+            if clipper is not None:
+                private._close()  # Opacus' hooks off: the UNet is plain again
+        shared = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+        own_rows = labels.unique().cpu()
+        if nodes > 1 and len(own_rows) == 1:  # see the module docstring
+            before = arrays[CLASS_ROWS][own_rows]
+            shared[CLASS_ROWS][own_rows] = before + nodes * (shared[CLASS_ROWS][own_rows] - before)
+        own = {k: v.cpu() for k, v in optimizer_arrays(opt).items()}
+        return shared, own, {"train_loss": float(total) / steps, "num-examples": steps,
+                             **extra}
+
+    def _steps(self, unet, private, scheduler, opt, clipper, sampler, x, labels, rng,
+               server_round: int, steps: int, total: torch.Tensor) -> None:
+        """The round's local steps (patient-level DP-SGD when a clipper is given); adds
+        the losses to `total` in place."""
+        tc, device = self.dc.train, x.device
         for i in range(steps):
             done = (server_round - 1) * steps + i + 1  # this node's steps so far: warm-up
             set_lr([opt], tc.lr * min(1.0, done / max(tc.lr_warmup_steps, 1)))
@@ -137,16 +155,6 @@ class DiffusionTask:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
             opt.step()
             total += loss.detach()
-        if clipper is not None:
-            private._close()
-        shared = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-        own_rows = labels.unique().cpu()
-        if nodes > 1 and len(own_rows) == 1:  # see the module docstring
-            before = arrays[CLASS_ROWS][own_rows]
-            shared[CLASS_ROWS][own_rows] = before + nodes * (shared[CLASS_ROWS][own_rows] - before)
-        own = {k: v.cpu() for k, v in optimizer_arrays(opt).items()}
-        return shared, own, {"train_loss": float(total) / steps, "num-examples": steps,
-                             **extra}
 
     def dp_plan(self, rows: pd.DataFrame, node: str = ""):
         return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,

@@ -10,10 +10,11 @@ same `HistogramMatching`).
 
 Under `privacy.mode: patient-dp` they are released with the Gaussian mechanism. Each
 patient contributes v = [quantiles in [0, 1]^L, a * thumbnail in a * [0, 1]^(T^2)] with
-a = sqrt(L / T^2), so ||v|| <= sqrt(2 L): replacing one patient's images by another's
-moves the sum over patients by at most that (the bound plays the part of DP-SGD's
-clipping norm; the patient count is public). Noise N(0, (sigma sqrt(2 L))^2) is added to
-the sum, sigma calibrated by Opacus' accountant for one release without subsampling
+a = sqrt(L / T^2), a box of L2 diameter sqrt(2 L): replacing one patient's images by
+another's moves the sum over patients by at most that (bounded DP: the patient count is
+public, the mean divides by it; the bound plays the part of DP-SGD's clipping norm).
+Noise N(0, (sigma sqrt(2 L))^2) is added to the sum, sigma calibrated by Opacus'
+accountant for one release without subsampling
 (`patient_dp.plan_patient_dp` with every patient in the one "step"); sorting and clipping
 the landmarks to [0, 1] and rescaling the thumbnail is post-processing. The thumbnail
 only needs the sign of a correlation, so it tolerates the larger noise a gets it. Few
@@ -99,7 +100,7 @@ class HistogramTask:
         extra = {}
         if self.config.privacy.mode == "patient-dp":
             plan, _ = self.dp_plan(rows, str(rows["node"].iloc[0]))
-            rng = np.random.default_rng([self.config.seed, 4242])
+            rng = np.random.default_rng()  # OS entropy, never the run's seed
             total = total + rng.normal(0.0, plan.noise_multiplier * plan.max_grad_norm,
                                        size=total.shape)
             extra = patient_dp.dp_metrics(plan, 1)

@@ -146,8 +146,7 @@ class LocalPriorTask:
 
         tc, device = config.train, pick_device()
         plan, patient_of_row = self.dp_plan(rows, node)
-        seed = self.config.seed * 7919 + 1
-        torch.manual_seed(seed)
+        torch.manual_seed(self.config.seed * 7919 + 1)  # initial weights, timesteps
         unet = UNet2DModel(**config.unet_config(None)).to(device)
         params = list(unet.parameters())
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -156,25 +155,24 @@ class LocalPriorTask:
         ema.to(device)
         scheduler = DDPMScheduler(**config.scheduler_config())
         x = (cached_images(rows["path"].astype(str).tolist(), self.size) * 2 - 1).to(device)
-        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate, seed)
-        clipper = patient_dp.PatientClipper(params, plan, seed)
-        private = patient_dp.per_sample(unet)
+        sampler = patient_dp.PatientSampler(patient_of_row, plan.sample_rate)  # OS entropy
+        clipper = patient_dp.PatientClipper(params, plan)
         unet.train()
         history = []
-        for step in range(1, plan.steps + 1):
-            idx, row_patient, n = sampler.sample()
-            opt.zero_grad(set_to_none=True)
-            if n:
-                loss = losses.denoising_loss(private, scheduler, x[torch.from_numpy(idx)])
-                loss.backward()
-                history.append(float(loss.detach()))
-                clipper.privatize(torch.from_numpy(row_patient), n)
-            else:
-                clipper.privatize(None, 0)
-            opt.step()
-            ema.step(params)
-            set_lr([opt], tc.lr * min(1.0, step / max(tc.lr_warmup_steps, 1)))
-        private._close()
+        with patient_dp.private_gradients(unet) as private:
+            for step in range(1, plan.steps + 1):
+                set_lr([opt], tc.lr * min(1.0, step / max(tc.lr_warmup_steps, 1)))
+                idx, row_patient, n = sampler.sample()
+                opt.zero_grad(set_to_none=True)
+                if n:
+                    loss = losses.denoising_loss(private, scheduler, x[torch.from_numpy(idx)])
+                    loss.backward()
+                    history.append(float(loss.detach()))
+                    clipper.privatize(torch.from_numpy(row_patient), n)
+                else:
+                    clipper.privatize(None, 0)
+                opt.step()
+                ema.step(params)
         ema.copy_to(params)
         meta = {"federated": {"prior": "local", "node": node, "patient_dp":
                               patient_dp.dp_metrics(plan, plan.steps)}}

@@ -21,12 +21,21 @@ leaking a patient outright), more patients per step than it has, or a noise mult
 above `max_noise_multiplier` (the update would be mostly noise).
 
 Everything after the noisy gradient is post-processing (optimizer, EMA, the federated
-average, the translator's outputs), so epsilon holds for whatever leaves the node.
+average, the translator's outputs), so epsilon holds for the weights that leave the node.
+The noise and the patient draws come from the operating system's entropy, never from
+the run's seed (the server sets it: it could recompute and subtract the noise), so runs
+under DP do not repeat exactly. Under patient-dp a node sends no loss and no example
+count (`client_app` keeps only the DP bookkeeping); the number of patients at a node is
+treated as public (the sampling rate reveals it, as in Opacus). Outside the guarantee:
+the nodes' evaluation metrics on their held-out patients (`evaluate: false` sends none)
+and round timing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -121,7 +130,8 @@ def plan_patient_dp(patients: int, steps: int, privacy, patients_per_step: int,
 
 def per_sample(module: torch.nn.Module):
     """The module wrapped for per-image gradients (functorch path, see the docstring);
-    in-place activations are switched off (Opacus' backward hooks forbid them)."""
+    in-place activations are switched off (Opacus' backward hooks forbid them). Prefer
+    `private_gradients`, which removes the hooks again."""
     from opacus import GradSampleModule
 
     for m in module.modules():
@@ -132,15 +142,32 @@ def per_sample(module: torch.nn.Module):
     return GradSampleModule(module, loss_reduction="mean", force_functorch=True)
 
 
+@contextlib.contextmanager
+def private_gradients(*modules: torch.nn.Module):
+    """The modules wrapped by `per_sample` for the duration of the block; the hooks are
+    removed afterwards, also when training fails (the modules are plain again)."""
+    wrapped = [per_sample(m) for m in modules]
+    try:
+        yield wrapped[0] if len(wrapped) == 1 else wrapped
+    finally:
+        for w in wrapped:
+            w._close()
+
+
+def _entropy_seed() -> int:
+    return secrets.randbits(63)
+
+
 class PatientSampler:
     """Poisson sampling of patients: each step takes every image of each patient drawn
     with probability q (the batch size varies; it can be empty)."""
 
-    def __init__(self, patient_of_row: np.ndarray, sample_rate: float, seed) -> None:
+    def __init__(self, patient_of_row: np.ndarray, sample_rate: float, seed=None) -> None:
+        """seed None (what the tasks use): the operating system's entropy."""
         self.patient_of_row = np.asarray(patient_of_row)
         self.patients = int(self.patient_of_row.max()) + 1 if len(self.patient_of_row) else 0
         self.rate = sample_rate
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(_entropy_seed() if seed is None else seed)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(row indices, each row's patient numbered 0..m-1, m sampled patients)."""
@@ -155,7 +182,9 @@ class PatientClipper:
     mean of per-patient gradients, in `p.grad` (Opacus' DPOptimizer on per-patient rows)."""
 
     def __init__(self, params: list[torch.nn.Parameter], plan: PatientDPPlan,
-                 seed: int) -> None:
+                 seed: int | None = None) -> None:
+        """seed None (what the tasks use): noise from the operating system's entropy;
+        a seed only in tests."""
         from opacus.optimizers import DPOptimizer
 
         self.params = [p for p in params if p.requires_grad]
@@ -167,7 +196,8 @@ class PatientClipper:
                               max_grad_norm=plan.max_grad_norm,
                               expected_batch_size=max(1, round(plan.expected_patients)),
                               loss_reduction="mean",
-                              generator=torch.Generator(device=device).manual_seed(seed))
+                              generator=torch.Generator(device=device).manual_seed(
+                                  _entropy_seed() if seed is None else seed))
         self.dp.expected_batch_size = plan.expected_patients  # exact, not rounded
 
     def privatize(self, row_patient: torch.Tensor | None, n_patients: int) -> None:
@@ -176,6 +206,10 @@ class PatientClipper:
         row_patient None for an empty sample (the estimate is then noise alone)."""
         for p in self.params:
             rows = getattr(p, "grad_sample", None)
+            if rows is None and row_patient is not None and p.grad is not None:
+                raise RuntimeError(f"a parameter of shape {tuple(p.shape)} received a "
+                                   "gradient but no per-image gradients: its module is "
+                                   "not wrapped by per_sample")
             if row_patient is None or rows is None:  # empty sample, or unused parameter
                 rows = p.new_zeros((n_patients, *p.shape))
             elif isinstance(rows, list):
@@ -204,7 +238,23 @@ def node_plan(privacy, rows: pd.DataFrame, rounds: int, steps_per_round, default
             patient_of_row)
 
 
+DP_METRICS = ("epsilon", "noise_multiplier", "sample_rate", "dp_steps")
+
+
 def dp_metrics(plan: PatientDPPlan, steps_done: int) -> dict:
-    """What a node reports each round (rounds.csv, summary.json)."""
+    """What a node reports each round (rounds.csv, summary.json): DP_METRICS."""
     return {"epsilon": plan.epsilon(steps_done), "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate, "dp_steps": float(steps_done)}
+
+
+# what may leave a node under patient-dp besides the noisy weights: DP bookkeeping, the
+# reference-node flag, and quantities of the weights themselves (post-processing)
+PUBLIC_METRICS = (*DP_METRICS, "is_reference", "bytes_sent", "update_norm")
+
+
+def public_metrics(metrics: dict, privacy) -> dict:
+    """Under patient-dp: the metrics a node may send (no loss, no example count: equal
+    weights, so the aggregate stays a function of the noisy updates); else all."""
+    if privacy.mode != "patient-dp":
+        return metrics
+    return {**{k: v for k, v in metrics.items() if k in PUBLIC_METRICS}, "num-examples": 1}

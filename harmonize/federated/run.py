@@ -89,6 +89,9 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
             # (local priors keep it: the evaluation message delivers the reference prior)
     nodes = node_names(cfg.manifest)
     plans = patient_dp_plans(cfg) if cfg.privacy.mode == "patient-dp" else None
+    if plans is not None and cfg.evaluate and cfg.progress:
+        print("note: patient-dp protects what the nodes train on; their evaluation on "
+              "held-out patients (sent each round) is outside it: evaluate: false sends none")
     dump_config(cfg, out / "config.yaml")
     (out / "summary.json").unlink(missing_ok=True)
     from flwr.simulation import run_simulation

@@ -97,7 +97,7 @@ from safetensors.torch import save_file
 from harmonize.checkpoint import checkpoint_dir
 from harmonize.configs import ConfigError
 from harmonize.data.io import atomic_write
-from harmonize.federated.client_app import update_norm
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import (
     node_names,
@@ -352,16 +352,16 @@ class SecAggNode(NumPyClient):
             metrics["compute_seconds"] = time.perf_counter() - started
             if local:
                 self.ctx.state["local"] = ArrayRecord(local)
+            metrics = patient_dp.public_metrics(metrics, self.cfg.privacy)
             weight = float(metrics.pop("num-examples"))
             # sent: this round's change of the float arrays (the server adds the secure
             # mean of the changes to the weights it sent: the mean of the new weights)
             # in float64: Flower quantizes in the arrays' dtype, and float32 would round
             # (w/M) u + C to float32's step at C (1e-6 at C = 8), not to 2C/Q
             update = {k: arrays[k].double() - received[k].double() for k in layout.floats}
-            metrics["secagg_peak"] = check_fits(
-                update, weight, float(config["secagg.clipping-range"]),
-                float(config["secagg.max-weight"]), node)
-            metrics["update_norm"] = update_norm(arrays, received)
+            # nothing per node beyond its weight: no update norm, no peak value
+            check_fits(update, weight, float(config["secagg.clipping-range"]),
+                       float(config["secagg.max-weight"]), node)
             # what leaves: one int64 per float (masked), plus the weight factor
             metrics["bytes_sent"] = float(8 * (1 + sum(v.numel() for v in update.values())))
         except Exception as err:

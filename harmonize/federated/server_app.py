@@ -30,6 +30,7 @@ from harmonize.checkpoint import checkpoint_dir  # noqa: E402
 from harmonize.data.io import atomic_write  # noqa: E402
 from harmonize.federated.config import FederatedConfig  # noqa: E402
 from harmonize.federated.nodes import node_names  # noqa: E402
+from harmonize.federated.patient_dp import DP_METRICS  # noqa: E402
 from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
 from harmonize.federated.report import write_rounds_report  # noqa: E402
 from harmonize.federated.server_optimizer import (  # noqa: E402
@@ -211,7 +212,7 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
         for prefix, source in (("train_", result.train_metrics_clientapp),
                                ("eval_", result.evaluate_metrics_clientapp)):
             for k, v in dict(source.get(r, {})).items():
-                if k != "num-examples":
+                if k != "num-examples" and k not in DP_METRICS:  # per node: epsilon_NODE
                     row[prefix + k.removeprefix("train_")] = float(v)
         row["epsilon"] = _epsilon(cfg, r)
         per_node = replies.get(r, {}).get("epsilon", {})
@@ -227,9 +228,8 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
 
 def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     # one panel per quantity: the per-node epsilons are in the table (their maximum is
-    # plotted), the DP plan's constants are in summary.json
-    skip = {"round", "seconds", "nodes_ok", "failed", "aggregated", "train_compute_seconds",
-            "train_epsilon", "train_noise_multiplier", "train_sample_rate", "train_dp_steps"}
+    # plotted)
+    skip = {"round", "seconds", "nodes_ok", "failed", "aggregated", "train_compute_seconds"}
     metrics = [c for c in rounds.columns if c not in skip and not c.startswith("epsilon_")
                and rounds[c].notna().any()]
     if not metrics:
