@@ -184,7 +184,7 @@ def run_classifier(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 cfg = load_federated_config(ROOT / "configs/federated/classifier-quick.yaml", {
                     "manifest": str(manifest), "out": str(run), "seed": seed,
                     "rounds": args.rounds, "progress": False, "evaluate": False,
-                    "classifier.model.norm": "group", "classifier.keep_optimizer": False,
+                    "classifier.model.norm": "group",
                     "classifier.balance": "none",  # patient-dp needs it; same for all
                     **({"privacy": privacy(eps)} if privacy(eps) else {})})
                 run_federated(cfg)
