@@ -323,3 +323,63 @@ def test_federated_histogram_matching_releases_the_central_landmarks(synth3, tmp
     out_dp = dp.transform(images, ["site_b"] * 4)
     for a, b in zip(out_plain, out_dp, strict=True):
         assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_cyclegan_per_image_gradients_add_up_to_the_batch_gradient(synth3):
+    """No noise, no clipping: the privatized generator and discriminator gradients are
+    the plain batch gradients (per-image gradients through G -> F and G -> D_B are right)."""
+    from harmonize.federated import patient_dp
+    from harmonize.federated.cyclegan_task import (
+        CycleGANTask,
+        Nets,
+        discriminator_objective,
+        generator_objective,
+    )
+    from harmonize.translators.cyclegan import losses
+    from harmonize.translators.cyclegan.networks import ImagePool
+
+    cfg = FederatedConfig(
+        task="cyclegan", reference_site="site_a", rounds=1, manifest=synth3 / "manifest.csv",
+        cyclegan={"config": ROOT / "configs/cyclegan/quick.yaml", "sites": ["site_b", "site_c"],
+                  "set": {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
+                          "model.ndf": 8, "train.mixed_precision": "no"}})
+    task = CycleGANTask(cfg)
+    df = load_manifest(synth3 / "manifest.csv")
+    w = losses.LossWeights.from_config(task.cg.loss)
+    for site in ("site_b", "site_a"):  # a source node, the reference node
+        rows = df[df["site"] == site].reset_index(drop=True)
+        data = task.node_data(rows, "cpu")
+        batch = task.private_batch(data, np.arange(5), np.random.default_rng(0), None)
+        torch.manual_seed(0)
+        nets = task.nets()
+        plain = {}
+        loss_g, fake_b, fake_a = generator_objective(nets, batch, w)
+        gen = nets.generators()
+        plain["g"] = torch.autograd.grad(loss_g, gen)
+        loss_d = discriminator_objective(nets, batch, fake_b, fake_a, ImagePool(0), ImagePool(0))
+        plain["d"] = torch.autograd.grad(loss_d, nets.discriminators())
+        plan = PatientDPPlan(5, 1.0, 1, 1, 0.0, 1e9, 1e-5, 1.0)  # E = 5 = the batch
+        for part, params in (("g", gen), ("d", nets.discriminators())):
+            frozen = nets.discriminators() if part == "g" else gen
+            for p in frozen:
+                p.requires_grad_(False)
+            clipper = patient_dp.PatientClipper(params, plan, seed=0)
+            with patient_dp.private_gradients(nets.g, nets.f, nets.d_a, nets.d_b) as wrapped:
+                private = Nets(*wrapped)
+                if part == "g":
+                    for d in (private.d_a, private.d_b):
+                        d.disable_hooks()
+                    loss, _, _ = generator_objective(private, batch, w)
+                else:
+                    fakes = [None if f is None else f.detach() for f in (fake_b, fake_a)]
+                    loss = discriminator_objective(private, batch, *fakes, ImagePool(0),
+                                                   ImagePool(0))
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                clipper.privatize(torch.arange(5), 5)
+            for p in frozen:
+                p.requires_grad_(True)
+            scale = max(float(g.abs().max()) for g in plain[part])
+            for p, g in zip(params, plain[part], strict=True):  # fp32, relative to the step
+                torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4 * scale)
