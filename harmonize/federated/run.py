@@ -9,66 +9,15 @@ import os
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from harmonize.configs import ConfigError, dump_config
+from harmonize.configs import dump_config
 from harmonize.data.io import atomic_write
-from harmonize.data.manifest import load_manifest, save_manifest
-from harmonize.data.splits import patient_split
+from harmonize.data.manifest import load_manifest
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import fill_site_lists, node_names, node_rows, split_rows
+from harmonize.federated.nodes import node_names
+from harmonize.federated.prepare import patient_dp_plans, resolved_config, with_split
 from harmonize.federated.server_app import make_server_app
 from harmonize.rerun import replacing_outputs
-
-
-def with_split(manifest: Path, out: Path, seed: int) -> Path:
-    """Each node scores the global model on held-out patients: when the manifest has no
-    split column, add a patient-grouped 25% test split per node (OUT/manifest.csv)."""
-    df = load_manifest(manifest)
-    if "split" in df.columns:
-        return manifest
-    parts = [patient_split(g, test_size=0.25, seed=seed) for _, g in df.groupby("node")]
-    path = out / "manifest.csv"
-    save_manifest(pd.concat(parts).sort_index(), path)
-    return path
-
-
-def resolved_config(cfg: FederatedConfig) -> FederatedConfig:
-    """Absolute paths (nodes run elsewhere) and the diffusion class labels, in place."""
-    cfg.check_ready()
-    cfg.manifest = Path(cfg.manifest).resolve()
-    cfg.out = Path(cfg.out).resolve()
-    if cfg.task == "cyclegan":
-        cfg.cyclegan.config = Path(cfg.cyclegan.config).resolve()
-    if cfg.task == "diffusion":
-        cfg.diffusion.config = Path(cfg.diffusion.config).resolve()
-    return fill_site_lists(cfg)
-
-
-def patient_dp_plans(cfg: FederatedConfig) -> dict:
-    """patient-dp: every node's calibrated DP-SGD before anything starts (a target that
-    cannot be met is refused here, with the reason, rather than at round 1)."""
-    from harmonize.federated.tasks import build_task
-
-    task = build_task(cfg)
-    if not hasattr(task, "dp_plan"):
-        raise ConfigError(f"privacy.mode patient-dp is not available for task {cfg.task}"
-                          + (f" with diffusion.prior {cfg.diffusion.prior}"
-                             if cfg.task == "diffusion" else ""))
-    plans = {}
-    for node in node_names(cfg.manifest):
-        train, _ = split_rows(node_rows(cfg.manifest, node))
-        plan = task.dp_plan(train, node)
-        if plan is None:  # e.g. a node whose weights never leave
-            continue
-        plan = plan[0] if isinstance(plan, tuple) else plan
-        plans[node] = {"patients": plan.patients, "sample_rate": plan.sample_rate,
-                       "expected_patients_per_step": plan.expected_patients,
-                       "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
-                       "max_grad_norm": plan.max_grad_norm, "epsilon": plan.epsilon(),
-                       "delta": plan.delta}
-    return plans
 
 
 def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:

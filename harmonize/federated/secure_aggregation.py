@@ -587,7 +587,7 @@ def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
 
     from harmonize.configs import dump_config
     from harmonize.data.manifest import load_manifest
-    from harmonize.federated.run import resolved_config, with_split
+    from harmonize.federated.prepare import resolved_config, with_split
     from harmonize.rerun import replacing_outputs
 
     cfg = resolved_config(cfg)
@@ -603,7 +603,7 @@ def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
     protocol_settings(secagg or SecAggParams(), cfg.min_nodes or len(nodes), cfg)  # early
     plans = None
     if cfg.privacy.mode == "patient-dp":  # each node's calibrated DP-SGD, refused early
-        from harmonize.federated.run import patient_dp_plans
+        from harmonize.federated.prepare import patient_dp_plans
 
         plans = patient_dp_plans(cfg)
     dump_config(cfg, out / "config.yaml")
