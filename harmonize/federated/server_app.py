@@ -85,8 +85,9 @@ def record_replies(strategy, log: dict, required: int) -> None:
                 continue
             name = str(m.content["node"]["name"]) if "node" in m.content else "?"
             ok.append(name)
-            if "epsilon" in m.content["metrics"]:  # patient-dp: this node's spent budget
-                epsilon[name] = float(m.content["metrics"]["epsilon"])
+            metrics = m.content["metrics"] if "metrics" in m.content else {}
+            if "epsilon" in metrics:  # patient-dp: this node's spent budget
+                epsilon[name] = float(metrics["epsilon"])
         complete = len(ok) >= required
         log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
                              "aggregated": complete, "epsilon": epsilon}
