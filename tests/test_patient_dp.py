@@ -188,6 +188,7 @@ def test_federated_classifier_with_patient_dp(synth3, tmp_path, capsys):
     assert set(summary["epsilon_per_node"]) == {"site_a", "site_b", "site_c"}
     plan = summary["patient_dp"]["site_a"]
     assert plan["patients"] == 12 and plan["noise_multiplier"] > 0  # 25% held out
+    assert plan["patients_from"] == "patient_id column"
     rounds = pd.read_csv(out / "rounds.csv")
     assert rounds["epsilon_site_b"].is_monotonic_increasing
     # the nodes sent no loss and no example count: nothing computed from data unnoised

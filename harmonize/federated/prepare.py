@@ -13,6 +13,7 @@ from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import fill_site_lists, node_names, node_rows, split_rows
+from harmonize.federated.patient_dp import patient_index
 
 
 def with_split(manifest: Path, out: Path, seed: int) -> Path:
@@ -56,7 +57,12 @@ def patient_dp_plans(cfg: FederatedConfig) -> dict:
         if plan is None:  # e.g. a node whose weights never leave
             continue
         plan = plan[0] if isinstance(plan, tuple) else plan
-        plans[node] = {"patients": plan.patients, "sample_rate": plan.sample_rate,
+        how = patient_index(train)[1]
+        if how != "patient_id column" and cfg.progress:
+            print(f"note: node '{node}': no patient_id column, so each image counts as its "
+                  "own patient (epsilon per image); add patient_id for epsilon per patient")
+        plans[node] = {"patients": plan.patients, "patients_from": how,
+                       "sample_rate": plan.sample_rate,
                        "expected_patients_per_step": plan.expected_patients,
                        "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
                        "max_grad_norm": plan.max_grad_norm, "epsilon": plan.epsilon(),
