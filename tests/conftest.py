@@ -1,4 +1,5 @@
-"""Shared fixtures: the real two-site chest X-ray set and pydicom's bundled DICOMs."""
+"""Shared fixtures: the real two-site chest X-ray set, pydicom's bundled DICOMs, and a
+small synthetic federation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ import tifffile
 from pydicom.data import get_testdata_file
 
 TB_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tb_cxr_2site"
+
+
+@pytest.fixture(scope="module")
+def synth3(tmp_path_factory) -> Path:
+    """3 synthetic sites x 16 patients at 32 px, balanced labels (federated tests)."""
+    from harmonize.synth import generate
+
+    out = tmp_path_factory.mktemp("synth3") / "synth"
+    generate(out, sites=3, per_site=16, size=32, seed=0, progress=False,
+             prevalence=[0.5, 0.5, 0.5], finding_scale=2.5)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,6 @@ from harmonize.classify.train import load_classifier
 from harmonize.cli import main
 from harmonize.federated.privacy import gaussian_epsilon, noise_for_epsilon
 from harmonize.memorization import memorization_report, nearest_training
-from harmonize.synth import generate
-
-
-@pytest.fixture(scope="module")
-def synth3(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fed") / "synth"
-    generate(out, sites=3, per_site=16, size=32, seed=0, progress=False,
-             prevalence=[0.5, 0.5, 0.5], finding_scale=2.5)
-    return out
 
 
 def write_config(path, **extra) -> str:

@@ -28,7 +28,6 @@ from harmonize.federated.patient_dp import (
     plan_patient_dp,
 )
 from harmonize.federated.privacy import gaussian_epsilon
-from harmonize.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,14 +161,6 @@ def test_each_patient_is_clipped_as_a_whole_then_averaged():
     noisy.privatize(row_patient, 3)
     noise = torch.cat([q.grad.flatten() for q in net.parameters()]) - got
     assert float(noise.std()) == pytest.approx(2.0 * clip / 3.0, rel=0.25)
-
-
-@pytest.fixture(scope="module")
-def synth3(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pdp") / "synth"
-    generate(out, sites=3, per_site=16, size=32, seed=0, progress=False,
-             prevalence=[0.5, 0.5, 0.5], finding_scale=2.5)
-    return out
 
 
 def test_federated_classifier_with_patient_dp(synth3, tmp_path, capsys):

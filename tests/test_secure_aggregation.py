@@ -24,7 +24,6 @@ from harmonize.federated.secure_aggregation import (
     encode_settings,
     protocol_settings,
     quantization_error_bound,
-    run_secagg_simulation,
 )
 from harmonize.federated.tasks import build_task
 from harmonize.synth import generate
@@ -108,8 +107,8 @@ def test_secure_aggregate_is_the_weighted_fedavg_mean(uneven, tmp_path):
 def test_a_node_outside_the_clipping_range_is_named_and_nothing_aggregated(uneven,
                                                                              tmp_path):
     out = tmp_path / "run"
-    summary = run_secagg_simulation(classifier_config(uneven, out, evaluate=False),
-                                    secagg=SecAggParams(clipping_range=1e-6))
+    cfg = classifier_config(uneven, out, evaluate=False, privacy={"secagg": True})
+    summary = run_federated(cfg, secagg=SecAggParams(clipping_range=1e-6))
     assert summary["model"] is None and summary["rounds_not_aggregated"] == [1]
     reasons = sorted(f["reason"] for f in summary["failures"])
     assert len(reasons) == 3 and reasons[0].startswith("node site_a: its update reaches")

@@ -1,5 +1,5 @@
 """What SecAgg+ costs: the same federated classifier run with the plain FedAvg app
-(`run_federated`) and with SecAgg+ (`run_secagg_simulation`), same config and seed, on
+(`run_federated`) and with SecAgg+ (`privacy.secagg`), same config and seed, on
 synthetic data; seconds of the first round (from the strategy's start: node start-up,
 then the round), seconds per later round (between consecutive rounds' aggregates),
 the bytes each node sends per round, and the largest difference between the two final
@@ -27,7 +27,6 @@ from common import ROOT, machine  # noqa: E402
 
 from harmonize.federated.config import load_federated_config  # noqa: E402
 from harmonize.federated.run import run_federated  # noqa: E402
-from harmonize.federated.secure_aggregation import run_secagg_simulation  # noqa: E402
 from harmonize.synth import generate  # noqa: E402
 
 
@@ -37,7 +36,8 @@ def one_run(mode: str, args, manifest: Path, out: Path) -> dict:
         "evaluate": False, "progress": False, "threads_per_node": 1,
         "classifier.image_size": args.image_size, "classifier.local_epochs": 1,
         "classifier.model.width": args.width})
-    summary = (run_secagg_simulation if mode == "secagg" else run_federated)(cfg)
+    cfg.privacy.secagg = mode == "secagg"
+    summary = run_federated(cfg)
     rounds = pd.read_csv(out / "rounds.csv")
     later = rounds["seconds"].diff().iloc[1:]
     weights = load_file(out / "shared_weights.safetensors")

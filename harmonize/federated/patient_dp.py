@@ -34,6 +34,7 @@ and round timing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import secrets
 import warnings
@@ -79,6 +80,7 @@ class PatientDPPlan:
                                   else steps_done, self.delta)
 
 
+@functools.lru_cache(maxsize=256)  # every round asks again for the same numbers
 def accountant_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
@@ -92,8 +94,6 @@ def accountant_epsilon(sigma: float, sample_rate: float, steps: int, delta: floa
 def plan_patient_dp(patients: int, steps: int, privacy, patients_per_step: int,
                     releases_per_step: int = 1, node: str = "") -> PatientDPPlan:
     """Calibrate sigma for this node, or raise ConfigError with the reason."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     where = f"node '{node}': " if node else ""
     if privacy.epsilon is None:
         raise ConfigError("privacy.epsilon: give the target epsilon per patient for "
@@ -115,17 +115,25 @@ def plan_patient_dp(patients: int, steps: int, privacy, patients_per_step: int,
             f"spend epsilon {at_cap:.3g} even at the largest allowed noise multiplier "
             f"{privacy.max_noise_multiplier:g}; train fewer rounds / local steps, sample "
             "fewer patients per step, or accept a larger epsilon")
-    with warnings.catch_warnings():  # opacus warns about its own optimal-order search
-        warnings.simplefilter("ignore")
-        sigma_eff = get_noise_multiplier(target_epsilon=privacy.epsilon,
-                                         target_delta=privacy.delta, sample_rate=q,
-                                         steps=steps, accountant="rdp",
-                                         epsilon_tolerance=0.005)
+    sigma_eff = _calibrated_sigma(privacy.epsilon, privacy.delta, q, steps)
     return PatientDPPlan(patients=patients, sample_rate=q, steps=steps,
                          releases_per_step=releases_per_step,
-                         noise_multiplier=float(sigma_eff) * math.sqrt(releases_per_step),
+                         noise_multiplier=sigma_eff * math.sqrt(releases_per_step),
                          max_grad_norm=privacy.max_grad_norm, delta=privacy.delta,
                          target_epsilon=privacy.epsilon)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus' search for the noise multiplier (~1 s; nodes plan again every round, so
+    it is computed once per process)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # opacus warns about its own optimal-order search
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant="rdp", epsilon_tolerance=0.005))
 
 
 def per_sample(module: torch.nn.Module):
@@ -230,9 +238,9 @@ def node_plan(privacy, rows: pd.DataFrame, rounds: int, steps_per_round, default
     gives the DP-SGD steps of one round. Also each row's patient (0..P-1)."""
     patient_of_row, _ = patient_index(rows)
     patients = int(patient_of_row.max()) + 1
-    per_step = min(privacy.patients_per_step or default_batch, patients)
-    if privacy.patients_per_step and privacy.patients_per_step > patients:
-        per_step = privacy.patients_per_step  # refused below, with the reason
+    # a stated value is taken as it is (refused below when too large); the default is
+    # the task's batch, at most every patient
+    per_step = privacy.patients_per_step or min(default_batch, patients)
     steps = rounds * int(steps_per_round(patients, per_step))
     return (plan_patient_dp(patients, steps, privacy, per_step, releases_per_step, node),
             patient_of_row)

@@ -53,10 +53,10 @@ def patient_dp_plans(cfg: FederatedConfig) -> dict:
     plans = {}
     for node in node_names(cfg.manifest):
         train, _ = split_rows(node_rows(cfg.manifest, node))
-        plan = task.dp_plan(train, node)
-        if plan is None:  # e.g. a node whose weights never leave
+        planned = task.dp_plan(train, node)
+        if planned is None:  # e.g. a node whose weights never leave
             continue
-        plan = plan[0] if isinstance(plan, tuple) else plan
+        plan, _ = planned
         how = patient_index(train)[1]
         if how != "patient_id column" and cfg.progress:
             print(f"note: node '{node}': no patient_id column, so each image counts as its "

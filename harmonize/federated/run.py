@@ -20,13 +20,15 @@ from harmonize.federated.server_app import make_server_app
 from harmonize.rerun import replacing_outputs
 
 
-def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
-    """Simulate the federation; returns summary.json's content (+ wall time)."""
-    if cfg.privacy.secagg:  # Flower's SecAgg+ runs on its legacy API: its own apps
-        from harmonize.federated.secure_aggregation import run_secagg_simulation
-
-        return run_secagg_simulation(cfg, cpus)
+def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) -> dict:
+    """Simulate the federation; returns summary.json's content (+ wall time). With
+    `privacy.secagg`, Flower's SecAgg+ (its legacy API, so its own apps; `secagg`: its
+    `SecAggParams`, default automatic)."""
     cfg = resolved_config(cfg)
+    if cfg.privacy.secagg:
+        from harmonize.federated import secure_aggregation as sa
+
+        sa.check_secagg_config(cfg)
     out = Path(cfg.out)
     replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
     out.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,12 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
             # (local priors keep it: the evaluation message delivers the reference prior)
     nodes = node_names(cfg.manifest)
+    if cfg.privacy.secagg:
+        secagg = secagg or sa.SecAggParams()
+        sa.protocol_settings(secagg, cfg.min_nodes or len(nodes), cfg)  # refused early
+        apps = sa.make_secagg_server_app(cfg, secagg), sa.make_secagg_client_app(cfg)
+    else:
+        apps = make_server_app(cfg), make_client_app(cfg)
     plans = patient_dp_plans(cfg) if cfg.privacy.mode == "patient-dp" else None
     if plans is not None and cfg.evaluate and cfg.progress:
         print("note: patient-dp protects what the nodes train on; their evaluation on "
@@ -53,8 +61,7 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None) -> dict:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.perf_counter()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=len(nodes),
+    run_simulation(server_app=apps[0], client_app=apps[1], num_supernodes=len(nodes),
                    backend_config={"client_resources": {"num_cpus": 1,
                                                         "num_gpus": cfg.gpu_share()},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -107,7 +106,12 @@ from harmonize.federated.nodes import (
     split_rows,
 )
 from harmonize.federated.report import write_rounds_report
-from harmonize.federated.server_app import SHARED_WEIGHTS, one_line, plot_rounds
+from harmonize.federated.server_app import (
+    SHARED_WEIGHTS,
+    one_line,
+    plot_rounds,
+    privacy_summary,
+)
 from harmonize.federated.server_optimizer import ServerOptimizer
 from harmonize.federated.tasks import build_task
 
@@ -541,19 +545,6 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     return summary
 
 
-def privacy_summary(cfg: FederatedConfig, log: dict) -> dict:
-    """As the plain app's summary: patient-dp's epsilon per patient (the largest over
-    the nodes, each node's in epsilon_per_node); None without DP."""
-    if cfg.privacy.mode != "patient-dp":
-        return {"epsilon": None, "epsilon_unit": None, "delta": None}
-    per_node: dict[str, float] = {}
-    for r in sorted(log):
-        per_node.update(log[r].get("epsilon", {}))
-    return {"epsilon": max(per_node.values()) if per_node else None,
-            "epsilon_per_node": per_node, "epsilon_unit": "patient",
-            "delta": cfg.privacy.delta}
-
-
 def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
                  started: float) -> pd.DataFrame:
     """One row per round, as the plain app's rounds.csv: `seconds` from the start to
@@ -579,59 +570,5 @@ def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
     return pd.DataFrame(rows)
 
 
-# --- simulation -------------------------------------------------------------------------
-def run_secagg_simulation(cfg: FederatedConfig, cpus: int | None = None,
-                          secagg: SecAggParams | None = None) -> dict:
-    """As `run.run_federated`, with SecAgg+: summary.json's content (+ wall time)."""
-    from flwr.simulation import run_simulation
-
-    from harmonize.configs import dump_config
-    from harmonize.data.manifest import load_manifest
-    from harmonize.federated.prepare import resolved_config, with_split
-    from harmonize.rerun import replacing_outputs
-
-    cfg = resolved_config(cfg)
-    check_secagg_config(cfg)
-    out = Path(cfg.out)
-    replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.evaluate:
-        cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
-        if not (load_manifest(cfg.manifest)["split"] == "test").any():
-            cfg.evaluate = False
-    nodes = node_names(cfg.manifest)
-    protocol_settings(secagg or SecAggParams(), cfg.min_nodes or len(nodes), cfg)  # early
-    plans = None
-    if cfg.privacy.mode == "patient-dp":  # each node's calibrated DP-SGD, refused early
-        from harmonize.federated.prepare import patient_dp_plans
-
-        plans = patient_dp_plans(cfg)
-    dump_config(cfg, out / "config.yaml")
-    (out / "summary.json").unlink(missing_ok=True)
-    cpus = cpus or cfg.parallel_nodes
-    if not cfg.progress:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-    started = time.perf_counter()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=make_secagg_server_app(cfg, secagg),
-                   client_app=make_secagg_client_app(cfg), num_supernodes=len(nodes),
-                   backend_config={"client_resources": {"num_cpus": 1,
-                                                        "num_gpus": cfg.gpu_share()},
-                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                                                 "logging_level": "ERROR"}},
-                   verbose_logging=False)
-    if not (out / "summary.json").is_file():
-        raise RuntimeError(f"the secure federated run ended without a result in {out}; "
-                           "see the log above")
-    summary = json.loads((out / "summary.json").read_text())
-    if plans is not None:
-        summary["patient_dp"] = plans
-        text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["node_names"] = nodes
-    return summary
-
-
 __all__ = ["SecAggParams", "make_secagg_client_app", "make_secagg_server_app",
-           "protocol_settings", "quantization_error_bound", "run_secagg_simulation"]
+           "protocol_settings", "quantization_error_bound"]

@@ -158,7 +158,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     if len(result.arrays) > 0 and len(skipped) < cfg.rounds:  # some round was aggregated
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
-                              **_privacy_summary(cfg, replies)},
+                              **privacy_summary(cfg, replies)},
                 "training_manifest": str(cfg.manifest)}
         arrays = result.arrays.to_torch_state_dict()
         model_dir = task.save(arrays, out / "model", meta)
@@ -174,14 +174,14 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
                "rounds_not_aggregated": skipped,
-               "privacy": cfg.privacy.mode, **_privacy_summary(cfg, replies)}
+               "privacy": cfg.privacy.mode, **privacy_summary(cfg, replies)}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
     return summary
 
 
-def _privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
+def privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
     """epsilon (node-dp: per hospital; patient-dp: per patient, the largest over nodes,
     each node's in epsilon_per_node) and delta; None without DP."""
     if cfg.privacy.mode == "patient-dp":
