@@ -5,9 +5,9 @@ with the other nodes) and a private mask, so the server learns only the *sum* of
 nodes' updates, never one hospital's update. It does not protect the aggregate itself:
 the averaged model still reveals what the weights reveal (and with two nodes, a node
 that knows its own update can subtract it); node-level differential privacy is what
-bounds that. Each node's num-examples (its FedAvg weight) and its scalar metrics still
-reach the server in the clear. The protocol is secure against an honest-but-curious
-server and up to reconstruction_threshold - 1 colluding nodes.
+bounds that. Each node's num-examples (its FedAvg weight; 1 under patient-dp) and its
+scalar metrics still reach the server in the clear. The protocol is secure against an
+honest-but-curious server and up to reconstruction_threshold - 1 colluding nodes.
 
 How (flwr 1.42 has SecAgg+ only in the legacy API): the server runs Flower's legacy
 `FedAvg` inside `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
@@ -91,13 +91,12 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
 
-from harmonize.checkpoint import checkpoint_dir
 from harmonize.configs import ConfigError
 from harmonize.data.io import atomic_write
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
+from harmonize.federated.node_state import Arrays
 from harmonize.federated.nodes import (
     node_names,
     node_rows,
@@ -105,17 +104,16 @@ from harmonize.federated.nodes import (
     resolve_node,
     split_rows,
 )
-from harmonize.federated.report import write_rounds_report
 from harmonize.federated.server_app import (
-    SHARED_WEIGHTS,
     one_line,
     plot_rounds,
     privacy_summary,
+    save_global_model,
+    write_summary,
 )
 from harmonize.federated.server_optimizer import ServerOptimizer
 from harmonize.federated.tasks import build_task
 
-Arrays = dict[str, torch.Tensor]
 MODULUS = 2**32  # Flower's largest modulus_range: the masks' (and the sums') range
 
 
@@ -529,19 +527,13 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
                               **privacy_summary(cfg, strategy.log), "secagg": record},
                 "training_manifest": str(cfg.manifest)}
-        arrays = strategy.current
-        model_dir = task.save(arrays, out / "model", meta)
-        checkpoint_dir(model_dir)
-        shared = {k: v.contiguous() for k, v in arrays.items()}  # the aggregate
-        atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
+        model_dir = save_global_model(task, strategy.current, out, meta)
     summary = {"model": str(model_dir) if model_dir else None, "node_models": {},
                "rounds": cfg.rounds, "nodes": n_nodes, "seconds": seconds,
                "failures": failures, "rounds_not_aggregated": skipped,
                "privacy": cfg.privacy.mode, **privacy_summary(cfg, strategy.log),
                "secagg": record}
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
-    write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
+    write_summary(out, cfg, rounds, summary)
     return summary
 
 

@@ -160,13 +160,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
                               **privacy_summary(cfg, replies)},
                 "training_manifest": str(cfg.manifest)}
-        arrays = result.arrays.to_torch_state_dict()
-        model_dir = task.save(arrays, out / "model", meta)
-        checkpoint_dir(model_dir)  # raises if any file, the weights above all, is missing
-        # everything the nodes shared (e.g. CycleGAN's F and discriminators, which the
-        # translator checkpoint leaves out): for checks of what left the nodes
-        shared = {k: v.contiguous() for k, v in arrays.items()}
-        atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
+        model_dir = save_global_model(task, result.arrays.to_torch_state_dict(), out, meta)
     node_models = {d.name: str(d / "model") for d in sorted((out / "nodes").glob("*"))
                    if (d / "model" / "metadata.json").is_file()  # kept at the nodes,
                    and (d / "model" / "metadata.json").stat().st_mtime >= wall_start}  # now
@@ -175,10 +169,27 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
                "rounds_not_aggregated": skipped,
                "privacy": cfg.privacy.mode, **privacy_summary(cfg, replies)}
+    write_summary(out, cfg, rounds, summary)
+    return summary
+
+
+def save_global_model(task, arrays: dict, out: Path, meta: dict) -> Path:
+    """OUT/model (the task's checkpoint, checked complete) and OUT/shared_weights
+    (everything the nodes shared, e.g. CycleGAN's F and discriminators, which the
+    translator checkpoint leaves out: for checks of what left the nodes)."""
+    model_dir = task.save(arrays, out / "model", meta)
+    checkpoint_dir(model_dir)  # raises if any file, the weights above all, is missing
+    shared = {k: v.contiguous() for k, v in arrays.items()}
+    atomic_write(out / SHARED_WEIGHTS, lambda tmp: save_file(shared, str(tmp)))
+    return model_dir
+
+
+def write_summary(out: Path, cfg: FederatedConfig, rounds: pd.DataFrame,
+                  summary: dict) -> None:
+    """OUT/summary.json and OUT/report.html (after rounds.csv / rounds.png)."""
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
-    return summary
 
 
 def privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
