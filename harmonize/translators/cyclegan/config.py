@@ -54,6 +54,9 @@ class TrainConfig(LoopConfig):
     decay_steps: int | None = Field(None, ge=0, description="linear lr decay; None: steps/2")
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
+    snapshot_every: int | None = Field(
+        None, ge=1, description="also keep the translator every N steps in OUT/snapshots/"
+        "step_N (choose among them without labels: harmonize.evaluation.artefacts)")
 
     @property
     def decay(self) -> int:

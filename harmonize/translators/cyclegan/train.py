@@ -143,6 +143,10 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
             translator.passthrough_reference = False  # show what G does to the reference
             write_sample_grid(run.out / "samples" / f"step_{run.step:07d}.png", translator,
                               samples, config.data.image_size)
+        if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
+            translator_from_run(raw["g"], ts, config).save(
+                run.out / "snapshots" / f"step_{run.step:07d}",
+                checkpoint_metadata(run, ts, config))
         if run.due(tc.checkpoint_every):
             run.save_state()
             if run.is_main:
