@@ -14,7 +14,7 @@ from harmonize.classify.networks import ARCHITECTURES, Classifier, load_weights
 from harmonize.classify.train import fit_classifier, load_classifier, load_images, predict
 from harmonize.cli import main
 from harmonize.configs import ConfigError
-from harmonize.data.transforms import augment, plain_augmentation
+from harmonize.data.transforms import acquisition_augmentation, augment, plain_augmentation
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -65,6 +65,33 @@ def test_plain_augmentation_changes_images_within_range_reproducibly(cxr):
     assert outs.min() >= 0 and outs.max() <= 1
     assert (outs - x).abs().mean() > 0.01  # not a no-op
     assert outs.std(0).mean() > 0.005      # a fresh draw per call
+
+
+def test_acquisition_augmentation_simulates_other_x_ray_systems(cxr):
+    x = cxr[0][0]
+    a = [augment(acquisition_augmentation(64, seed=3), x) for _ in range(2)]
+    torch.testing.assert_close(a[0], a[1])
+    aug = acquisition_augmentation(64, seed=3)
+    outs = torch.stack([augment(aug, x) for _ in range(16)])
+    assert outs.min() >= 0 and outs.max() <= 1 and outs.std(0).mean() > 0.005
+    assert TrainConfig(augment=True).augment == "plain"  # older configs' flag
+    assert TrainConfig(augment="acquisition").augment == "acquisition"
+    from harmonize.data.acquisition import RandCollimation, RandQuantumNoise
+
+    # quantum noise: sd grows with sqrt(signal); sd_at_mid_grey at 0.5
+    noise = RandQuantumNoise(prob=1.0, sd_at_mid_grey=(0.02, 0.02))
+    noise.set_random_state(0)
+    dark, bright = (noise(torch.full((1, 128, 128), v)) - v for v in (0.125, 0.5))
+    assert float(bright.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(bright.std() / dark.std()) == pytest.approx(2.0, rel=0.1)
+    # collimation: constant borders, the middle untouched
+    border = RandCollimation(prob=1.0, max_fraction=0.2)
+    border.set_random_state(1)
+    y = border(x)
+    assert torch.equal(y[..., 16:48, 16:48], x[..., 16:48, 16:48])
+    top, left = int(border.edges[0] * 64), int(border.edges[2] * 64)
+    assert top > 0 and left > 0  # this seed's draw
+    assert (y[..., :top, :] == border.value).all() and (y[..., :, :left] == border.value).all()
 
 
 def test_local_weights_load_and_mismatches_name_the_file(tmp_path):

@@ -145,6 +145,26 @@ def test_paired_clearly_better_model():
     assert swapped["diff_hi"] < 0 and swapped["p_value"] < 0.05
 
 
+def test_seed_averaged_paired_gain():
+    from harmonize.classify.metrics import paired_bootstrap_mean_auc_difference as mean_diff
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good = [y + rng.normal(0, 1.0, 300) for _ in range(3)]
+    poor = [y + rng.normal(0, 1.6, 300) for _ in range(3)]
+    # one model per side: exactly the single-model paired bootstrap
+    one = mean_diff(y, good[:1], poor[:1], n_boot=500, seed=4)
+    ref = paired_bootstrap_difference(y, good[0], poor[0], n_boot=500, seed=4)
+    assert [one[k] for k in ("diff", "diff_lo", "diff_hi", "p_value")] == pytest.approx(
+        [ref[k] for k in ("diff", "diff_lo", "diff_hi", "p_value")])
+    d = mean_diff(y, good, poor, n_boot=500)
+    aucs = [binary_metrics(y, p)["auc"] for p in good + poor]
+    assert d["diff"] == pytest.approx(np.mean(aucs[:3]) - np.mean(aucs[3:]))
+    assert 0 < d["diff_lo"] < d["diff"] < d["diff_hi"] and d["p_value"] < 0.01
+    with pytest.raises(ValueError, match="as many models"):
+        mean_diff(y, good, poor[:2])
+
+
 def test_roc_points():
     y = np.array([0, 0, 1, 1])
     fpr, tpr = roc_points(y, [0.1, 0.4, 0.35, 0.8])

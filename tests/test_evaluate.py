@@ -56,9 +56,12 @@ def test_results_have_one_row_per_cell_with_cis_and_gains(evaluated):
     assert set(r.loc[r["protocol"] == "external", "test_site"]) == {"site_c"}
     assert set(r["translator"].fillna("")) == {"", "histogram-matching", "fourier"}
     assert (r["auc_lo"] <= r["auc"]).all() and (r["auc"] <= r["auc_hi"]).all()
+    # the gain is measured against the (only) augmentation run
+    assert set(r["baseline"]) == {"augment"}
     aug = r["regime"] == "augment"
     assert r.loc[aug, "gain_auc"].isna().all()
     assert r.loc[~aug, "gain_p"].between(0, 1).all()
+    assert set(r.loc[r["regime"].str.startswith("harmonized"), "reference"]) == {"fixed"}
     assert (r.loc[r["protocol"] == "external", "n"] == 24).all()
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == r["n"].sum()
@@ -89,14 +92,73 @@ def test_same_config_and_seed_give_the_same_numbers(evaluated):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_test_time_harmonization_scores_the_untouched_raw_models(tmp_path):
+    """reference: both. Under train, the raw / augmented models are scored on the unseen
+    site's images translated to the training site (site_b, not the fixed reference site_a):
+    with the identity translator their predictions are exactly the raw-image ones."""
+    out = tmp_path / "run"
+    config = tiny_config(
+        tmp_path, translators=[{"name": "identity"}, {"name": "histogram-matching"}],
+        regimes=["raw", "augment", "acquisition", "harmonized", "harmonized+augment"],
+        protocols=[{"kind": "external", "train_sites": ["site_b"], "test_site": "site_c",
+                    "reference": "both"}])
+    assert main(["evaluate", "-q", "--config", config, "--out", str(out)]) == 0
+    r = pd.read_csv(out / "results.csv", keep_default_na=False)
+    test_time = r[r["reference"] == "train"]
+    # 2 regimes x 2 translators, external site only (the training site is not translated)
+    assert len(test_time) == 4 and set(test_time["protocol"]) == {"external"}
+    assert set(test_time["reference_site"]) == {"site_b"}
+    assert set(r.loc[r["reference"] == "fixed", "reference_site"]) == {"site_a"}
+    p = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    ext = p[p["protocol"] == "external"]
+
+    def scores(regime, translator="", reference=""):
+        g = ext[(ext["regime"] == regime) & (ext["translator"] == translator)
+                & (ext["reference"] == reference)]
+        return g.sort_values("row")["p"].to_numpy()
+
+    np.testing.assert_array_equal(scores("harmonized", "identity", "train"), scores("raw"))
+    np.testing.assert_array_equal(scores("harmonized+augment", "identity", "train"),
+                                  scores("augment"))
+    # a real translation changes what the same model sees
+    assert not np.allclose(scores("harmonized", "histogram-matching", "train"), scores("raw"))
+    # the copy for test time maps to site_b: site_b passes unchanged, site_c does not
+    from harmonize.data.io import read_image
+    from harmonize.data.manifest import load_manifest
+
+    m = load_manifest(out / "translators" / "histogram-matching-to-site_b" / "manifest.csv")
+    assert (out / "translators" / "histogram-matching" / "manifest.csv").is_file()
+    raw = load_manifest(out / "data" / "manifest.csv")  # the same rows in the same order
+    b, c = (int(np.flatnonzero(m["site"] == s)[0]) for s in ("site_b", "site_c"))
+    assert np.array_equal(read_image(m["path"][b]).array, read_image(raw["path"][b]).array)
+    assert not np.array_equal(read_image(m["path"][c]).array,
+                              read_image(raw["path"][c]).array)
+    # gains against the stronger augmentation, with the in-site gap
+    assert set(r["baseline"]) <= {"augment", "acquisition"} and r["baseline"].nunique() <= 2
+    table = pd.read_csv(out / "summary_table.csv", keep_default_na=False, na_values=[""])
+    ext_rows = table[table["protocol"] == "external"]
+    assert ext_rows["in_site_auc"].notna().all()
+    harmonized = ext_rows[ext_rows["regime"].str.startswith("harmonized")]
+    assert harmonized[["gain", "gain_lo", "gain_hi"]].notna().all().all()
+    assert (harmonized["gain_lo"] <= harmonized["gain"] + 1e-9).all()
+
+
 def test_config_mistakes_are_named_before_training(tmp_path):
     with pytest.raises(ConfigError, match="test_site"):
         load_eval_config(tiny_config(tmp_path, protocols=[{"kind": "external",
                                                            "train_sites": ["site_a"]}]))
     with pytest.raises(ConfigError, match="need at least one translator"):
         load_eval_config(tiny_config(tmp_path, translators=[]))
-    with pytest.raises(ConfigError, match="include 'augment'"):
+    with pytest.raises(ConfigError, match="include 'augment' or 'acquisition'"):
         load_eval_config(tiny_config(tmp_path, regimes=["raw"]))
+    with pytest.raises(ConfigError, match=r"add \['raw'\] to regimes"):
+        load_eval_config(tiny_config(tmp_path, regimes=["augment", "harmonized"], protocols=[
+            {"kind": "external", "train_sites": ["site_a"], "test_site": "site_c",
+             "reference": "train"}]))
+    with pytest.raises(ConfigError, match="reference_site site_c must be one of the training"):
+        load_eval_config(tiny_config(tmp_path, protocols=[
+            {"kind": "external", "train_sites": ["site_a", "site_b"], "test_site": "site_c",
+             "reference": "train", "reference_site": "site_c"}]))
     assert main(["evaluate", "-q", "--config", tiny_config(
         tmp_path, translators=[{"name": "magic"}]), "--out", str(tmp_path / "o")]) == 1
     assert main(["evaluate", "-q", "--config", tiny_config(

@@ -23,7 +23,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "vit")
     parser.add_argument("--weights", default=None, help="local safetensors to start from")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs")
-    parser.add_argument("--augment", action="store_true", help="plain augmentation")
+    parser.add_argument("--augment", nargs="?", const="plain", default=None,
+                        choices=["plain", "acquisition"],
+                        help="augmentation: plain (the default with the bare flag) or "
+                        "acquisition (simulated X-ray system differences)")
     parser.add_argument("--seed", type=int, default=None, help="train.seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="any config value, e.g. --set "
@@ -35,7 +38,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {
         "data.manifest": args.data, "train.out": args.out, "model.arch": args.arch,
         "model.weights": args.weights, "train.epochs": args.epochs,
-        "train.augment": True if args.augment else None, "train.seed": args.seed,
+        "train.augment": args.augment, "train.seed": args.seed,
         "train.progress": False if getattr(args, "quiet", False) else None,
     }
     return load_config(args.config, with_overrides(overrides, args.overrides))

@@ -47,7 +47,9 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    augment: bool = Field(False, description="plain augmentation (harmonize.data.transforms)")
+    augment: Literal["none", "plain", "acquisition"] = Field(
+        "none", description="harmonize.data.transforms: plain (geometry + intensity) or "
+        "acquisition (geometry + simulated X-ray system differences); true means plain")
     balance: Literal["weighted-loss", "sampler", "none"] = Field(
         "weighted-loss", description="class imbalance: positive weight n_neg/n_pos in the "
         "loss, or a class-balanced sampler")
@@ -55,6 +57,13 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it, else fp32")
     progress: bool = True
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, value: Any) -> Any:
+        # true / false, as older configs and the --augment flag say it
+        return {True: "plain", False: "none"}.get(value, value) if isinstance(value, bool) \
+            else value
 
 
 class ClassifierConfig(Section):

@@ -290,6 +290,46 @@ def paired_bootstrap_difference(y_true: ArrayLike, p_a: ArrayLike, p_b: ArrayLik
             "p_value": p_value, "n_boot": int(n_boot), "level": float(level)}
 
 
+def paired_bootstrap_mean_auc_difference(y_true: ArrayLike, p_a: Sequence[ArrayLike],
+                                          p_b: Sequence[ArrayLike], n_boot: int = 2000,
+                                          level: float = 0.95, seed: int = 0) -> dict:
+    """Like :func:`paired_bootstrap_difference` for AUC, with several models per side
+    scored on the same test images (e.g. one per training seed, paired seed by seed):
+    the difference of the mean AUC over the models. Each resample of test images scores
+    every model of both sides on it, so the CI covers test-image sampling of the
+    seed-averaged gain (not seeds beyond those given). Returns a, b, diff, diff_lo,
+    diff_hi, p_value, n_models, n_boot, level."""
+    if len(p_a) != len(p_b) or not len(p_a):
+        raise ValueError(f"need as many models on each side, got {len(p_a)} and {len(p_b)}")
+    y = _check_labels(y_true)
+    _check_boot(n_boot, level)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUC needs both classes in y_true, found only one")
+    coded = []
+    for side, scores in (("p_a", p_a), ("p_b", p_b)):
+        for k, p in enumerate(scores):
+            u, c = np.unique(_check_scores(p, y.size, f"{side}[{k}]"), return_inverse=True)
+            coded.append((c, u.size))
+    k = len(p_a)
+    full = [_resampled_auc(c, n, pos[None, :], neg[None, :])[0] for c, n in coded]
+    va, vb = float(np.mean(full[:k])), float(np.mean(full[k:]))
+    rng = np.random.default_rng(seed)
+    chunk = _chunk_size(n_boot, y.size + max(n for _, n in coded))
+    diffs = []
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        ip, ineg = _stratified_indices(rng, pos, neg, rows)
+        aucs = [_resampled_auc(c, n, ip, ineg) for c, n in coded]
+        diffs.append(np.mean(aucs[:k], axis=0) - np.mean(aucs[k:], axis=0))
+    d = np.concatenate(diffs)
+    lo, hi = _percentile_ci(d, level)
+    p_two = 2.0 * min(np.mean(d <= 0), np.mean(d >= 0))
+    return {"a": va, "b": vb, "diff": va - vb, "diff_lo": lo, "diff_hi": hi,
+            "p_value": float(np.clip(p_two, 1.0 / n_boot, 1.0)), "n_models": k,
+            "n_boot": int(n_boot), "level": float(level)}
+
+
 def roc_points(y_true: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """ROC curve (fpr, tpr) from sklearn's ``roc_curve``; needs both classes."""
     y = _check_labels(y_true)

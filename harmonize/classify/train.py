@@ -29,7 +29,7 @@ from harmonize.configs import ConfigError, dump_config
 from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.manifest import binary_targets, positive_label, select_rows
-from harmonize.data.transforms import augment, plain_augmentation
+from harmonize.data.transforms import AUGMENTATIONS, augment
 from harmonize.training.device import (
     loader_options,
     make_accelerator,
@@ -56,13 +56,14 @@ def load_images(paths: list[str], image_size: int, policy: IntensityPolicy | Non
 
 
 class TensorImages(Dataset):
-    """(image, label) from an in-memory tensor, optionally plainly augmented."""
+    """(image, label) from an in-memory tensor, optionally augmented (plain or acquisition)."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, augment_seed: int | None):
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, augmentation: str = "none",
+                 seed: int = 0):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.float32)
-        self.aug = (plain_augmentation(images.shape[-1], augment_seed)
-                    if augment_seed is not None else None)
+        self.aug = (AUGMENTATIONS[augmentation](images.shape[-1], seed)
+                    if augmentation != "none" else None)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,12 +74,12 @@ class TensorImages(Dataset):
 
 
 def make_loader(images: torch.Tensor, labels: np.ndarray, tc: TrainConfig) -> DataLoader:
-    """Shuffled batches (or class-balanced draws), plainly augmented if asked; seeded."""
-    data = TensorImages(images, labels, augment_seed=tc.seed if tc.augment else None)
+    """Shuffled batches (or class-balanced draws), augmented if asked; seeded."""
+    data = TensorImages(images, labels, tc.augment, tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
     # on a GPU: pinned memory, and workers for the per-image augmentation (in-memory
     # images without augmentation need none)
-    options = loader_options(pick_device(), None if tc.augment else 0)
+    options = loader_options(pick_device(), None if tc.augment != "none" else 0)
     if tc.balance == "sampler":
         n_pos = int(labels.sum())
         weights = np.where(labels == 1, 0.5 / n_pos, 0.5 / (len(labels) - n_pos))

@@ -12,7 +12,15 @@ from pydantic import Field, model_validator
 from harmonize.classify.config import ModelConfig, TrainConfig
 from harmonize.configs import ConfigError, Section, load_yaml_config
 
-REGIMES = ("raw", "augment", "harmonized", "harmonized+augment")
+REGIMES = ("raw", "augment", "acquisition", "harmonized", "harmonized+augment",
+           "harmonized+acquisition")
+AUGMENTED = ("augment", "acquisition")  # the baselines harmonization is measured against
+# under reference: train the classifier is the raw-image one; the harmonized regime says
+# which: harmonized -> the raw model, harmonized+augment -> the augment model, ...
+TEST_TIME_MODEL = {"harmonized": "raw", "harmonized+augment": "augment",
+                   "harmonized+acquisition": "acquisition"}
+Regime = Literal["raw", "augment", "acquisition", "harmonized", "harmonized+augment",
+                 "harmonized+acquisition"]
 
 
 class SynthData(Section):
@@ -67,6 +75,15 @@ class Protocol(Section):
     kind: Literal["external", "loso"]
     train_sites: list[str] | None = Field(None, description="external: training sites")
     test_site: str | None = Field(None, description="external: the unseen site")
+    reference: Literal["fixed", "train", "both"] = Field(
+        "fixed", description="fixed: every translator maps all images to data.reference_site "
+        "and the classifier trains on harmonized images; train: the classifier trains on the "
+        "training site's raw images, and only the test site's images are translated to the "
+        "training site (test-time harmonization, how a hospital uses a model trained "
+        "elsewhere); both: each")
+    reference_site: str | None = Field(
+        None, description="reference: train with several training sites: the site test "
+        "images are translated to (default: the one with the most images)")
 
     @model_validator(mode="after")
     def _sites(self) -> Protocol:
@@ -74,7 +91,18 @@ class Protocol(Section):
             raise ValueError("an external protocol needs train_sites and test_site")
         if self.kind == "external" and self.test_site in self.train_sites:
             raise ValueError(f"test_site {self.test_site} is also a training site")
+        if self.reference_site is not None:
+            if self.reference == "fixed":
+                raise ValueError("reference_site is for reference: train (or both); with "
+                                 "fixed, data.reference_site is the reference")
+            if self.kind != "external" or self.reference_site not in self.train_sites:
+                raise ValueError(f"reference_site {self.reference_site} must be one of the "
+                                 "training sites of an external protocol")
         return self
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("fixed", "train") if self.reference == "both" else (self.reference,)
 
 
 class AuditConfig(Section):
@@ -91,8 +119,8 @@ class EvalConfig(Section):
     data: EvalData
     translators: list[TranslatorSpec] = Field(default_factory=list)
     classifiers: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
-    regimes: list[Literal["raw", "augment", "harmonized", "harmonized+augment"]] = Field(
-        default_factory=lambda: list(REGIMES))
+    regimes: list[Regime] = Field(default_factory=lambda: [
+        "raw", "augment", "harmonized", "harmonized+augment"])
     protocols: list[Protocol] = Field(default_factory=lambda: [Protocol(kind="loso")])
     seeds: list[int] = Field(default_factory=lambda: [0])
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, progress=False))
@@ -111,8 +139,14 @@ class EvalConfig(Section):
         harmonized = [r for r in self.regimes if r.startswith("harmonized")]
         if harmonized and not self.translators:
             raise ValueError(f"regimes {harmonized} need at least one translator")
-        if "augment" not in self.regimes:
-            raise ValueError("regimes must include 'augment': gains are measured against it")
+        if not set(AUGMENTED) & set(self.regimes):
+            raise ValueError("regimes must include 'augment' or 'acquisition': gains are "
+                             "measured against the stronger augmentation")
+        if any("train" in p.modes for p in self.protocols):
+            missing = sorted({TEST_TIME_MODEL[r] for r in harmonized} - set(self.regimes))
+            if missing:
+                raise ValueError(f"reference: train scores the {missing} model(s) on "
+                                 f"translated test images: add {missing} to regimes")
         if not self.seeds:
             raise ValueError("seeds: give at least one")
         return self
@@ -123,4 +157,5 @@ def load_eval_config(path: str | Path | None,
     return load_yaml_config(EvalConfig, path, overrides)
 
 
-__all__ = ["EvalConfig", "ConfigError", "REGIMES", "load_eval_config"]
+__all__ = ["AUGMENTED", "EvalConfig", "ConfigError", "REGIMES", "TEST_TIME_MODEL",
+           "load_eval_config"]

@@ -3,16 +3,21 @@
 For every protocol fold x seed x classifier x regime (x translator), train a fresh
 classifier with the same budget on the same patients and score the same test images:
 
-- regimes: raw; raw + plain augmentation; harmonized (per translator); harmonized +
-  augmentation. Test images go through the same translator as the training images.
+- regimes: raw; raw + plain augmentation; raw + acquisition-style augmentation;
+  harmonized (per translator); harmonized + either augmentation.
+- reference (per protocol): ``fixed``: every image is translated to data.reference_site,
+  the classifier trains on harmonized images and is tested on harmonized images;
+  ``train``: test-time harmonization: the raw (or augmented) classifier, untouched, is
+  scored on the test site's images translated to its training site.
 - protocols: ``external`` (train on some sites, test on an unseen one; the same model is
   also scored on held-out patients of its training sites, protocol ``internal``, so the
   in-site vs external gap is measured on one model) and ``loso`` (leave one site out).
   Patient-grouped: the held-out patients of the training sites come from one fixed
   patient split (data.split_seed), the same for every seed and regime.
 
-Outputs: results.csv (one row per cell, bootstrap CIs, gain over plain augmentation with
-a paired bootstrap CI and p-value), predictions.csv, results.md, report.html, audit.
+Outputs: results.csv (one row per cell, bootstrap CIs, gain over the stronger of the two
+augmentations with a paired bootstrap CI and p-value), predictions.csv, results.md,
+report.html, audit.
 """
 
 from __future__ import annotations
@@ -33,17 +38,26 @@ from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
 from harmonize.data.manifest import binary_targets, load_manifest, positive_label
 from harmonize.data.splits import patient_split
-from harmonize.evaluation.config import EvalConfig, Protocol
+from harmonize.evaluation.config import AUGMENTED, TEST_TIME_MODEL, EvalConfig, Protocol
 from harmonize.evaluation.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
 from harmonize.rerun import replacing_outputs
 
-RESULT_COLUMNS = [
-    "regime", "translator", "classifier", "protocol", "test_site", "seed", "n", "n_positive",
+# the augmentation each regime trains with (TrainConfig.augment)
+AUGMENTATION_OF = {"raw": "none", "augment": "plain", "acquisition": "acquisition",
+                   "harmonized": "none", "harmonized+augment": "plain",
+                   "harmonized+acquisition": "acquisition"}
+# what identifies a row: reference is fixed / train for the harmonized regimes (empty for
+# the raw-image ones), reference_site the site the test images were translated to
+ROW_KEYS = ["regime", "translator", "reference", "reference_site", "classifier", "protocol",
+            "test_site", "train_sites", "seed"]
+METRIC_COLUMNS = [
+    "n", "n_positive",
     "auc", "auc_lo", "auc_hi", "accuracy", "accuracy_lo", "accuracy_hi", "sensitivity",
     "sensitivity_lo", "sensitivity_hi", "specificity", "specificity_lo", "specificity_hi",
-    "precision", "precision_lo", "precision_hi", "f1", "f1_lo", "f1_hi",
-    "gain_auc", "gain_auc_lo", "gain_auc_hi", "gain_p",
-]
+    "precision", "precision_lo", "precision_hi", "f1", "f1_lo", "f1_hi"]
+# gain: AUC minus the stronger augmentation's (`baseline`) on the same images
+GAIN_COLUMNS = ["baseline", "gain_auc", "gain_auc_lo", "gain_auc_hi", "gain_p"]
+RESULT_COLUMNS = [*ROW_KEYS, *METRIC_COLUMNS, *GAIN_COLUMNS]
 
 
 @dataclass
@@ -52,6 +66,9 @@ class Fold:
     protocol: str
     train_idx: np.ndarray
     tests: dict[tuple[str, str], np.ndarray]  # (protocol, test_site) -> row indices
+    train_sites: str  # "+"-joined
+    modes: tuple[str, ...] = ("fixed",)  # reference modes (Protocol.reference)
+    train_reference: str | None = None  # under reference: train, the site translated to
 
 
 @dataclass
@@ -106,6 +123,7 @@ def make_folds(data: Dataset, protocols: list[Protocol], test_size: float,
     held_out = patient_split(df, test_size=test_size, seed=split_seed)["split"].eq(
         "test").to_numpy()
     site = df["site"].astype(str).to_numpy()
+    counts = df["site"].astype(str).value_counts()
     folds = []
     for p in protocols:
         if p.kind == "external":
@@ -118,8 +136,47 @@ def make_folds(data: Dataset, protocols: list[Protocol], test_size: float,
             tests = {(p.kind, test_site): np.flatnonzero(site == test_site)}
             if p.kind == "external":
                 tests[("internal", "+".join(train_sites))] = np.flatnonzero(in_train & held_out)
-            folds.append(Fold(p.kind, np.flatnonzero(in_train & ~held_out), tests))
+            # ties: the first site in sorted order, so the choice does not depend on input order
+            largest = max(sorted(train_sites), key=lambda s: counts.get(s, 0))
+            folds.append(Fold(p.kind, np.flatnonzero(in_train & ~held_out), tests,
+                              "+".join(train_sites), p.modes,
+                              (p.reference_site or largest) if "train" in p.modes else None))
     return folds
+
+
+def set_label(name: str, reference: str, fixed_reference: str) -> str:
+    """Key (and folder name) of a translator's harmonized copy: its name when it maps to
+    the evaluation's reference site, NAME-to-SITE otherwise."""
+    return name if reference == fixed_reference else f"{name}-to-{reference}"
+
+
+def needed_references(folds: list[Fold], regimes: list[str], fixed_reference: str
+                      ) -> list[str]:
+    """The sites translators must map to: the fixed reference when a fold trains on
+    harmonized images, and every fold's training reference under reference: train."""
+    if not any(r.startswith("harmonized") for r in regimes):
+        return []
+    refs = [fixed_reference] if any("fixed" in f.modes for f in folds) else []
+    refs += [f.train_reference for f in folds if f.train_reference]
+    return list(dict.fromkeys(refs))
+
+
+def model_cells(folds: list[Fold], config: EvalConfig, names: list[str],
+                fixed_reference: str) -> list[tuple]:
+    """(fold, seed, classifier, regime, image set) of every model to train: the raw-image
+    regimes in every fold, the harmonized ones where the fold has reference: fixed."""
+    cells = []
+    for f in folds:
+        for seed in config.seeds:
+            for clf in config.classifiers:
+                for regime in config.regimes:
+                    if not regime.startswith("harmonized"):
+                        cells.append((f, seed, clf, regime, "raw"))
+                    elif "fixed" in f.modes:
+                        cells += [(f, seed, clf, regime, set_label(n, fixed_reference,
+                                                                   fixed_reference))
+                                  for n in names]
+    return cells
 
 
 class Stages:
@@ -151,56 +208,77 @@ def run_evaluation(config: EvalConfig) -> Path:
     data = prepare_data(config, out)
     timings["data_s"] = time.perf_counter() - t
 
+    folds = make_folds(data, config.protocols, config.data.internal_test_size,
+                       config.data.split_seed)
+    references = needed_references(folds, config.regimes, data.reference_site)
     sets: dict[str, HarmonizedSet] = {}
     stage(f"translators: train and apply {len(config.translators)} "
-          f"({', '.join(s.name for s in config.translators) or 'none'})")
+          f"({', '.join(s.name for s in config.translators) or 'none'}) to "
+          f"{', '.join(references) or 'no site'}")
     for spec in config.translators:
-        hs = harmonize_dataset(spec, data.manifest, data.df, data.reference_site,
-                               out / "translators" / spec.name, config.progress)
-        sets[spec.name] = hs
-        timings.update({f"{spec.name}_{k}": v for k, v in hs.seconds.items()})
+        for reference in references:
+            label = set_label(spec.name, reference, data.reference_site)
+            hs = harmonize_dataset(spec, data.manifest, data.df, reference,
+                                   out / "translators" / label, config.progress)
+            sets[label] = hs
+            timings.update({f"{label}_{k}": v for k, v in hs.seconds.items()})
 
     t = time.perf_counter()
     size = config.data.image_size
     images = {"raw": load_images(data.df["path"].tolist(), size, progress=config.progress,
                                  desc="load raw")}
-    for name, hs in sets.items():
-        images[name] = load_images(hs.manifest["path"].tolist(), size,
-                                   progress=config.progress, desc=f"load {name}")
+    for label, hs in sets.items():
+        images[label] = load_images(hs.manifest["path"].tolist(), size,
+                                    progress=config.progress, desc=f"load {label}")
     timings["load_s"] = time.perf_counter() - t
 
-    folds = make_folds(data, config.protocols, config.data.internal_test_size,
-                       config.data.split_seed)
-    cells = [(f, seed, clf, regime, source)
-             for f in folds for seed in config.seeds for clf in config.classifiers
-             for regime in config.regimes
-             for source in (["raw"] if regime in ("raw", "augment") else list(sets))]
-    stage(f"classifiers: {len(cells)} models (fold x seed x classifier x regime)")
+    names = [spec.name for spec in config.translators]
+    cells = model_cells(folds, config, names, data.reference_site)
+    stage(f"classifiers: {len(cells)} models (fold x seed x classifier x regime); under "
+          "reference: train the raw-image models are also scored on translated test images")
     t = time.perf_counter()
     rows, preds, frozen = [], [], None
+
+    def score(model, x, fold, idx, protocol, test_site, **keys) -> None:
+        p = predict(model, x[idx])
+        y = data.labels[idx]
+        m = bootstrap_metrics(y, p, n_boot=config.bootstrap, seed=keys["seed"])
+        keys = {**keys, "protocol": protocol, "test_site": test_site,
+                "train_sites": fold.train_sites}
+        rows.append({**keys, **{k: m[k] for k in METRIC_COLUMNS}})
+        preds.append(pd.DataFrame({**keys, "row": idx,
+                                   "relpath": data.df["relpath"].to_numpy()[idx],
+                                   "label": y, "p": p}))
+
     bar = tqdm(cells, desc="evaluate", unit="model", disable=not config.progress)
     for fold, seed, clf, regime, source in bar:
         bar.set_postfix_str(f"{fold.protocol} {clf.arch} {regime} {source}")
         train_cfg = config.train.model_copy(update={
-            "seed": seed, "augment": regime.endswith("augment"), "progress": False})
+            "seed": seed, "augment": AUGMENTATION_OF[regime], "progress": False})
         x = images[source]
         model = fit_classifier(x[fold.train_idx], data.labels[fold.train_idx], clf, train_cfg)
-        translator = "" if source == "raw" else source
-        if (fold is folds[0] and seed == config.seeds[0] and clf is config.classifiers[0]
-                and regime == "augment"):
-            frozen = model  # the audit's classifier: plain augmentation, first cell
+        if frozen is None and fold is folds[0] and regime in AUGMENTED:
+            frozen = model  # the audit's classifier: augmented raw images, first cell
+        translator = "" if source == "raw" else sets[source].name
+        reference = "" if source == "raw" else "fixed"
+        ref_site = "" if source == "raw" else data.reference_site
         for (protocol, test_site), idx in fold.tests.items():
-            p = predict(model, x[idx])
-            y = data.labels[idx]
-            m = bootstrap_metrics(y, p, n_boot=config.bootstrap, seed=seed)
-            rows.append({"regime": regime, "translator": translator, "classifier": clf.arch,
-                         "protocol": protocol, "test_site": test_site, "seed": seed,
-                         **{k: m[k] for k in RESULT_COLUMNS if k in m}})
-            preds.append(pd.DataFrame({
-                "regime": regime, "translator": translator, "classifier": clf.arch,
-                "protocol": protocol, "test_site": test_site, "seed": seed,
-                "row": idx, "relpath": data.df["relpath"].to_numpy()[idx], "label": y,
-                "p": p}))
+            score(model, x, fold, idx, protocol, test_site, regime=regime,
+                  translator=translator, reference=reference, reference_site=ref_site,
+                  classifier=clf.arch, seed=seed)
+        # test-time harmonization: this very model on the test site, translated to its
+        # training site (the internal test images are the training site's: unchanged)
+        test_time = [r for r, m in TEST_TIME_MODEL.items() if m == regime and r in
+                     config.regimes] if source == "raw" and fold.train_reference else []
+        for harmonized in test_time:
+            for name in names:
+                label = set_label(name, fold.train_reference, data.reference_site)
+                for (protocol, test_site), idx in fold.tests.items():
+                    if protocol != "internal":
+                        score(model, images[label], fold, idx, protocol, test_site,
+                              regime=harmonized, translator=name, reference="train",
+                              reference_site=fold.train_reference, classifier=clf.arch,
+                              seed=seed)
     timings["classifiers_s"] = time.perf_counter() - t
     predictions = pd.concat(preds, ignore_index=True)
     results = add_gains(pd.DataFrame(rows), predictions, config.bootstrap)
@@ -210,13 +288,15 @@ def run_evaluation(config: EvalConfig) -> Path:
 
     stage("audit: did a translator erase or invent findings (frozen classifier, Grad-CAM)")
     t = time.perf_counter()
-    audit = run_audit(config, data, sets, images, frozen, folds[0], out)
+    # the audit and the site shift look at the copies mapped to data.reference_site
+    fixed_sets = {label: hs for label, hs in sets.items() if label == hs.name}
+    audit = run_audit(config, data, fixed_sets, images, frozen, folds[0], out)
     timings["audit_s"] = time.perf_counter() - t
     shifts = {}
     if config.shift_report:
         stage("site shift: radiomics before / after each translator")
         t = time.perf_counter()
-        shifts = site_shift(config, data, sets, out / "shift_report")
+        shifts = site_shift(config, data, fixed_sets, out / "shift_report")
         timings["shift_reports_s"] = time.perf_counter() - t
     stage("report: results.csv, results.md, report.html")
     write_outputs(out, config, data, sets, results, predictions, audit, timings, shifts)
@@ -248,21 +328,37 @@ def site_shift(config: EvalConfig, data: Dataset, sets: dict, out: Path) -> dict
 
 
 CELL = ["classifier", "protocol", "test_site", "seed"]
+SETTING = ["classifier", "protocol", "test_site"]
+
+
+def stronger_augmentation(results: pd.DataFrame) -> dict[tuple, str]:
+    """Per setting (classifier, protocol, test site): the augmentation regime with the
+    higher AUC averaged over seeds, the baseline every gain is measured against. Chosen on
+    the test images themselves, which favours the baseline, not harmonization."""
+    aug = results[results["regime"].isin(AUGMENTED)]
+    means = aug.groupby([*SETTING, "regime"])["auc"].mean().reset_index()
+    best = means.loc[means.groupby(SETTING)["auc"].idxmax()]
+    return {tuple(r[c] for c in SETTING): r["regime"] for _, r in best.iterrows()}
 
 
 def add_gains(results: pd.DataFrame, predictions: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    """Gain in AUC of each cell over plain augmentation on the same test images (paired
-    bootstrap, same resamples for both models)."""
+    """Gain in AUC of each cell over the stronger augmentation on the same test images
+    (paired bootstrap, same resamples for both models)."""
     results = results.copy()
-    by_cell = {k: g for k, g in predictions.groupby(["regime", "translator", *CELL])}
-    for col in ("gain_auc", "gain_auc_lo", "gain_auc_hi", "gain_p"):
+    keys = ["regime", "translator", "reference", *CELL]
+    by_cell = {k: g.sort_values("row") for k, g in predictions.groupby(keys)}
+    baseline = stronger_augmentation(results)
+    for col in GAIN_COLUMNS:
         results[col] = np.nan
+    results["baseline"] = ""
     for i, r in results.iterrows():
-        if r["regime"] == "augment":
+        base = baseline[tuple(r[c] for c in SETTING)]
+        results.loc[i, "baseline"] = base
+        if r["regime"] == base:
             continue
         cell = tuple(r[c] for c in CELL)
-        a = by_cell[(r["regime"], r["translator"], *cell)].sort_values("row")
-        b = by_cell[("augment", "", *cell)].sort_values("row")
+        a = by_cell[(r["regime"], r["translator"], r["reference"], *cell)]
+        b = by_cell[(base, "", "", *cell)]
         d = paired_bootstrap_difference(a["label"].to_numpy(), a["p"].to_numpy(),
                                         b["p"].to_numpy(), n_boot=n_boot, seed=int(r["seed"]))
         results.loc[i, ["gain_auc", "gain_auc_lo", "gain_auc_hi", "gain_p"]] = [

@@ -15,19 +15,28 @@ import pandas as pd  # noqa: E402
 from harmonize.classify.metrics import mean_over_seeds, roc_points  # noqa: E402
 from harmonize.data.intensity import IntensityPolicy  # noqa: E402
 from harmonize.data.io import atomic_write, read_image  # noqa: E402
-from harmonize.data.transforms import AUGMENTATION_DOC  # noqa: E402
+from harmonize.data.transforms import ACQUISITION_DOC, AUGMENTATION_DOC  # noqa: E402
 from harmonize.report.html import HtmlReport, image_grid  # noqa: E402
 
-GROUP = ["protocol", "test_site", "classifier", "regime", "translator"]
+GROUP = ["protocol", "test_site", "classifier", "regime", "translator", "reference"]
+REGIME_ORDER = {"raw": 0, "augment": 1, "acquisition": 2, "harmonized": 3,
+                "harmonized+augment": 4, "harmonized+acquisition": 5}
 # the audit's columns a reader must not miss, shown first
 AUDIT_FIRST = ["translator", "findings_erased", "findings_exaggerated", "risk_rate"]
 
 
-def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+def summary_table(results: pd.DataFrame, predictions: pd.DataFrame | None = None,
+                  n_boot: int = 1000) -> pd.DataFrame:
     """Per cell averaged over seeds: AUC (t-CI over seeds, or the bootstrap CI when there
-    is one seed), gain over plain augmentation, seeds with a significant gain."""
+    is one seed); the gain over the stronger augmentation (`baseline`) with a paired
+    bootstrap CI of the seed-averaged gain (with predictions); seeds with a significant
+    gain; for external sites the in-site AUC (the baseline model on held-out patients of
+    its training sites) and the share of the in-site/external gap the cell closes beyond
+    the baseline."""
+    results = results.copy()
+    results["reference"] = results["reference"].fillna("")
+    results["translator"] = results["translator"].fillna("")
     auc = mean_over_seeds(results, GROUP, "auc")
-    gain = mean_over_seeds(results, GROUP, "gain_auc")
     out = auc[GROUP].copy()
     out["seeds"] = auc["count"]
     out["auc"] = auc["mean"]
@@ -35,41 +44,101 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     merged = auc.merge(one, on=GROUP, how="left")
     out["auc_lo"] = np.where(auc["count"] > 1, auc["ci_lo"], merged["auc_lo"])
     out["auc_hi"] = np.where(auc["count"] > 1, auc["ci_hi"], merged["auc_hi"])
-    out["gain_vs_augment"] = gain["mean"]
+    first = results.groupby(GROUP, dropna=False)[["baseline", "train_sites"]].first()
+    out = out.merge(first.reset_index(), on=GROUP, how="left")
+    out["gain"] = mean_over_seeds(results, GROUP, "gain_auc")["mean"].to_numpy()
+    pooled = [_pooled_gain(predictions, r, n_boot) for _, r in out.iterrows()]
+    out["gain_lo"], out["gain_hi"], out["gain_p"] = (np.array([g[i] for g in pooled])
+                                                     for i in range(3))
     sig = results.assign(sig=(results["gain_p"] < 0.05) & (results["gain_auc"] > 0),
                          worse=(results["gain_p"] < 0.05) & (results["gain_auc"] < 0))
     counts = sig.groupby(GROUP, dropna=False)[["sig", "worse"]].sum().reset_index()
     out = out.merge(counts, on=GROUP, how="left").rename(
         columns={"sig": "seeds_better_p05", "worse": "seeds_worse_p05"})
-    order = {"raw": 0, "augment": 1, "harmonized": 2, "harmonized+augment": 3}
-    out["_o"] = out["regime"].map(order)
-    return out.sort_values(["protocol", "test_site", "classifier", "_o", "translator"]).drop(
-        columns="_o").reset_index(drop=True)
+    out = _gap_closed(out)
+    out["_o"] = out["regime"].map(REGIME_ORDER)
+    return out.sort_values(["protocol", "test_site", "classifier", "reference", "_o",
+                            "translator"]).drop(columns=["_o", "train_sites"]).reset_index(
+                                drop=True)
+
+
+def _pooled_gain(predictions: pd.DataFrame | None, r, n_boot: int) -> tuple:
+    """(lo, hi, p) of the seed-averaged gain of one summary row over its baseline."""
+    from harmonize.classify.metrics import paired_bootstrap_mean_auc_difference
+
+    if predictions is None or r["regime"] == r["baseline"]:
+        return (np.nan,) * 3
+    p = predictions.fillna({"reference": "", "translator": ""})
+    cell = (p["classifier"] == r["classifier"]) & (p["protocol"] == r["protocol"]) & (
+        p["test_site"] == r["test_site"])
+    a = p[cell & (p["regime"] == r["regime"]) & (p["translator"] == r["translator"])
+          & (p["reference"] == r["reference"])]
+    b = p[cell & (p["regime"] == r["baseline"]) & (p["translator"] == "")]
+    seeds = sorted(set(a["seed"]) & set(b["seed"]))
+    if not seeds:
+        return (np.nan,) * 3
+    side_a = [a[a["seed"] == s].sort_values("row") for s in seeds]
+    side_b = [b[b["seed"] == s].sort_values("row") for s in seeds]
+    y = side_a[0]["label"].to_numpy()
+    if len(np.unique(y)) < 2:
+        return (np.nan,) * 3
+    d = paired_bootstrap_mean_auc_difference(y, [g["p"].to_numpy() for g in side_a],
+                                             [g["p"].to_numpy() for g in side_b],
+                                             n_boot=n_boot)
+    return d["diff_lo"], d["diff_hi"], d["p_value"]
+
+
+def _gap_closed(table: pd.DataFrame) -> pd.DataFrame:
+    """in_site_auc and gap_closed for external rows: (AUC - baseline's external AUC) /
+    (baseline's in-site AUC - baseline's external AUC)."""
+    table = table.copy()
+    table["in_site_auc"] = np.nan
+    table["gap_closed"] = np.nan
+    internal = table[table["protocol"] == "internal"].set_index(
+        ["classifier", "test_site", "regime", "translator", "reference"])["auc"]
+    for i, r in table[table["protocol"] == "external"].iterrows():
+        key = (r["classifier"], r["train_sites"], r["baseline"], "", "")
+        base = table[(table["protocol"] == r["protocol"]) & (table["test_site"] == r["test_site"])
+                     & (table["classifier"] == r["classifier"])
+                     & (table["regime"] == r["baseline"]) & (table["translator"] == "")]
+        if key not in internal.index or base.empty:
+            continue
+        in_site, ext = float(internal[key]), float(base["auc"].iloc[0])
+        table.loc[i, "in_site_auc"] = in_site
+        if in_site - ext > 0.01:  # no gap, no share of it
+            table.loc[i, "gap_closed"] = (r["auc"] - ext) / (in_site - ext)
+    return table
 
 
 def answer_sentence(table: pd.DataFrame) -> str:
     """The evaluation's answer in words: per external test site and classifier, the best
-    harmonized regime against plain augmentation, and whether the gain is significant."""
+    harmonized regime against the stronger augmentation, and whether the gain is
+    significant."""
     parts = []
     ext = table[table["protocol"] == "external"] if "protocol" in table else table.iloc[:0]
     for (site, clf), g in ext.groupby(["test_site", "classifier"], sort=False):
-        aug = g[g["regime"] == "augment"]
+        aug = g[g["regime"] == g["baseline"]]
         harm = g[g["regime"].astype(str).str.startswith("harmonized")]
         if aug.empty or harm.empty:
             continue
         best = harm.loc[harm["auc"].idxmax()]
-        a = float(aug["auc"].iloc[0])
+        a, base = float(aug["auc"].iloc[0]), BASELINE_NAMES.get(aug["regime"].iloc[0], "")
         gain = float(best["auc"]) - a
         better, seeds = int(best.get("seeds_better_p05", 0) or 0), int(best["seeds"])
         name = _label(best)
+        closed = best.get("gap_closed", np.nan)
+        share = (f"; it closes {closed:.0%} of the in-site/external gap beyond it"
+                 if pd.notna(closed) else "")
+        ci = (f" (paired 95% CI [{best['gain_lo']:+.2f}, {best['gain_hi']:+.2f}])"
+              if pd.notna(best.get("gain_lo", np.nan)) else "")
         if gain > 0 and better > 0:
-            verdict = (f"beats plain augmentation ({a:.2f}) by {gain:+.2f}, significant in "
-                       f"{better} of {seeds} seed(s)")
+            verdict = (f"beats {base} ({a:.2f}) by {gain:+.2f}{ci}, significant in "
+                       f"{better} of {seeds} seed(s){share}")
         elif gain > 0:
-            verdict = (f"is above plain augmentation ({a:.2f}) by {gain:+.2f}, but in no seed "
-                       "significantly: not a demonstrated gain")
+            verdict = (f"is above {base} ({a:.2f}) by {gain:+.2f}{ci}, but in no seed "
+                       f"significantly: not a demonstrated gain{share}")
         else:
-            verdict = f"does not beat plain augmentation ({a:.2f}; {gain:+.2f})"
+            verdict = f"does not beat {base} ({a:.2f}; {gain:+.2f})"
         picked = (f"the best of {len(harm)} harmonized regimes by mean AUC (picking the "
                   "best flatters it)" if len(harm) > 1 else "the harmonized regime")
         parts.append(f"Unseen site {site}, {clf}: {picked}, {name}, has "
@@ -79,8 +148,15 @@ def answer_sentence(table: pd.DataFrame) -> str:
         "training in this run."
 
 
+BASELINE_NAMES = {"augment": "plain augmentation",
+                  "acquisition": "acquisition-style augmentation"}
+
+
 def _label(r) -> str:
-    return r["regime"] if not r["translator"] else f"{r['regime']} ({r['translator']})"
+    if not r["translator"]:
+        return r["regime"]
+    when = {"train": ", test-time", "fixed": ""}.get(r.get("reference", ""), "")
+    return f"{r['regime']} ({r['translator']}{when})"
 
 
 def auc_figure(table: pd.DataFrame):
@@ -92,7 +168,7 @@ def auc_figure(table: pd.DataFrame):
         y = np.arange(len(g))
         ax.errorbar(g["auc"], y, xerr=[g["auc"] - g["auc_lo"], g["auc_hi"] - g["auc"]],
                     fmt="o", capsize=3)
-        aug = g.loc[g["regime"] == "augment", "auc"]
+        aug = g.loc[g["regime"] == g["baseline"], "auc"]
         if len(aug):
             ax.axvline(float(aug.iloc[0]), color="grey", ls="--", lw=1)
         ax.axvline(0.5, color="red", ls=":", lw=1)
@@ -109,12 +185,13 @@ def roc_figure(predictions: pd.DataFrame, seed: int, classifier: str):
     panels = list(p.groupby(["protocol", "test_site"], sort=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
     for ax, ((protocol, site), g) in zip(axes[0], panels, strict=True):
-        for (regime, translator), h in g.groupby(["regime", "translator"], sort=False):
+        for (regime, translator, reference), h in g.fillna({"reference": ""}).groupby(
+                ["regime", "translator", "reference"], sort=False):
             if h["label"].nunique() < 2:
                 continue
             fpr, tpr = roc_points(h["label"].to_numpy(), h["p"].to_numpy())
-            ax.plot(fpr, tpr, lw=1.2,
-                    label=regime if not translator else f"{regime} ({translator})")
+            ax.plot(fpr, tpr, lw=1.2, label=_label({"regime": regime, "translator": translator,
+                                                    "reference": reference}))
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
         ax.set_title(f"{protocol}: {site}", fontsize=9)
         ax.set_xlabel("1 - specificity")
@@ -146,14 +223,15 @@ def write_outputs(out: Path, config, data, sets, results: pd.DataFrame,
                   shifts: dict | None = None) -> Path:
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     atomic_write(out / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
-    table = summary_table(results)
+    table = summary_table(results, predictions, config.bootstrap)
     table.to_csv(out / "summary_table.csv", index=False)
     audit_table = audit["summary"]
     md = ["# Downstream evaluation\n",
           f"Data: {data.manifest} ({len(data.df)} images, sites "
           f"{', '.join(sorted(data.df['site'].unique()))}, reference {data.reference_site}); "
           f"seeds {config.seeds}; {config.train.epochs} epochs per model.\n",
-          "## AUC per regime (mean over seeds, 95% CI) and gain over plain augmentation\n",
+          "## AUC per regime (mean over seeds, 95% CI) and gain over the stronger "
+          "augmentation\n",
           markdown_table(table),
           "\n## Hallucination audit\n", markdown_table(audit_table)]
     if shifts:
@@ -182,24 +260,31 @@ def _setup_text(config, data, sets) -> str:
         f"{', '.join(c.arch for c in config.classifiers)} at {config.data.image_size} px, "
         f"trained from scratch for {tc.epochs} epochs (batch {tc.batch_size}, AdamW lr "
         f"{tc.lr:g}, one-cycle schedule, class imbalance: {tc.balance}); seeds "
-        f"{config.seeds}. Plain augmentation: {AUGMENTATION_DOC}. Translators "
+        f"{config.seeds}. Plain augmentation: {AUGMENTATION_DOC}. Acquisition-style "
+        f"augmentation: {ACQUISITION_DOC}. Reference: fixed = every image translated to "
+        f"'{data.reference_site}', the classifier trained and tested on harmonized images; "
+        "test-time (reference: train) = the raw-image classifier, untouched, tested on the "
+        "unseen site's images translated to its training site. Translators "
         f"({', '.join(sets) or 'none'}) never see labels but are fitted on unlabelled images "
         "of every site, the test site included (as unsupervised domain adaptation does). "
         "CIs: percentile bootstrap over test images (stratified by class) for one seed; "
-        "t-interval over seeds when there are several. Gain: AUC minus the plain-augmentation "
-        "AUC of the same classifier, fold and seed on the same images, paired bootstrap.")
+        "t-interval over seeds when there are several. Gain: AUC minus that of the stronger "
+        "augmentation (baseline: higher mean AUC of plain and acquisition-style in that "
+        "setting) of the same classifier, fold and seed on the same images; gain_lo/hi: "
+        "paired bootstrap of the seed-averaged gain over test images. gap_closed: the gain "
+        "as a share of the baseline's in-site minus external AUC.")
 
 
 def write_report(path: Path, config, data, sets, table, predictions, audit, timings,
                  shifts: dict) -> Path:
-    report = HtmlReport("harmonize evaluate: does harmonization beat plain augmentation?")
+    report = HtmlReport("harmonize evaluate: does harmonization beat augmentation?")
     report.answer(answer_sentence(table))
     report.paragraph(_setup_text(config, data, sets))
     report.link("results.csv", "results.csv (one row per model)")
     report.link("predictions.csv", "predictions.csv (one row per test image and model)")
     report.link("audit/per_image.csv", "audit/per_image.csv")
     report.heading("AUC per regime")
-    report.figure(auc_figure(table), "dashed: plain augmentation; dotted: chance")
+    report.figure(auc_figure(table), "dashed: the stronger augmentation; dotted: chance")
     report.table(table)
     shortcut = table[(table["regime"] == "raw")]
     if {"external", "internal"} <= set(shortcut["protocol"]):
