@@ -38,7 +38,13 @@ def test_quick_tb_cxr_study_trains_both_ways_and_measures_the_shift(quick_study)
                      ("internal", "montgomery"), ("internal", "shenzhen")}
     harmonized = table[table["regime"] == "harmonized"]
     assert set(harmonized["translator"]) == {"histogram-matching", "fourier"}
-    assert harmonized["gain_vs_augment"].notna().all()
+    assert harmonized["gain"].notna().all()
+    # both reference protocols; under test-time harmonization the external site only
+    assert set(harmonized["reference"]) == {"fixed", "train"}
+    assert set(harmonized.loc[harmonized["reference"] == "train", "protocol"]) == {"external"}
+    assert set(table["baseline"]) <= {"augment", "acquisition"}
+    external = table[table["protocol"] == "external"]
+    assert external["in_site_auc"].between(0.6, 1).all()
     # real data: the raw-trained CNN sees TB in held-out patients of its own hospital
     internal = table[(table["protocol"] == "internal") & (table["regime"] == "raw")]
     assert internal.set_index("test_site").loc["shenzhen", "auc"] > 0.6
