@@ -92,6 +92,35 @@ def headline(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows)[["test_site", *HEADLINE]] if rows else ext[["test_site", *HEADLINE]]
 
 
+def augmentation_grid(out: Path, draws: int = 5) -> Path:
+    """OUT/augmentations.png: one Montgomery image, then draws of plain and of
+    acquisition-style augmentation at 256 px (the classifiers see them at 64 px)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image
+    from harmonize.data.manifest import load_manifest
+    from harmonize.data.transforms import AUGMENTATIONS, augment
+    from harmonize.report.html import image_grid
+
+    config = load_eval_config(out / "config.yaml")
+    df = load_manifest(config.data.manifest)
+    path = df.loc[df["site"] == "montgomery", "path"].iloc[0]
+    x = torch.as_tensor(np.clip(IntensityPolicy().to_model(read_image(path))[0], 0, 1),
+                        dtype=torch.float32)[None]
+    rows = []
+    for kind in ("plain", "acquisition"):
+        aug = AUGMENTATIONS[kind](x.shape[-1], seed=0)
+        rows.append([x[0].numpy()] + [augment(aug, x)[0].numpy() for _ in range(draws)])
+    fig = image_grid(rows, ["input"] + [f"draw {k + 1}" for k in range(draws)],
+                     ["plain", "acquisition"], cell_inches=1.8)
+    fig.savefig(out / "augmentations.png", dpi=72)
+    plt.close(fig)
+    return out / "augmentations.png"
+
+
 def study_markdown(out: Path) -> str:
     summary = json.loads((out / "summary.json").read_text())
     seconds = sum(summary["timings"].values())
@@ -135,6 +164,7 @@ def main() -> None:
         config = load_eval_config(ROOT / "configs" / "eval" / name, {"out": str(out)})
         run_evaluation(config)
     patient_grid(out)
+    augmentation_grid(out)
     text = study_markdown(out)
     (out / "study.md").write_text(text)
     print(text)
