@@ -64,7 +64,8 @@ def run(synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "cg"
     args = ["-q", "--config", str(ROOT / "configs/cyclegan/quick.yaml"),
             "--data", str(synth / "manifest.csv"), "--reference-site", "site_a",
-            "--out", str(out)] + [f"--set={k}={v}" for k, v in TINY.items()]
+            "--out", str(out), "--set=train.snapshot_every=2"] + [
+                f"--set={k}={v}" for k, v in TINY.items()]
     assert _recipe().main(args) == 0
     return out
 
@@ -159,6 +160,11 @@ def test_run_writes_a_loadable_checkpoint(run, synth, tmp_path):
         "step_0000002.png", "step_0000004.png"]
     log = pd.read_csv(run / "train_log.csv")
     assert list(log["step"]) == [1, 2, 3, 4] and log["cycle"].notna().all()
+    # snapshots to choose from without labels; the last one is the final model
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "step_0000002", "step_0000004"]
+    assert (run / "snapshots" / "step_0000004" / "model.safetensors").read_bytes() == (
+        run / "model" / "model.safetensors").read_bytes()
 
     translator = load_translator(run / "model")
     assert isinstance(translator, CycleGANTranslator) and translator.tile_size == 64
