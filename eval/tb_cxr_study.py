@@ -2,6 +2,7 @@
 
     python eval/tb_cxr_study.py --out runs/tb_cxr            # full: about an hour, 2 CPU cores
     python eval/tb_cxr_study.py --quick --out runs/tb_quick  # a few minutes
+    python eval/tb_cxr_study.py --config configs/eval/bonescan_2site.yaml --out runs/bonescan
 
 Runs `harmonize evaluate` with configs/eval/tb_cxr_2site[_quick].yaml (Montgomery and
 Shenzhen TB chest X-rays, ../shared/data/tb_cxr_2site) and writes OUT/study.md: the
@@ -40,6 +41,19 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
 
 
+def _shown_site(out: Path, config) -> tuple[pd.DataFrame, str]:
+    """The run's manifest and the site whose images the grids show: Montgomery in the TB
+    study, else the first site that is not the reference (e.g. the bone-scan benchmark)."""
+    from harmonize.data.manifest import load_manifest
+
+    manifest = config.data.manifest or out / "data" / "manifest.csv"
+    df = load_manifest(manifest)
+    sites = sorted(df["site"].unique())
+    reference = config.data.reference_site or sites[0]
+    return df, "montgomery" if "montgomery" in sites else next(
+        s for s in sites if s != reference)
+
+
 def patient_grid(out: Path, per_label: int = 2) -> Path:
     """OUT/patients.png: the same Montgomery patients (TB and normal) raw and after each
     translator, for the docs."""
@@ -48,13 +62,12 @@ def patient_grid(out: Path, per_label: int = 2) -> Path:
 
     from harmonize.data.intensity import IntensityPolicy
     from harmonize.data.io import read_image
-    from harmonize.data.manifest import load_manifest
     from harmonize.report.html import image_grid
 
     config = load_eval_config(out / "config.yaml")
-    df = load_manifest(config.data.manifest)
+    df, site = _shown_site(out, config)
     rows = pd.concat([g.head(per_label) for _, g in
-                      df[df["site"] == "montgomery"].groupby("label")])
+                      df[df["site"] == site].groupby("label")])
     names = [t.name for t in config.translators]
     policy = IntensityPolicy()
 
@@ -101,13 +114,11 @@ def augmentation_grid(out: Path, draws: int = 5) -> Path:
 
     from harmonize.data.intensity import IntensityPolicy
     from harmonize.data.io import read_image
-    from harmonize.data.manifest import load_manifest
     from harmonize.data.transforms import AUGMENTATIONS, augment
     from harmonize.report.html import image_grid
 
-    config = load_eval_config(out / "config.yaml")
-    df = load_manifest(config.data.manifest)
-    path = df.loc[df["site"] == "montgomery", "path"].iloc[0]
+    df, site = _shown_site(out, load_eval_config(out / "config.yaml"))
+    path = df.loc[df["site"] == site, "path"].iloc[0]
     x = torch.as_tensor(np.clip(IntensityPolicy().to_model(read_image(path))[0], 0, 1),
                         dtype=torch.float32)[None]
     rows = []
@@ -154,14 +165,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="TB CXR two-site study (Montgomery, Shenzhen)")
     ap.add_argument("--out", default="runs/tb_cxr")
     ap.add_argument("--quick", action="store_true", help="the few-minute variant")
+    ap.add_argument("--config", default=None, help="another evaluation config with the "
+                    "same design (e.g. configs/eval/bonescan_2site.yaml)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite OUT/study.md from a finished run")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     name = "tb_cxr_2site_quick.yaml" if args.quick else "tb_cxr_2site.yaml"
+    path = Path(args.config).resolve() if args.config else ROOT / "configs" / "eval" / name
     if not args.report_only:
         os.chdir(ROOT)  # the config's data path is relative to the repository
-        config = load_eval_config(ROOT / "configs" / "eval" / name, {"out": str(out)})
+        config = load_eval_config(path, {"out": str(out)})
         run_evaluation(config)
     patient_grid(out)
     augmentation_grid(out)

@@ -161,8 +161,11 @@ def _label(r) -> str:
 
 def auc_figure(table: pd.DataFrame):
     panels = list(table.groupby(["protocol", "test_site", "classifier"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False,
-                             sharey=True)
+    # panels differ in rows (test-time rows exist for the external site only), so each
+    # has its own y axis; the height follows the longest
+    rows = max(len(g) for _, g in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 1.2 + 0.28 * rows),
+                             squeeze=False)
     for ax, ((protocol, site, clf), g) in zip(axes[0], panels, strict=True):
         labels = [_label(r) for _, r in g.iterrows()]
         y = np.arange(len(g))
