@@ -56,12 +56,13 @@ def test_augmented_training_is_reproducible_too(cxr):
     assert_same_run(a, b)
 
 
-def test_plain_augmentation_changes_images_within_range_reproducibly(cxr):
+@pytest.mark.parametrize("make", [plain_augmentation, acquisition_augmentation])
+def test_augmentation_changes_images_within_range_reproducibly(cxr, make):
     x = cxr[0][0]
-    a = [augment(plain_augmentation(64, seed=3), x) for _ in range(2)]
+    a = [augment(make(64, seed=3), x) for _ in range(2)]
     torch.testing.assert_close(a[0], a[1])
-    aug = plain_augmentation(64, seed=3)
-    outs = torch.stack([augment(aug, x) for _ in range(8)])
+    aug = make(64, seed=3)
+    outs = torch.stack([augment(aug, x) for _ in range(16)])
     assert outs.min() >= 0 and outs.max() <= 1
     assert (outs - x).abs().mean() > 0.01  # not a no-op
     assert outs.std(0).mean() > 0.005      # a fresh draw per call
@@ -69,11 +70,6 @@ def test_plain_augmentation_changes_images_within_range_reproducibly(cxr):
 
 def test_acquisition_augmentation_simulates_other_x_ray_systems(cxr):
     x = cxr[0][0]
-    a = [augment(acquisition_augmentation(64, seed=3), x) for _ in range(2)]
-    torch.testing.assert_close(a[0], a[1])
-    aug = acquisition_augmentation(64, seed=3)
-    outs = torch.stack([augment(aug, x) for _ in range(16)])
-    assert outs.min() >= 0 and outs.max() <= 1 and outs.std(0).mean() > 0.005
     assert TrainConfig(augment=True).augment == "plain"  # older configs' flag
     assert TrainConfig(augment="acquisition").augment == "acquisition"
     from harmonize.data.acquisition import RandCollimation, RandQuantumNoise

@@ -19,6 +19,7 @@ from harmonize.data.transforms import ACQUISITION_DOC, AUGMENTATION_DOC  # noqa:
 from harmonize.report.html import HtmlReport, image_grid  # noqa: E402
 
 GROUP = ["protocol", "test_site", "classifier", "regime", "translator", "reference"]
+SETTING_KEYS = ["classifier", "protocol", "test_site"]
 REGIME_ORDER = {"raw": 0, "augment": 1, "acquisition": 2, "harmonized": 3,
                 "harmonized+augment": 4, "harmonized+acquisition": 5}
 # the audit's columns a reader must not miss, shown first
@@ -47,7 +48,12 @@ def summary_table(results: pd.DataFrame, predictions: pd.DataFrame | None = None
     first = results.groupby(GROUP, dropna=False)[["baseline", "train_sites"]].first()
     out = out.merge(first.reset_index(), on=GROUP, how="left")
     out["gain"] = mean_over_seeds(results, GROUP, "gain_auc")["mean"].to_numpy()
-    pooled = [_pooled_gain(predictions, r, n_boot) for _, r in out.iterrows()]
+    # one pass over the predictions: (regime, translator, reference, classifier,
+    # protocol, test site) -> that cell's predictions of every seed
+    cells = {} if predictions is None else dict(list(predictions.fillna(
+        {"reference": "", "translator": ""}).groupby(
+            ["regime", "translator", "reference", *SETTING_KEYS])))
+    pooled = [_pooled_gain(cells, r, n_boot) for _, r in out.iterrows()]
     out["gain_lo"], out["gain_hi"], out["gain_p"] = (np.array([g[i] for g in pooled])
                                                      for i in range(3))
     sig = results.assign(sig=(results["gain_p"] < 0.05) & (results["gain_auc"] > 0),
@@ -62,18 +68,17 @@ def summary_table(results: pd.DataFrame, predictions: pd.DataFrame | None = None
                                 drop=True)
 
 
-def _pooled_gain(predictions: pd.DataFrame | None, r, n_boot: int) -> tuple:
+def _pooled_gain(cells: dict, r, n_boot: int) -> tuple:
     """(lo, hi, p) of the seed-averaged gain of one summary row over its baseline."""
     from harmonize.classify.metrics import paired_bootstrap_mean_auc_difference
 
-    if predictions is None or r["regime"] == r["baseline"]:
+    if r["regime"] == r["baseline"]:
         return (np.nan,) * 3
-    p = predictions.fillna({"reference": "", "translator": ""})
-    cell = (p["classifier"] == r["classifier"]) & (p["protocol"] == r["protocol"]) & (
-        p["test_site"] == r["test_site"])
-    a = p[cell & (p["regime"] == r["regime"]) & (p["translator"] == r["translator"])
-          & (p["reference"] == r["reference"])]
-    b = p[cell & (p["regime"] == r["baseline"]) & (p["translator"] == "")]
+    setting = tuple(r[c] for c in SETTING_KEYS)
+    a = cells.get((r["regime"], r["translator"], r["reference"], *setting))
+    b = cells.get((r["baseline"], "", "", *setting))
+    if a is None or b is None:
+        return (np.nan,) * 3
     seeds = sorted(set(a["seed"]) & set(b["seed"]))
     if not seeds:
         return (np.nan,) * 3
