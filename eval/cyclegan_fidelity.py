@@ -1,13 +1,16 @@
 """Does CycleGAN bring other sites closer to the reference site than histogram matching?
 
 On the synthetic benchmark (paired reference renderings = ground truth): synthesize,
-split by patient, train histogram matching and CycleGAN (a config, default quick) on the
-train half, harmonize the test half with `apply_translator` (files in, files out, as a
-user would), and score every non-reference test image against its reference rendering:
-SSIM and PSNR in model space, mean with 95% bootstrap CIs, per method and per site, plus
+split by patient, train histogram matching and CycleGAN (a config, default quick; a
+config with a `landmarks` section trains the histogram-residual translator instead, e.g.
+configs/histogram_residual/quick.yaml) on the train half, harmonize the test half with
+`apply_translator` (files in, files out, as a user would), and score every non-reference
+test image against its reference rendering: SSIM and PSNR in model space, mean with 95% bootstrap CIs, per method and per site, plus
 the paired CycleGAN - histogram matching difference. CPU only by default.
 
     python eval/cyclegan_fidelity.py --out eval_out/cyclegan_fidelity
+    python eval/cyclegan_fidelity.py --config configs/histogram_residual/quick.yaml \
+        --sites 3 --seed 3 --out eval_out/hr_seed3
     python eval/cyclegan_fidelity.py --config configs/cyclegan/quick.yaml --set train.steps=500
 
 Writes OUT/fidelity.csv (one row per image and method), OUT/fidelity.json (summary,
@@ -42,7 +45,7 @@ from harmonize.translators.cyclegan.config import parse_override
 from harmonize.translators.tiling import seam_ratio, tile_borders
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("identity", "histogram-matching", "cyclegan")
+CLASSICAL = ("identity", "histogram-matching")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +85,13 @@ def run(args: argparse.Namespace) -> dict:
     overrides.update({"data.manifest": str(train_csv), "data.reference_site": ref,
                       "train.out": str(out / "cyclegan_run"), "train.progress": shown})
     config = load_config(args.config, overrides)
+    kind = config.kind  # cyclegan, or histogram-residual
     t = time.perf_counter()
     model_dir = train_cyclegan(config)
-    timings["cyclegan_train_s"] = time.perf_counter() - t
+    timings["train_s"] = time.perf_counter() - t
 
-    for method in METHODS[1:]:
-        model = out / "models" / method if method != "cyclegan" else model_dir
+    for method in (*CLASSICAL[1:], kind):
+        model = out / "models" / method if method != kind else model_dir
         t = time.perf_counter()
         apply_translator(load_translator(model), test_csv, out / "harmonized" / method,
                          progress=shown)
@@ -96,11 +100,12 @@ def run(args: argparse.Namespace) -> dict:
     test = load_manifest(test_csv)
     test = test[test["site"] != ref]  # reference-site images are their own truth
     seams = seam_check(load_translator(model_dir), config.data.image_size, args.seed)
-    rows = score(test, out)
+    rows = score(test, out, kind)
     rows.to_csv(out / "fidelity.csv", index=False)
-    result = {"reference_site": ref, "n_scored": len(test), "sites": info["sites"],
+    result = {"kind": kind, "seed": args.seed, "cpu": _cpu_name(), "reference_site": ref,
+              "n_scored": len(test), "sites": info["sites"],
               "size": args.size, "per_site": args.per_site, "timings": timings,
-              "cpu_threads": _threads(), "summary": summarize(rows), "seams": seams,
+              "cpu_threads": _threads(), "summary": summarize(rows, kind), "seams": seams,
               "config": config.model_dump(mode="json")}
     (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -137,39 +142,56 @@ def seam_check(translator, tile: int, seed: int, n: int = 6) -> dict:
     return result
 
 
-def score(test: pd.DataFrame, out: Path) -> pd.DataFrame:
+def score(test: pd.DataFrame, out: Path, kind: str) -> pd.DataFrame:
     return score_files(test, out / "synth", {
         m: (lambda rec, m=m: rec["path"] if m == "identity"
-            else out / "harmonized" / m / rec["relpath"]) for m in METHODS})
+            else out / "harmonized" / m / rec["relpath"]) for m in (*CLASSICAL, kind)})
 
 
-def summarize(rows: pd.DataFrame) -> dict:
+def summarize(rows: pd.DataFrame, kind: str) -> dict:
     """Mean and 95% bootstrap CI per method (all sites, then per site), and the paired
-    CycleGAN - histogram matching difference per image."""
+    trained translator - histogram matching difference per image (`minus_hm`)."""
     out = fidelity.summarize(rows, baseline="histogram-matching")
     for entry in out.values():
-        entry["cyclegan_minus_hm"] = entry["cyclegan"].pop("minus_histogram-matching")
+        entry["minus_hm"] = entry[kind].pop("minus_histogram-matching")
     return out
 
 
 def print_table(result: dict) -> None:
-    s = result["summary"]
+    s, kind = result["summary"], result["kind"]
     print(f"\nfidelity to the paired reference renderings ({result['n_scored']} test images "
           f"of non-reference sites, {result['size']} px; mean [95% bootstrap CI])")
     print(f"{'scope':10} {'method':20} {'SSIM':>26} {'PSNR dB':>26}")
     for scope, entry in s.items():
-        for method in (*METHODS, "cyclegan_minus_hm"):
+        for method in (*CLASSICAL, kind, "minus_hm"):
             e = entry[method]
             cells = [f"{e[m]['mean']:7.3f} [{e[m]['ci95'][0]:7.3f},{e[m]['ci95'][1]:7.3f}]"
                      for m in ("ssim", "psnr")]
             print(f"{scope:10} {method:20} {cells[0]:>26} {cells[1]:>26}")
     t = result["timings"]
-    print(f"CycleGAN training: {t['cyclegan_train_s']:.0f} s on {result['cpu_threads']} "
-          f"CPU thread(s); apply {t['cyclegan_apply_s']:.1f} s")
+    print(f"{kind} training: {t['train_s']:.0f} s on {result['cpu_threads']} "
+          f"CPU thread(s) ({result['cpu']}); apply {t[f'{kind}_apply_s']:.1f} s")
     sm = result["seams"]
     print(f"seams at {sm['image_side']} px (tile {sm['tile']}; 1 = none): blended tiles "
           f"{sm['blended']['mean']:.3f} (max {sm['blended']['max']:.3f}), whole-image pass "
           f"{sm['whole_image']['mean']:.3f}, hard tiles {sm['hard']['mean']:.3f}")
+
+
+def _cpu_name() -> str:
+    """The CPU model and whether it runs bf16 natively (numbers depend on both)."""
+    import platform
+
+    from harmonize.training.device import cpu_kind
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}; {cpu_kind()}"
 
 
 def _threads() -> int:

@@ -38,12 +38,12 @@ import pandas as pd
 import torch
 
 from harmonize.apply import apply_translator
+from harmonize.data import polarity as pol
 from harmonize.data.manifest import load_manifest
 from harmonize.evaluation import fidelity
 from harmonize.evaluation.fidelity import fidelity_image, prepare_benchmark, score_files, score_pair
 from harmonize.fit import fit_and_save
 from harmonize.translators import TRANSLATORS, HistogramMatching, load_translator
-from harmonize.translators import polarity as pol
 from harmonize.translators.diffusion import DiffusionTranslator, load_config, train_diffusion
 from harmonize.translators.diffusion import sampling as smp
 from harmonize.translators.diffusion.config import parse_override

@@ -262,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=f"example:\n  {cyclegan_command.EXAMPLE}")
     cyclegan_command.add_train_arguments(c)
     c.set_defaults(func=cyclegan_command.run_from_args)
+    r = kinds.add_parser("histogram-residual", formatter_class=fmt, parents=[common],
+                         help="histogram matching, then a residual generator trained "
+                              "adversarially on its output (starts at histogram matching)",
+                         epilog=f"example:\n  {cyclegan_command.EXAMPLE_RESIDUAL}")
+    cyclegan_command.add_train_arguments(r)
+    r.set_defaults(func=cyclegan_command.run_from_args)
 
     from harmonize.translators.diffusion import command as diffusion_command
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from harmonize.translators.polarity import thumbnail
+from harmonize.data.polarity import thumbnail
 
 
 def _standardized_thumbnails(images: Sequence[np.ndarray], size: int) -> np.ndarray:

@@ -90,3 +90,14 @@ def test_federated_tasks_take_their_loss_terms_from_the_translators():
     graph = import_graph()
     assert "harmonize.translators.cyclegan.losses" in graph["harmonize.federated.cyclegan_task"]
     assert "harmonize.translators.diffusion.losses" in graph["harmonize.federated.diffusion_task"]
+
+
+def test_training_and_data_sit_below_the_translators():
+    """`harmonize.training` (one training run) and `harmonize.data` serve every model
+    kind, so they never import a translator: what both need (e.g. the polarity guard)
+    lives in `harmonize.data`."""
+    graph = import_graph()
+    bad = {(m, t) for m, targets in graph.items()
+           if m.startswith(("harmonize.training", "harmonize.data"))
+           for t in targets if t.startswith("harmonize.translators")}
+    assert bad == set()

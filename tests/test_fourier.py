@@ -7,8 +7,8 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.stats import wasserstein_distance
 
+from harmonize.data.polarity import correlation
 from harmonize.translators import FourierAmplitudeMatching, NotFittedError, load_translator
-from harmonize.translators.polarity import correlation
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def test_histogram_matching_moves_synthetic_sites_towards_their_reference_render
 
 
 def test_polarity_check_flags_exactly_the_inverted_sites(synth_xray):
-    from harmonize.translators.polarity import is_inverted, thumbnail
+    from harmonize.data.polarity import is_inverted, thumbnail
 
     out, info = synth_xray
     df = pd.read_csv(out / "manifest.csv")

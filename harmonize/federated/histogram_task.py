@@ -30,13 +30,13 @@ import pandas as pd
 import torch
 
 from harmonize.configs import ConfigError
+from harmonize.data import polarity as pol
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.local_prior_task import aggregate_reference_reply
 from harmonize.federated.node_state import Arrays
-from harmonize.translators import polarity as pol
 from harmonize.translators.histogram import HistogramMatching
 
 LANDMARKS, TEMPLATE = "reference_quantiles", "template"

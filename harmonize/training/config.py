@@ -45,6 +45,9 @@ class LoopConfig(Section):
     checkpoint_every: int = Field(5000, ge=1)
     resume: bool = False
     progress: bool = True
+    log_with: Literal["none", "tensorboard"] = Field(
+        "none", description="also send the logged losses and the sample grids to this "
+        "tracker through accelerate (OUT/tensorboard; pip install 'harmonize[tensorboard]')")
     # hardware switches, off (PyTorch's defaults) unless measured to help on your machine
     tf32: bool | None = Field(None, description="CUDA TF32 matmuls and convolutions: true "
                               "on, false off, null PyTorch's defaults")

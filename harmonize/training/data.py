@@ -13,11 +13,11 @@ import torch
 from tqdm import tqdm
 
 from harmonize.configs import ConfigError
+from harmonize.data import polarity as pol
 from harmonize.data.datasets import resize_square
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.data.manifest import select_rows as select_manifest_rows
-from harmonize.translators import polarity as pol
 
 
 def select_training_rows(data, reference_only: bool = False,

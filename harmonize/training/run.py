@@ -3,7 +3,9 @@
 `TrainingRun` owns the accelerator, the seed, the run folder (refusing to overwrite a
 previous run, checking that a --resume can continue it), the progress bar, the
 resumable (epoch, batch) order, the running loss sums (kept on the device, read only
-when a log row is written), OUT/train_log.csv and the atomic OUT/state for --resume.
+when a log row is written), OUT/train_log.csv (and, with `train.log_with: tensorboard`,
+the same rows and the sample grids in OUT/tensorboard through accelerate's trackers) and
+the atomic OUT/state for --resume.
 The translator's `train.py` keeps the algorithm: it builds its networks, runs its own
 step on each batch and says when to sample and what to save.
 
@@ -80,7 +82,7 @@ class TrainingRun:
                               "continue it or choose another --out")
         self.accelerator = make_accelerator(
             mixed_precision=training_precision(tc.mixed_precision),
-            gradient_accumulation_steps=tc.grad_accum)
+            gradient_accumulation_steps=tc.grad_accum, **_tracker_options(tc))
         self.is_main = self.accelerator.is_main_process
         set_seed(tc.seed, device_specific=True)
         if tc.tf32 is not None:
@@ -109,6 +111,9 @@ class TrainingRun:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.out / "config.yaml")
+        if self.tc.log_with != "none":  # every process calls it; only the main one writes
+            self.accelerator.init_trackers(TRACKER_RUN, config=_flat_scalars(
+                self.config.model_dump(mode="json")))
 
     def optimize(self, net: torch.nn.Module) -> torch.nn.Module:
         """train.channels_last / train.compile applied to a network (before prepare)."""
@@ -178,7 +183,20 @@ class TrainingRun:
                               refresh=False)
         if self.is_main:
             self._append_log(lr, means)
+        if self.tc.log_with != "none":
+            self.accelerator.log({**means, "lr": lr}, step=self.counter.step)
         return means
+
+    def log_sample_grid(self, png: Path) -> None:
+        """Show a sample grid the loop has written (OUT/samples/...) in TensorBoard too."""
+        if self.tc.log_with != "tensorboard" or not self.is_main:
+            return
+        import numpy as np
+        from PIL import Image
+
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples", np.asarray(Image.open(png).convert("L")),
+                         self.counter.step, dataformats="HW")
 
     def _append_log(self, lr: float, means: dict[str, float]) -> None:
         path = self.out / "train_log.csv"
@@ -250,6 +268,36 @@ class TrainingRun:
     def saved_metadata(self) -> dict:
         meta = self.out / "model" / "metadata.json"
         return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+TRACKER_RUN = "tensorboard"  # OUT/tensorboard holds the event files
+
+
+def _tracker_options(tc) -> dict:
+    """Accelerator keywords for `train.log_with`; a missing package is a config error
+    named before anything trains."""
+    if tc.log_with == "none":
+        return {}
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.log_with: tensorboard needs the tensorboard package: "
+                          "pip install 'harmonize[tensorboard]' (or set log_with: none)") from None
+    return {"log_with": tc.log_with, "project_dir": str(tc.out)}
+
+
+def _flat_scalars(config: dict, prefix: str = "") -> dict:
+    """A nested config as TensorBoard's hyperparameters: dotted keys, scalar values."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif value is not None:
+            out[name] = str(value)
+    return out
 
 
 def _get(config, dotted: str):

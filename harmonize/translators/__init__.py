@@ -7,17 +7,20 @@ from pathlib import Path
 from harmonize.checkpoint import CheckpointError, checkpoint_kind
 from harmonize.translators.base import NotFittedError, Translator
 from harmonize.translators.cyclegan import CycleGANTranslator
+from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.diffusion import DiffusionTranslator
+from harmonize.translators.fingerprints import FingerprintRemoval
 from harmonize.translators.fourier import FourierAmplitudeMatching
 from harmonize.translators.histogram import HistogramMatching
 from harmonize.translators.identity import IdentityTranslator
 
 TRANSLATORS: dict[str, type[Translator]] = {
     cls.kind: cls
-    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, DiffusionTranslator,
-                FourierAmplitudeMatching)
+    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator,
+                HistogramResidualTranslator, DiffusionTranslator, FourierAmplitudeMatching,
+                FingerprintRemoval)
 }
-BUILTIN_UNFITTED = {"identity"}
+BUILTIN_UNFITTED = {"identity", "fingerprints"}
 
 
 def load_translator(spec: str | Path) -> Translator:
@@ -40,4 +43,5 @@ def load_translator(spec: str | Path) -> Translator:
 
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
            "HistogramMatching", "IdentityTranslator", "CycleGANTranslator",
-           "DiffusionTranslator", "FourierAmplitudeMatching"]
+           "DiffusionTranslator", "FourierAmplitudeMatching", "HistogramResidualTranslator",
+           "FingerprintRemoval"]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from harmonize.checkpoint import load_checkpoint, save_checkpoint
+from harmonize.data import polarity as pol
 from harmonize.data.intensity import IntensityPolicy
-from harmonize.translators import polarity as pol
 
 
 class NotFittedError(RuntimeError):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harmonize.translators import polarity as pol
+from harmonize.data import polarity as pol
 from harmonize.translators.base import FittedTranslator
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from harmonize.translators import polarity as pol
+from harmonize.data import polarity as pol
 from harmonize.translators.base import FittedTranslator
 
 

@@ -29,6 +29,10 @@ class DataConfig(TranslatorDataConfig):
     image_size: int = Field(256, description="training crop side = inference tile side")
     load_size: int | None = Field(
         None, description="resize whole images to this square first; None: native size")
+    fingerprints: Literal["keep", "remove"] = Field(
+        "keep", description="remove: inpaint collimation borders and burned-in markers of "
+        "every image before anything else, in training and at inference "
+        "(harmonize.data.fingerprints; histogram-residual only)")
 
 
 class ModelConfig(Section):
@@ -37,9 +41,25 @@ class ModelConfig(Section):
     ndf: int = Field(64, ge=1, description="discriminator width")
     n_layers_d: int = Field(3, ge=1, le=5, description="3: 70x70 PatchGAN")
     upsample: Literal["nearest", "bilinear"] = "nearest"
-    residual: bool = Field(False, description="generator adds its output to its input")
+    residual: bool | Literal["additive"] = Field(
+        False, description="generator adds its output to its input (true: under tanh; "
+        "'additive': plain sum, head started at zero, so the untrained generator is the identity)")
     reverse: Literal["site-conditioned", "pooled"] = Field(
         "site-conditioned", description="reverse generator / source discriminator")
+
+
+class LandmarksConfig(Section):
+    """The monotone intensity mapping applied before the generator (histogram-residual):
+    `HistogramMatching`'s quantile landmarks, fitted on the training rows."""
+
+    per: Literal["image", "site"] = Field(
+        "image", description="each image's own quantiles, or its site's average (sites not "
+        "seen in training fall back to per image)")
+    n_quantiles: int = Field(256, ge=3, description="quantile landmarks")
+    checkpoint: Path | None = Field(
+        None, description="use this fitted histogram-matching checkpoint instead of fitting "
+        "(e.g. the federated histogram task's model: its landmarks, DP option included); "
+        "its per and n_quantiles replace the two above")
 
 
 class LossConfig(Section):
@@ -76,6 +96,14 @@ class CycleGANConfig(TranslatorTrainingConfig):
                              description="weights of the terms in losses.py")
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
+    landmarks: LandmarksConfig | None = Field(
+        None, description="set: the histogram-residual translator (histogram matching, then "
+        "a residual generator trained on its output); null: a plain CycleGAN")
+
+    @property
+    def kind(self) -> str:
+        """The translator kind this config trains."""
+        return "cyclegan" if self.landmarks is None else "histogram-residual"
 
     @model_validator(mode="after")
     def _sizes(self) -> CycleGANConfig:
@@ -89,6 +117,14 @@ class CycleGANConfig(TranslatorTrainingConfig):
         if self.data.load_size is not None and self.data.load_size < size:
             raise ValueError(f"data.load_size={self.data.load_size} is smaller than "
                              f"data.image_size={size}: crops cannot be larger than the image")
+        if self.landmarks is not None and self.model.residual != "additive":
+            raise ValueError(f"model.residual={self.model.residual!r} with landmarks: the "
+                             "histogram-residual translator needs model.residual: additive "
+                             "(it starts exactly at histogram matching)")
+        if self.data.fingerprints == "remove" and self.landmarks is None:
+            raise ValueError("data.fingerprints: remove needs the histogram-residual "
+                             "translator (a landmarks section); for a plain CycleGAN, apply "
+                             "--model fingerprints to the images first")
         if self.train.decay > self.train.steps:
             raise ValueError(f"train.decay_steps={self.train.decay} exceeds "
                              f"train.steps={self.train.steps}")

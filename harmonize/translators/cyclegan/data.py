@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from harmonize.data.datasets import UnpairedSiteDataset, resize_square
+from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.training.data import (
@@ -24,7 +25,8 @@ from harmonize.training.data import (
     scan_images,
     select_training_rows,
 )
-from harmonize.translators.cyclegan.config import CycleGANConfig
+from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
+from harmonize.translators.histogram import HistogramMatching
 
 
 @dataclass
@@ -38,6 +40,8 @@ class TrainingSet:
     flipped: set[str]  # source paths whose grey scale is inverted (flipped on load)
     policy: IntensityPolicy
     cache: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded once, reused
+    # histogram-residual: the landmark mapping applied to every source image first
+    landmarks: HistogramMatching | None = None
 
     def flipped_per_site(self) -> dict[str, int]:
         return flipped_per_site(self.df, self.flipped)
@@ -53,7 +57,52 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
     cache = ImageCache(config.data.cache_mb, config.data.load_size)
     template, flipped = scan_images(df, policy, ref, config.data.polarity, progress, cache.keep)
     sources = sorted(df["site"][df["site"] != ref].unique())
-    return TrainingSet(df, ref, sources, template, flipped, policy, cache)
+    landmarks = None
+    if config.landmarks is not None:
+        landmarks = fit_landmarks(df, ref, config, policy, cache)
+    return TrainingSet(df, ref, sources, template, flipped, policy, cache, landmarks)
+
+
+def fit_landmarks(df: pd.DataFrame, reference_site: str, config: CycleGANConfig,
+                  policy: IntensityPolicy, cache: dict[str, torch.Tensor]) -> HistogramMatching:
+    """The histogram-residual translator's first stage, fitted on the training rows (the
+    reference site's, plus every site's with ``per: site``), from the decoded-image cache
+    where it holds them."""
+    lm = config.landmarks
+    if lm.checkpoint is not None:
+        return load_landmarks(lm.checkpoint, reference_site, config.data.polarity)
+    hm = HistogramMatching(n_quantiles=lm.n_quantiles, per=lm.per,
+                           polarity=config.data.polarity, policy=policy)
+    rows = df if hm.fit_uses_all_sites else df[df["site"] == reference_site]
+
+    def images():
+        for path, site in zip(rows["path"], rows["site"].astype(str), strict=True):
+            x = cache[path][0].numpy() if path in cache else policy.to_model(read_image(path))[0]
+            if config.data.fingerprints == "remove":
+                x = remove_fingerprints(x)[0]
+            yield x, site
+
+    return hm.fit(images(), reference_site)
+
+
+def load_landmarks(path, reference_site: str, polarity: str) -> HistogramMatching:
+    """A saved histogram-matching checkpoint, checked to map onto `reference_site`."""
+    from harmonize.checkpoint import CheckpointError, checkpoint_kind
+
+    try:
+        kind = checkpoint_kind(path)
+        if kind != HistogramMatching.kind:
+            raise ConfigError(f"landmarks.checkpoint {path}: a '{kind}' checkpoint; give a "
+                              "histogram-matching one (harmonize train histogram-matching, "
+                              "or the federated histogram task's OUT/model)")
+        hm = HistogramMatching.load(path)
+    except CheckpointError as err:
+        raise ConfigError(f"landmarks.checkpoint: {err}") from None
+    if hm.reference_site_ != reference_site:
+        raise ConfigError(f"landmarks.checkpoint {path} maps onto '{hm.reference_site_}', "
+                          f"not the reference site '{reference_site}'")
+    hm.polarity = polarity
+    return hm
 
 
 class UnpairedCrops(Dataset):
@@ -66,10 +115,14 @@ class UnpairedCrops(Dataset):
     """
 
     def __init__(self, ts: TrainingSet, image_size: int, load_size: int | None,
-                 seed: int) -> None:
+                 seed: int, fingerprints: str = "keep") -> None:
         self.pairs = UnpairedSiteDataset(ts.df, ts.reference_site, size=load_size, seed=seed,
                                          policy=ts.policy, cache=ts.cache)
         self.flipped = ts.flipped
+        self.landmarks = ts.landmarks
+        self.remove = fingerprints == "remove"
+        self.cached = ts.cache
+        self.mapped: dict[str, torch.Tensor] = {}  # path -> image after the first stage
         self.site_index = {s: i for i, s in enumerate(ts.source_sites)}
         self.image_size = image_size
         self.seed = seed
@@ -87,12 +140,33 @@ class UnpairedCrops(Dataset):
         source = item["source"]
         if item["source_path"] in self.flipped:
             source = 1.0 - source
+        source = self._first_stage(item["source_path"], source, item["source_site"])
+        reference = self._first_stage(item["reference_path"], item["reference"], None)
         rng = np.random.default_rng([self.seed, self.epoch, index, 7])
         return {
             "source": self._crop(source, rng) * 2.0 - 1.0,
-            "reference": self._crop(item["reference"], rng) * 2.0 - 1.0,
+            "reference": self._crop(reference, rng) * 2.0 - 1.0,
             "site_index": self.site_index[item["source_site"]],
         }
+
+    def _first_stage(self, path: str, x: torch.Tensor, source_site: str | None
+                     ) -> torch.Tensor:
+        """What the histogram-residual translator does before its generator, on the whole
+        image: fingerprint removal (every image), then the landmark mapping (source images,
+        upright); computed once per image (both are deterministic)."""
+        if not self.remove and (self.landmarks is None or source_site is None):
+            return x
+        if path in self.mapped:
+            return self.mapped[path]
+        y = x[0].numpy()
+        if self.remove:
+            y = remove_fingerprints(y)[0]
+        if self.landmarks is not None and source_site is not None:
+            (y,) = self.landmarks.transform([y], [source_site])
+        y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None]
+        if path in self.cached:  # kept within the decoded-image cache's memory budget
+            self.mapped[path] = y
+        return y
 
     def _crop(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         s = self.image_size

@@ -10,6 +10,9 @@ three changes for single-channel medical images:
   reverse generator and the source-domain discriminator use it (see `translator`).
 - The generator may add its output to its input (``residual=True``): it starts as the
   identity, which is what harmonization mostly is, and converges in fewer steps.
+  ``residual="additive"`` adds in network space without a final tanh and starts the 7x7
+  head at zero, so the untrained generator is exactly the identity (the histogram-residual
+  translator relies on that: at step 0 it is histogram matching).
 
 Networks work in [-1, 1]; the translator converts from and to model space [0, 1].
 """
@@ -68,10 +71,12 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64,
                  n_blocks: int = 9, n_conditions: int = 0, upsample: str = "nearest",
-                 residual: bool = False) -> None:
+                 residual: bool | str = False) -> None:
         super().__init__()
         if upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample='{upsample}': use 'nearest' or 'bilinear'")
+        if residual not in (False, True, "additive"):
+            raise ValueError(f"residual={residual!r}: use false, true or 'additive'")
         if residual and in_channels != out_channels:
             raise ValueError("residual=True needs in_channels == out_channels")
         self.n_conditions = n_conditions
@@ -93,6 +98,11 @@ class ResnetGenerator(nn.Module):
             ReflectionPad(1), nn.Conv2d(2 * ngf, ngf, 3), _norm(ngf), nn.ReLU(True),
         )
         self.head = nn.Sequential(ReflectionPad(3), nn.Conv2d(ngf, out_channels, 7))
+        if residual == "additive":  # the untrained generator is exactly the identity
+            head = self.head[-1]
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            head.zero_init = True  # init_weights leaves it at zero
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-2] % 4 or x.shape[-1] % 4:
@@ -100,6 +110,8 @@ class ResnetGenerator(nn.Module):
                              "pad it first (the translator does)")
         h = self.stem(_with_condition(x, condition, self.n_conditions))
         h = self.head(self.up(self.blocks(self.down(h))))
+        if self.residual == "additive":
+            return x + h.to(x.dtype)
         if self.residual:
             # add in the unbounded domain, so an output of zero means "keep the input"
             return torch.tanh(h + torch.atanh(x.clamp(-0.995, 0.995)))
@@ -133,7 +145,7 @@ class NLayerDiscriminator(nn.Module):
 def init_weights(net: nn.Module) -> nn.Module:
     """Reference initialization: N(0, 0.02) convolutions, zero biases; returns `net`."""
     for module in net.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and not getattr(module, "zero_init", False):
             nn.init.normal_(module.weight, 0.0, 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from harmonize.data import polarity as pol
 from harmonize.training.device import loader_options
 from harmonize.training.metadata import training_metadata
 from harmonize.training.run import TrainingRun, set_lr
 from harmonize.training.sampler import EpochShuffle
-from harmonize.translators import polarity as pol
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
 from harmonize.translators.cyclegan.data import (
@@ -40,6 +40,7 @@ from harmonize.translators.cyclegan.data import (
     prepare_training_set,
     sample_images,
 )
+from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
@@ -64,7 +65,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     """Train (or resume) and return the checkpoint directory OUT/model."""
     tc, lw = config.train, config.loss
     pool_a, pool_b = ImagePool(lw.pool_size, tc.seed), ImagePool(lw.pool_size, tc.seed + 1)
-    run = TrainingRun(config, "train cyclegan", ARCH_KEYS, LOSS_NAMES,
+    run = TrainingRun(config, f"train {config.kind}", ARCH_KEYS, LOSS_NAMES,
                       pool_a=pool_a, pool_b=pool_b)
     accelerator = run.accelerator
     ts = prepare_training_set(config, progress=tc.progress and run.is_main)
@@ -73,7 +74,8 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     run.start()
 
     # --- data ---------------------------------------------------------------------------
-    dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed)
+    dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed,
+                            config.data.fingerprints)
     if len(dataset) < tc.batch_size * accelerator.num_processes:
         raise ConfigError(f"{len(dataset)} source images, fewer than one batch "
                           f"({tc.batch_size} x {accelerator.num_processes} processes)")
@@ -141,8 +143,9 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         if run.is_main and run.due(tc.sample_every):
             translator = translator_from_run(raw["g"], ts, config)
             translator.passthrough_reference = False  # show what G does to the reference
-            write_sample_grid(run.out / "samples" / f"step_{run.step:07d}.png", translator,
-                              samples, config.data.image_size)
+            run.log_sample_grid(write_sample_grid(
+                run.out / "samples" / f"step_{run.step:07d}.png", translator, samples,
+                config.data.image_size))
         if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
             translator_from_run(raw["g"], ts, config).save(
                 run.out / "snapshots" / f"step_{run.step:07d}",
@@ -183,14 +186,21 @@ def write_sample_grid(path: Path, translator: CycleGANTranslator,
 
 def translator_from_run(g: torch.nn.Module, ts: TrainingSet,
                         config: CycleGANConfig) -> CycleGANTranslator:
+    """The translator the config trains (CycleGAN, or histogram-residual with landmarks)
+    holding a CPU copy of `g`."""
     m, inf = config.model, config.inference
-    t = CycleGANTranslator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
-                           residual=m.residual, tile_size=config.data.image_size,
-                           tile_overlap=inf.tile_overlap, batch_size=inf.batch_size,
-                           precision=inf.precision, polarity=config.data.polarity,
-                           passthrough_reference=inf.passthrough_reference,
-                           train_load_size=config.data.load_size, policy=ts.policy)
-    return t.set_trained(g, ts.template, ts.reference_site)
+    kwargs = dict(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample, residual=m.residual,
+                  tile_size=config.data.image_size, tile_overlap=inf.tile_overlap,
+                  batch_size=inf.batch_size, precision=inf.precision,
+                  polarity=config.data.polarity,
+                  passthrough_reference=inf.passthrough_reference,
+                  train_load_size=config.data.load_size, policy=ts.policy)
+    if config.landmarks is None:
+        return CycleGANTranslator(**kwargs).set_trained(g, ts.template, ts.reference_site)
+    t = HistogramResidualTranslator(**kwargs, landmarks_per=ts.landmarks.per,
+                                    n_quantiles=ts.landmarks.n_quantiles,
+                                    fingerprints=config.data.fingerprints)
+    return t.set_trained(g, ts.template, ts.reference_site, ts.landmarks)
 
 
 def checkpoint_metadata(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig) -> dict:

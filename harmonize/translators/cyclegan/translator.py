@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from harmonize.data import polarity as pol
 from harmonize.training.device import DTYPES, autocast, pick_device
-from harmonize.translators import polarity as pol
 from harmonize.translators.base import TrainedTranslator, adopt_weights
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.tiling import tiled_map

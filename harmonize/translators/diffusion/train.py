@@ -105,8 +105,8 @@ def train_diffusion(config: DiffusionConfig) -> Path:
         if sample or save:
             translator = translator_from_run(raw, ema, params, ts, config)
             if run.is_main and sample:
-                write_sample_grid(run.out / "samples" / f"step_{run.step:07d}.png", translator,
-                                  *samples)
+                run.log_sample_grid(write_sample_grid(
+                    run.out / "samples" / f"step_{run.step:07d}.png", translator, *samples))
             if save:
                 run.save_state()
                 if run.is_main:
