@@ -5,7 +5,8 @@ split by patient, train histogram matching and CycleGAN (a config, default quick
 config with a `landmarks` section trains the histogram-residual translator instead, e.g.
 configs/histogram_residual/quick.yaml) on the train half, harmonize the test half with
 `apply_translator` (files in, files out, as a user would), and score every non-reference
-test image against its reference rendering: SSIM and PSNR in model space, mean with 95% bootstrap CIs, per method and per site, plus
+test image against its reference rendering: SSIM and PSNR in model space, mean with 95%
+bootstrap CIs, per method and per site, plus
 the paired CycleGAN - histogram matching difference. CPU only by default.
 
     python eval/cyclegan_fidelity.py --out eval_out/cyclegan_fidelity
