@@ -5,11 +5,12 @@ transform, per image: collimation borders and burned-in markers inpainted first 
 ``fingerprints="remove"``, `harmonize.data.fingerprints`), then the monotone landmark
 mapping of `HistogramMatching` (per image or per site, polarity guard included), then a
 ResNet generator that adds a correction, ``y = x_hm + r(x_hm)``, tiled at native
-resolution like the CycleGAN. The generator's last layer starts at zero (`ResnetGenerator(residual="additive")`), so the untrained translator
-*is* histogram matching; training (the CycleGAN objective of `train.py` on the mapped
-images: adversarial against the reference site, cycle through a site-conditioned reverse
-generator) adds only what a mapping of intensities cannot: noise texture, sharpness,
-borders, markers. The checkpoint holds both: landmarks and generator weights.
+resolution like the CycleGAN. The generator's last layer starts at zero
+(`ResnetGenerator(residual="additive")`), so the untrained translator *is* histogram
+matching; training (the CycleGAN objective of `train.py` on the mapped images: adversarial
+against the reference site, cycle through a site-conditioned reverse generator) adds only
+what a mapping of intensities cannot: noise texture, sharpness, borders, markers. The
+checkpoint holds both: landmarks and generator weights.
 """
 
 from __future__ import annotations
