@@ -47,6 +47,7 @@ from harmonize.translators.tiling import seam_ratio, tile_borders
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSICAL = ("identity", "histogram-matching")
+START = "at-step-0"  # the histogram-residual translator before training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +92,11 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = train_cyclegan(config)
     timings["train_s"] = time.perf_counter() - t
 
-    for method in (*CLASSICAL[1:], kind):
+    methods = [*CLASSICAL, kind]
+    if kind == "histogram-residual":  # what training added to where it started
+        load_translator(model_dir).at_start().save(out / "models" / START)
+        methods.insert(2, START)
+    for method in methods[1:]:
         model = out / "models" / method if method != kind else model_dir
         t = time.perf_counter()
         apply_translator(load_translator(model), test_csv, out / "harmonized" / method,
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     test = load_manifest(test_csv)
     test = test[test["site"] != ref]  # reference-site images are their own truth
     seams = seam_check(load_translator(model_dir), config.data.image_size, args.seed)
-    rows = score(test, out, kind)
+    rows = score(test, out, methods)
     rows.to_csv(out / "fidelity.csv", index=False)
     result = {"kind": kind, "seed": args.seed, "cpu": _cpu_name(), "reference_site": ref,
               "n_scored": len(test), "sites": info["sites"],
@@ -143,10 +148,10 @@ def seam_check(translator, tile: int, seed: int, n: int = 6) -> dict:
     return result
 
 
-def score(test: pd.DataFrame, out: Path, kind: str) -> pd.DataFrame:
+def score(test: pd.DataFrame, out: Path, methods: list[str]) -> pd.DataFrame:
     return score_files(test, out / "synth", {
         m: (lambda rec, m=m: rec["path"] if m == "identity"
-            else out / "harmonized" / m / rec["relpath"]) for m in (*CLASSICAL, kind)})
+            else out / "harmonized" / m / rec["relpath"]) for m in methods})
 
 
 def summarize(rows: pd.DataFrame, kind: str) -> dict:
@@ -160,11 +165,12 @@ def summarize(rows: pd.DataFrame, kind: str) -> dict:
 
 def print_table(result: dict) -> None:
     s, kind = result["summary"], result["kind"]
+    methods = [m for m in (*CLASSICAL, START, kind) if m in s["all"]]
     print(f"\nfidelity to the paired reference renderings ({result['n_scored']} test images "
           f"of non-reference sites, {result['size']} px; mean [95% bootstrap CI])")
     print(f"{'scope':10} {'method':20} {'SSIM':>26} {'PSNR dB':>26}")
     for scope, entry in s.items():
-        for method in (*CLASSICAL, kind, "minus_hm"):
+        for method in (*methods, "minus_hm"):
             e = entry[method]
             cells = [f"{e[m]['mean']:7.3f} [{e[m]['ci95'][0]:7.3f},{e[m]['ci95'][1]:7.3f}]"
                      for m in ("ssim", "psnr")]

@@ -82,9 +82,12 @@ def remove_fingerprints(x: np.ndarray, protect: np.ndarray | None = None, **find
     found = find_fingerprints(x, protect, **find_options)
     if not found.found:
         return x.copy(), found
-    y = _mirror_border(x, found.border)
-    if found.markers:
-        y = _fill_smooth(y, found.filled & _boxes_mask(x.shape, found.markers), found.markers)
+    y = x
+    if found.markers:  # first, so the mirrored field carries no marker into the border
+        boxes = _boxes_mask(x.shape, found.markers)
+        border = found.filled & ~boxes
+        y = _fill_smooth(x, found.filled & boxes, border, found.markers)
+    y = _mirror_border(y, found.border)
     return np.where(found.filled, y, x).astype(np.float32), found
 
 
@@ -156,12 +159,13 @@ def _mirror_border(x: np.ndarray, border: tuple[int, int, int, int]) -> np.ndarr
     return np.pad(field, ((top, bottom), (left, right)), mode=mode).astype(np.float32)
 
 
-def _fill_smooth(x: np.ndarray, holes: np.ndarray, boxes) -> np.ndarray:
+def _fill_smooth(x: np.ndarray, holes: np.ndarray, unknown: np.ndarray, boxes) -> np.ndarray:
     """Normalized convolution: each hole pixel gets the Gaussian-weighted mean of the
-    known pixels around it (sigma about half the largest box side)."""
+    known pixels around it (neither holes nor `unknown`, e.g. a border; sigma about half
+    the largest box side)."""
     side = max(max(y1 - y0, x1 - x0) for y0, y1, x0, x1 in boxes)
     sigma = max(side / 2.0, 1.0)
-    known = (~holes).astype(np.float32)
+    known = (~(holes | unknown)).astype(np.float32)
     num = ndimage.gaussian_filter(x * known, sigma, mode="reflect")
     den = ndimage.gaussian_filter(known, sigma, mode="reflect")
     out = x.copy()

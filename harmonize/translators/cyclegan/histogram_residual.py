@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from harmonize.data.fingerprints import remove_fingerprints
+from harmonize.translators.cyclegan.networks import init_weights
 from harmonize.translators.cyclegan.translator import CycleGANTranslator
 from harmonize.translators.histogram import HistogramMatching
 
@@ -68,6 +69,13 @@ class HistogramResidualTranslator(CycleGANTranslator):
                              "reference site that the generator was trained after")
         self.landmarks_ = landmarks
         return super().set_trained(generator, template, reference_site)
+
+    def at_start(self) -> HistogramResidualTranslator:
+        """A copy whose generator is the untrained one (residual zero): what this
+        translator was at step 0, i.e. fingerprint removal (if on) and histogram matching."""
+        start = type(self)(**self.get_params())
+        g = init_weights(start.build_generator())
+        return start.set_trained(g, self.template_, self.reference_site_, self.landmarks_)
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None
                   ) -> list[np.ndarray]:
