@@ -126,3 +126,32 @@ def test_landmarks_need_the_additive_generator():
         load_config(CONFIG, {"model.residual": True})
     assert load_config(CONFIG).kind == "histogram-residual"
     assert load_config(ROOT / "configs/cyclegan/quick.yaml").kind == "cyclegan"
+
+
+def test_unlabelled_choice_among_snapshots(synth, tmp_path, capsys):
+    """Held-out patients score every snapshot (step 0 = histogram matching included) and
+    histogram matching itself; the lowest score becomes OUT/model."""
+    out = tmp_path / "hr"
+    sets = {**TINY, "train.snapshot_every": 1, "train.select_fraction": 0.34}
+    args = ["train", "histogram-residual", "--config", str(CONFIG), "--data",
+            str(synth / "manifest.csv"), "--reference-site", "site_a", "--out", str(out)]
+    assert cli_main(args + [f"--set={k}={v}" for k, v in sets.items()]) == 0
+    printed = capsys.readouterr().out
+    scores = pd.read_csv(out / "selection.csv")
+    assert list(scores["step"]) == ["histogram-matching", "0", "1", "2", "3"]
+    snapshots = scores[scores["step"] != "histogram-matching"]
+    best = snapshots.loc[snapshots["score"].idxmin()]
+    meta = json.loads((out / "model" / "metadata.json").read_text())
+    assert meta["selection"]["step"] == int(best["step"])
+    chosen = out / "snapshots" / f"step_{int(best['step']):07d}" / "model.safetensors"
+    assert (out / "model" / "model.safetensors").read_bytes() == chosen.read_bytes()
+    assert f"selected step {int(best['step'])} without labels" in printed
+    # the held-out patients were not trained on
+    trained = meta["training_sites"]
+    heldout = meta["selection"]["heldout_images"]
+    assert heldout >= 3 and sum(trained.values()) + heldout == 18
+    assert min(trained.values()) >= 3
+    # step 0 is histogram matching: its intensity distance equals the baseline's
+    base = scores[scores["step"] == "histogram-matching"].iloc[0]
+    start = scores[scores["step"] == "0"].iloc[0]
+    assert abs(start["intensity_distance"] - base["intensity_distance"]) < 1e-3

@@ -77,6 +77,10 @@ class TrainConfig(LoopConfig):
     snapshot_every: int | None = Field(
         None, ge=1, description="also keep the translator every N steps in OUT/snapshots/"
         "step_N (choose among them without labels: harmonize.evaluation.artefacts)")
+    select_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="hold this fraction of the patients out of training "
+        "and make the snapshot that scores best on them without labels OUT/model "
+        "(needs snapshot_every; 0: the last step is the model)")
 
     @property
     def decay(self) -> int:
@@ -125,6 +129,9 @@ class CycleGANConfig(TranslatorTrainingConfig):
             raise ValueError("data.fingerprints: remove needs the histogram-residual "
                              "translator (a landmarks section); for a plain CycleGAN, apply "
                              "--model fingerprints to the images first")
+        if self.train.select_fraction > 0 and self.train.snapshot_every is None:
+            raise ValueError("train.select_fraction needs train.snapshot_every (the snapshots "
+                             "it chooses among)")
         if self.train.decay > self.train.steps:
             raise ValueError(f"train.decay_steps={self.train.decay} exceeds "
                              f"train.steps={self.train.steps}")

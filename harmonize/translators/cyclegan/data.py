@@ -19,6 +19,7 @@ from harmonize.data.datasets import UnpairedSiteDataset, resize_square
 from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.data.splits import patient_split
 from harmonize.training.data import (
     ImageCache,
     flipped_per_site,
@@ -42,6 +43,7 @@ class TrainingSet:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded once, reused
     # histogram-residual: the landmark mapping applied to every source image first
     landmarks: HistogramMatching | None = None
+    heldout: pd.DataFrame | None = None  # rows kept out of training for snapshot choice
 
     def flipped_per_site(self) -> dict[str, int]:
         return flipped_per_site(self.df, self.flipped)
@@ -53,6 +55,12 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
     df = select_training_rows(config.data, needs_others="CycleGAN needs at least one "
                               "other site")
     ref = str(config.data.reference_site)
+    heldout = None
+    if config.train.select_fraction > 0:  # patients, not images, are held out
+        split = patient_split(df, test_size=config.train.select_fraction,
+                              seed=config.train.seed)["split"]  # by site where it can
+        heldout = df[split == "test"].reset_index(drop=True)
+        df = df[split != "test"].reset_index(drop=True)
     policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
     cache = ImageCache(config.data.cache_mb, config.data.load_size)
     template, flipped = scan_images(df, policy, ref, config.data.polarity, progress, cache.keep)
@@ -60,7 +68,7 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
     landmarks = None
     if config.landmarks is not None:
         landmarks = fit_landmarks(df, ref, config, policy, cache)
-    return TrainingSet(df, ref, sources, template, flipped, policy, cache, landmarks)
+    return TrainingSet(df, ref, sources, template, flipped, policy, cache, landmarks, heldout)
 
 
 def fit_landmarks(df: pd.DataFrame, reference_site: str, config: CycleGANConfig,

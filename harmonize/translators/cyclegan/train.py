@@ -18,6 +18,7 @@ OUT/samples/step_NNNNNNN.png, OUT/train_log.csv, OUT/config.yaml (what ran).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,8 @@ from harmonize.translators.cyclegan.networks import (
     ResnetGenerator,
     init_weights,
 )
+from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
+from harmonize.translators.cyclegan.selection import install as install_snapshot
 from harmonize.translators.cyclegan.translator import CycleGANTranslator
 
 LOSS_NAMES = ("G_gan", "F_gan", "cycle", "idt", "struct", "D_B", "D_A", "inv")
@@ -101,6 +104,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         g_ab, f_ba, d_a, d_b, opt_g, opt_d, loader)
     run.resume_if_asked()
     samples = sample_images(ts, config.data.load_size) if run.is_main else []
+    selection = start_selection(run, ts, config, accelerator.unwrap_model(g_ab))
 
     # --- loop: both halves of the objective every step (losses.py) ---------------------
     w = losses.LossWeights.from_config(lw)
@@ -147,15 +151,56 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
                 run.out / "samples" / f"step_{run.step:07d}.png", translator, samples,
                 config.data.image_size))
         if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
-            translator_from_run(raw["g"], ts, config).save(
-                run.out / "snapshots" / f"step_{run.step:07d}",
-                checkpoint_metadata(run, ts, config))
+            snapshot = translator_from_run(raw["g"], ts, config)
+            snapshot.save(run.out / "snapshots" / f"step_{run.step:07d}",
+                          checkpoint_metadata(run, ts, config))
+            if selection is not None:
+                selection.record(run.step, snapshot)
         if run.due(tc.checkpoint_every):
             run.save_state()
             if run.is_main:
                 translator_from_run(raw["g"], ts, config).save(
                     run.out / "model", checkpoint_metadata(run, ts, config))
+    if selection is not None:
+        finish_selection(selection, run.out)
     return run.finish()
+
+
+def start_selection(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig,
+                    g: torch.nn.Module) -> SnapshotSelection | None:
+    """With train.select_fraction (main process): the held-out images, histogram
+    matching's score on them and, for the histogram-residual translator, step 0's
+    (histogram matching with its landmarks: a snapshot like the others)."""
+    if ts.heldout is None or not run.is_main:
+        return None
+    selection = SnapshotSelection(ts.heldout, ts.reference_site, ts.template,
+                                  config.data.polarity, ts.policy, run.out)
+    if not config.train.resume:
+        selection.record_baseline(ts.df, ts.reference_site, ts.policy)
+        if config.landmarks is not None:
+            start = translator_from_run(g, ts, config)
+            start.save(run.out / "snapshots" / f"step_{0:07d}",
+                       {**checkpoint_metadata(run, ts, config), "steps": 0})
+            selection.record(0, start)
+    return selection
+
+
+def finish_selection(selection: SnapshotSelection, out: Path) -> None:
+    """Install the best-scoring snapshot as OUT/model and say how it compares."""
+    best, baseline = selection.choose()
+    model = out / "model"
+    chosen = out / "snapshots" / f"step_{int(best['step']):07d}"
+    if (chosen / "model.safetensors").read_bytes() != (model / "model.safetensors").read_bytes():
+        install_snapshot(chosen, model)
+    meta_path = model / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["selection"] = {"step": int(best["step"]), "score": best["score"],
+                         "histogram_matching_score": baseline and baseline["score"],
+                         "heldout_images": len(selection.sources) + len(selection.references)}
+    tmp = meta_path.with_name(".metadata.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    print(verdict(best, baseline))
 
 
 def _requires_grad(nets, flag: bool) -> None:
