@@ -40,9 +40,9 @@ def make_task(synth4, **cyclegan) -> CycleGANTask:
         task="cyclegan", reference_site="site_a", rounds=10,
         manifest=synth4 / "manifest.csv",
         cyclegan={"config": ROOT / "configs/cyclegan/quick.yaml", "sites": SITES[1:],
-                  "set": {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
+                  **cyclegan, "set": cyclegan.get("set") or {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
                           "model.ndf": 8, "train.batch_size": 2, "loss.pool_size": 0,
-                          "train.mixed_precision": "no"}, **cyclegan})
+                          "train.mixed_precision": "no"}})
     return CycleGANTask(cfg)
 
 
@@ -171,3 +171,53 @@ def test_the_reference_node_renders_each_site_in_proportion_to_its_size():
     assert condition_plan([4, 4, 4], 6).tolist() == [0, 0, 1, 1, 2, 2]
     assert condition_plan([10, 5, 1], 6).tolist() == [0, 0, 0, 0, 1, 1]
     assert len(condition_plan([3, 1], 5)) == 5
+
+
+@pytest.fixture(scope="module")
+def landmarks(synth4, tmp_path_factory):
+    """Reference landmarks released before the run (here fitted centrally; in a deployment
+    the federated histogram task's model)."""
+    from harmonize.fit import fit_and_save
+    from harmonize.translators import HistogramMatching
+
+    out = tmp_path_factory.mktemp("landmarks") / "hm"
+    df = load_manifest(synth4 / "manifest.csv")
+    fit_and_save(HistogramMatching(n_quantiles=8, polarity="keep"), df,
+                 synth4 / "manifest.csv", "site_a", out, progress=False)
+    return out
+
+
+def test_federated_histogram_residual_maps_at_the_node_and_starts_at_the_landmarks(
+        synth4, landmarks, tmp_path):
+    import numpy as np
+
+    from harmonize.translators import HistogramMatching, load_translator
+
+    task = make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml",
+                     set={"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
+                          "model.ndf": 8, "train.batch_size": 2, "loss.pool_size": 0,
+                          "train.mixed_precision": "no",
+                          "landmarks.checkpoint": str(landmarks)})
+    hm = HistogramMatching.load(landmarks)
+    df = load_manifest(synth4 / "manifest.csv")
+    rows = df[df["site"] == "site_b"].reset_index(drop=True)
+    xa, _, xb = task.node_data(rows, "cpu")
+    raw = task._images(rows)  # what a plain CycleGAN node trains on
+    expected = hm.transform([(r[0].numpy() + 1) / 2 for r in raw], ["site_b"] * len(raw))
+    assert xb is None and torch.allclose(xa[:, 0], torch.from_numpy(np.stack(expected)) * 2 - 1,
+                                         atol=1e-6)
+    # the untrained global model is exactly histogram matching onto the released landmarks
+    path = task.save(task.initial_arrays(), tmp_path / "model", {})
+    t = load_translator(path)
+    assert t.kind == "histogram-residual"
+    images = [(r[0].numpy() + 1) / 2 for r in raw]
+    for got, want in zip(t.transform(images, ["site_b"] * len(images)),
+                         hm.transform(images, ["site_b"] * len(images)), strict=True):
+        np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-6)
+
+
+def test_federated_histogram_residual_needs_released_landmarks(synth4):
+    from harmonize.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="configs/federated/histogram.yaml"):
+        make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml")

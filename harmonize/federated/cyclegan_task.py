@@ -1,5 +1,10 @@
 """Federated CycleGAN whose objective decomposes exactly over the nodes (Song & Ye 2021).
 
+The same task trains the histogram-residual translator (a CycleGAN config with a
+`landmarks` section): the landmarks come from a finished federated histogram run
+(`landmarks.checkpoint`, public numbers, DP if that run used it), every node maps its own
+images onto them before its terms, and only the four networks travel, as below.
+
 The central many-to-one objective (`translators/cyclegan/losses.py`) is a sum of terms
 that each need one domain's real images. Every node computes exactly the terms its own
 images allow, with the central loss functions:
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonize.configs import ConfigError
+from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.federated import patient_dp
@@ -58,6 +64,8 @@ from harmonize.federated.server_optimizer import ServerOptimizerSpec
 from harmonize.training.device import autocast, pick_device
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import load_config
+from harmonize.translators.cyclegan.data import load_landmarks
+from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
@@ -66,6 +74,7 @@ from harmonize.translators.cyclegan.networks import (
 )
 from harmonize.translators.cyclegan.train import lr_factor
 from harmonize.translators.cyclegan.translator import CycleGANTranslator
+from harmonize.translators.histogram import HistogramMatching
 
 NETS = ("g", "f", "d_a", "d_b")
 
@@ -211,6 +220,21 @@ class CycleGANTask:
         if config.reference_site in self.sites:
             raise ConfigError(f"cyclegan.sites lists the reference site "
                               f"'{config.reference_site}'; list the source sites only")
+        self.landmarks = self._landmarks()
+        self._first_stage: dict[tuple, torch.Tensor] = {}
+
+    def _landmarks(self) -> HistogramMatching | None:
+        """The histogram-residual translator's first stage: landmarks released before this
+        run (the federated histogram task's model, its DP option included), never fitted
+        here, so every node maps its own images onto the same public numbers."""
+        if self.cg.landmarks is None:
+            return None
+        if self.cg.landmarks.checkpoint is None:
+            raise ConfigError("a histogram-residual run needs the reference landmarks first: "
+                              "harmonize federated --config configs/federated/histogram.yaml "
+                              "... --out runs/fed_hm, then cyclegan.set "
+                              "landmarks.checkpoint: runs/fed_hm/model")
+        return load_landmarks(self.cg.landmarks.checkpoint, self.config.reference_site, "keep")
 
     # --- networks -------------------------------------------------------------------
     def _g(self, n_conditions: int = 0) -> ResnetGenerator:
@@ -258,12 +282,28 @@ class CycleGANTask:
                 "count.sites": [int((sites == s).sum()) for s in self.sites]}
 
     # --- a node's data ----------------------------------------------------------------
-    def _images(self, rows: pd.DataFrame) -> torch.Tensor:
+    def _images(self, rows: pd.DataFrame, first_stage: bool = False) -> torch.Tensor:
         """The node's images at the scale central training crops from (data.load_size,
-        else the first image's native size), in network space."""
+        else the first image's native size), in network space; with `first_stage`, through
+        the histogram-residual translator's fingerprint removal and landmark mapping
+        (source images), as central training's `UnpairedCrops` does."""
         paths = rows["path"].astype(str).tolist()
         side = self.cg.data.load_size or _native_side(paths[0])
-        return cached_images(paths, max(side, self.size)) * 2 - 1
+        x = cached_images(paths, max(side, self.size))
+        if self.cg.data.fingerprints == "keep" and (not first_stage or self.landmarks is None):
+            return x * 2 - 1
+        key = (tuple(paths), first_stage)
+        if key in self._first_stage:  # deterministic: once per node, not once per round
+            return self._first_stage[key]
+        if self.cg.data.fingerprints == "remove":
+            x = torch.stack([torch.from_numpy(remove_fingerprints(i[0].numpy())[0])[None]
+                             for i in x])
+        if first_stage and self.landmarks is not None:
+            mapped = self.landmarks.transform([i[0].numpy() for i in x],
+                                              rows["site"].astype(str).tolist())
+            x = torch.stack([torch.from_numpy(m)[None] for m in mapped])
+        self._first_stage[key] = x * 2 - 1
+        return self._first_stage[key]
 
     def _crops(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """A random image_size crop of each image (as central training's UnpairedCrops)."""
@@ -280,7 +320,7 @@ class CycleGANTask:
         unknown = sorted(set(sites[~is_ref]) - set(self.sites))
         if unknown:
             raise ConfigError(f"site(s) {unknown} are not in cyclegan.sites {self.sites}")
-        xa = self._images(rows[~is_ref]).to(device) if (~is_ref).any() else None
+        xa = self._images(rows[~is_ref], True).to(device) if (~is_ref).any() else None
         ca = (torch.tensor([self.sites.index(s) for s in sites[~is_ref]], device=device)
               if xa is not None else None)
         xb = self._images(rows[is_ref]).to(device) if is_ref.any() else None
@@ -474,16 +514,21 @@ class CycleGANTask:
 
     def translator(self, arrays: Arrays) -> CycleGANTranslator:
         m, inf = self.cg.model, self.cg.inference
-        t = CycleGANTranslator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
-                               residual=m.residual, tile_size=self.size,
-                               tile_overlap=inf.tile_overlap, batch_size=inf.batch_size,
-                               precision=inf.precision, polarity="keep",
-                               passthrough_reference=inf.passthrough_reference,
-                               policy=IntensityPolicy(mode=self.cg.data.intensity,
-                                                      bits=self.cg.data.bits))
+        kwargs = dict(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
+                      residual=m.residual, tile_size=self.size,
+                      tile_overlap=inf.tile_overlap, batch_size=inf.batch_size,
+                      precision=inf.precision, polarity="keep",
+                      passthrough_reference=inf.passthrough_reference,
+                      policy=IntensityPolicy(mode=self.cg.data.intensity, bits=self.cg.data.bits))
         g = self._g()
         g.load_state_dict(_split(arrays, "g."))
-        return t.set_trained(g, np.zeros((32, 32), np.float32), self.config.reference_site)
+        template, ref = np.zeros((32, 32), np.float32), self.config.reference_site
+        if self.landmarks is None:
+            return CycleGANTranslator(**kwargs).set_trained(g, template, ref)
+        t = HistogramResidualTranslator(**kwargs, landmarks_per=self.landmarks.per,
+                                        n_quantiles=self.landmarks.n_quantiles,
+                                        fingerprints=self.cg.data.fingerprints)
+        return t.set_trained(g, template, ref, self.landmarks)
 
     def reverse_generator(self, arrays: Arrays) -> torch.nn.Module:
         """F (reference -> site k's style), for the memorization check of what leaves."""
