@@ -35,14 +35,16 @@ def synth4(tmp_path_factory):
     return out
 
 
+TINY_SET = {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1, "model.ndf": 8,
+            "train.batch_size": 2, "loss.pool_size": 0, "train.mixed_precision": "no"}
+
+
 def make_task(synth4, **cyclegan) -> CycleGANTask:
     cfg = FederatedConfig(
         task="cyclegan", reference_site="site_a", rounds=10,
         manifest=synth4 / "manifest.csv",
         cyclegan={"config": ROOT / "configs/cyclegan/quick.yaml", "sites": SITES[1:],
-                  **cyclegan, "set": cyclegan.get("set") or {"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
-                          "model.ndf": 8, "train.batch_size": 2, "loss.pool_size": 0,
-                          "train.mixed_precision": "no"}})
+                  "set": TINY_SET, **cyclegan})
     return CycleGANTask(cfg)
 
 
@@ -194,10 +196,7 @@ def test_federated_histogram_residual_maps_at_the_node_and_starts_at_the_landmar
     from harmonize.translators import HistogramMatching, load_translator
 
     task = make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml",
-                     set={"data.image_size": 32, "model.ngf": 8, "model.n_blocks": 1,
-                          "model.ndf": 8, "train.batch_size": 2, "loss.pool_size": 0,
-                          "train.mixed_precision": "no",
-                          "landmarks.checkpoint": str(landmarks)})
+                     set={**TINY_SET, "landmarks.checkpoint": str(landmarks)})
     hm = HistogramMatching.load(landmarks)
     df = load_manifest(synth4 / "manifest.csv")
     rows = df[df["site"] == "site_b"].reset_index(drop=True)
