@@ -5,9 +5,10 @@ Found, in model space, on the image as stored (before any polarity flip):
 - **borders**: runs of edge rows / columns that are flat (almost every pixel within `tol`
   of the row's median) at one of the image's two extremes: the shutters leave the detector
   unexposed (black) or, after an inverted export, white;
-- **markers**: small connected groups of saturated pixels (within `tol` of the image's
-  maximum), together with the flat box they are printed on, in the outer band of the
-  image, each under `max_marker` of its area.
+- **markers**: small groups of saturated pixels (within `tol` of the image's maximum)
+  that step to the other extreme within a pixel, as printed glyphs do (on their black box
+  or on the anatomy), in the outer band of the image, each under `max_marker` of its
+  area; the box found covers the glyph and a 2-pixel rim.
 
 Normalized by **inpainting, not cropping or masking**: a crop changes the image size (and
 the pixel grid a reader or a mask relies on); a constant mask leaves an edge as telling
@@ -48,7 +49,7 @@ class Fingerprints:
 
 
 def find_fingerprints(x: np.ndarray, protect: np.ndarray | None = None, tol: float = 0.004,
-                      max_border: float = 0.3, max_marker: float = 0.02,
+                      max_border: float = 0.3, max_marker: float = 0.05,
                       band: float = 0.3) -> Fingerprints:
     """Borders and markers of a model-space (H, W) image; `protect` pixels are never
     included. `band`: markers are looked for within this fraction of an edge."""
@@ -113,29 +114,36 @@ def _flat_run(x: np.ndarray, extreme, tol: float, max_fraction: float) -> int:
 
 def _markers(x: np.ndarray, border: np.ndarray, lo: float, hi: float, tol: float,
              max_marker: float, band: float) -> list[tuple[int, int, int, int]]:
-    """Boxes of small saturated groups (plus the flat box around them) near an edge."""
+    """Boxes of burned-in glyphs near an edge: saturated pixels with a jump of at least half
+    the image's range to a neighbour (printed text is a step from black to white within a
+    pixel; saturated anatomy, e.g. a burnt-out lung apex, rises gradually), grouped by
+    a 2-pixel dilation, each group small."""
     h, w = x.shape
-    bright = (x >= hi - tol) & ~border
-    flat = ((x >= hi - tol) | (x <= lo + tol)) & ~border
-    labels, n = ndimage.label(flat, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return []
+    jump = np.zeros_like(x)
+    for axis in (0, 1):
+        d = np.abs(np.diff(x, axis=axis))
+        lead = [(0, 0), (0, 0)]
+        lead[axis] = (0, 1)
+        trail = [(0, 0), (0, 0)]
+        trail[axis] = (1, 0)
+        jump = np.maximum(jump, np.maximum(np.pad(d, lead), np.pad(d, trail)))
+    near_border = ndimage.binary_dilation(border, iterations=2) if border.any() else border
+    extreme = (x >= hi - tol) | (x <= lo + tol)
+    glyph = extreme & (jump >= 0.5 * (hi - lo)) & ~near_border
+    labels, n = ndimage.label(ndimage.binary_dilation(glyph, iterations=2),
+                              structure=np.ones((3, 3), bool))
     boxes = []
     for index, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
         ys, xs = sl
-        region = labels[sl] == index
         area = (ys.stop - ys.start) * (xs.stop - xs.start)
-        n_bright = int((bright[sl] & region).sum())
-        if area > max_marker * h * w or n_bright < 12:
+        n_bright = int((glyph[sl] & (x[sl] >= hi - tol) & (labels[sl] == index)).sum())
+        if area > max_marker * h * w or n_bright < 6:
             continue
         cy, cx = (ys.start + ys.stop) / 2, (xs.start + xs.stop) / 2
-        near_edge = min(cy, h - cy) < band * h or min(cx, w - cx) < band * w
-        if near_edge:
-            pad = 1  # the glyph's anti-aliased rim
-            boxes.append((max(ys.start - pad, 0), min(ys.stop + pad, h),
-                          max(xs.start - pad, 0), min(xs.stop + pad, w)))
+        if min(cy, h - cy) < band * h or min(cx, w - cx) < band * w:
+            boxes.append((ys.start, ys.stop, xs.start, xs.stop))
     return boxes
 
 
