@@ -111,3 +111,17 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: cannot set {key}: '{part}' is not a section")
     node[leaf] = value
+
+
+def dotted(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested overrides as dotted keys: ``{"data": {"image_size": 32}}`` becomes
+    ``{"data.image_size": 32}``, so a nested value (e.g. from ``--set
+    cyclegan.set.data.image_size=32``) changes one key, not the whole section."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -220,3 +220,12 @@ def test_federated_histogram_residual_needs_released_landmarks(synth4):
 
     with pytest.raises(ConfigError, match="configs/federated/histogram.yaml"):
         make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml")
+
+
+def test_a_nested_override_changes_one_key_not_the_section(synth4, landmarks):
+    """`--set cyclegan.set.data.image_size=32` arrives nested; the rest of `data` stays."""
+    task = make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml",
+                     set={**TINY_SET, "data": {"image_size": 32},
+                          "landmarks": {"checkpoint": str(landmarks)}})
+    assert task.cg.data.image_size == 32 and task.cg.data.fingerprints == "remove"
+    assert task.landmarks.n_quantiles == 8

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harmonize.configs import ConfigError
+from harmonize.configs import ConfigError, dotted
 from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
@@ -210,7 +210,7 @@ class CycleGANTask:
 
     def __init__(self, config: FederatedConfig) -> None:
         self.config = config
-        overrides = {"data.reference_site": config.reference_site, **config.cyclegan.set}
+        overrides = {"data.reference_site": config.reference_site, **dotted(config.cyclegan.set)}
         self.cg = load_config(config.cyclegan.config, overrides)
         self.size = self.cg.data.image_size
         if not config.cyclegan.sites:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonize.configs import ConfigError
+from harmonize.configs import ConfigError, dotted
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
@@ -57,7 +57,7 @@ class DiffusionTask:
         self.config = config
         overrides = {"data.reference_site": config.reference_site,
                      "model.conditioning": "site-conditioned", "inference.mode": "ddib",
-                     **config.diffusion.set}
+                     **dotted(config.diffusion.set)}
         self.dc = load_config(config.diffusion.config, overrides)
         if not config.diffusion.sites:
             raise ConfigError("diffusion.sites: list every site of the federation (class "
