@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from harmonize.data import polarity as pol
+from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.io import read_image
 from harmonize.evaluation.artefacts import artefact_scores, selection_score
 from harmonize.translators.base import Translator
@@ -34,7 +35,7 @@ class SnapshotSelection:
     """Scores translators on the held-out images; `choose` names the best step."""
 
     def __init__(self, heldout: pd.DataFrame, reference_site: str, template: np.ndarray,
-                 polarity: str, policy, out: Path) -> None:
+                 polarity: str, policy, out: Path, fingerprints: str = "keep") -> None:
         is_ref = heldout["site"].astype(str) == reference_site
         self.sources = [policy.to_model(read_image(p))[0] for p in heldout["path"][~is_ref]]
         self.sites = heldout["site"].astype(str)[~is_ref].tolist()
@@ -42,8 +43,13 @@ class SnapshotSelection:
         if not self.sources or not self.references:
             raise ValueError("train.select_fraction held out no image of the reference site "
                              "or none of the others: raise it or add images")
-        # structure is measured against the upright input, as the translator sees it
-        self.upright = [pol.upright(x, template, polarity) for x in self.sources]
+        # structure is measured against the upright input, as the translator sees it, and,
+        # when the run removes fingerprints, without them: a border or marker inpainted is
+        # not structure lost (histogram matching, which keeps them, is scored likewise)
+        upright = [pol.upright(x, template, polarity) for x in self.sources]
+        if fingerprints == "remove":
+            upright = [remove_fingerprints(x)[0] for x in upright]
+        self.upright = upright
         self.path = out / "selection.csv"
         self.rows: list[dict] = []
         if self.path.exists():  # a resumed run chooses among all its snapshots

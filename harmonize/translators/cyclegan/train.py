@@ -174,7 +174,8 @@ def start_selection(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig,
     if ts.heldout is None or not run.is_main:
         return None
     selection = SnapshotSelection(ts.heldout, ts.reference_site, ts.template,
-                                  config.data.polarity, ts.policy, run.out)
+                                  config.data.polarity, ts.policy, run.out,
+                                  config.data.fingerprints)
     if not config.train.resume:
         selection.record_baseline(ts.df, ts.reference_site, ts.policy)
         if config.landmarks is not None:
