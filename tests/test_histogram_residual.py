@@ -28,7 +28,7 @@ CONFIG = ROOT / "configs/histogram_residual/quick.yaml"
 TINY = {"data.image_size": 64, "model.ngf": 4, "model.n_blocks": 1, "model.ndf": 8,
         "train.steps": 3, "train.decay_steps": 0, "train.batch_size": 2,
         "train.log_every": 1, "train.sample_every": 3, "train.checkpoint_every": 3,
-        "train.progress": False, "inference.batch_size": 4}
+        "train.progress": False, "inference.batch_size": 4, "train.select_fraction": 0}
 
 
 @pytest.fixture(scope="module")
