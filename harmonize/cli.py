@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=f"example:\n  {cyclegan_command.EXAMPLE_RESIDUAL}")
     cyclegan_command.add_train_arguments(r)
     r.set_defaults(func=cyclegan_command.run_from_args)
+    u = kinds.add_parser("cut", formatter_class=fmt, parents=[common],
+                         help="CUT: one generator, adversarial + PatchNCE (no cycle)",
+                         epilog=f"example:\n  {cyclegan_command.EXAMPLE_CUT}")
+    cyclegan_command.add_train_arguments(u)
+    u.set_defaults(func=cyclegan_command.run_from_args)
 
     from harmonize.translators.diffusion import command as diffusion_command
 

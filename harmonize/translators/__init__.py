@@ -8,6 +8,7 @@ from harmonize.checkpoint import CheckpointError, checkpoint_kind
 from harmonize.translators.base import NotFittedError, Translator
 from harmonize.translators.cyclegan import CycleGANTranslator
 from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
+from harmonize.translators.cyclegan.translator import CUTTranslator
 from harmonize.translators.diffusion import DiffusionTranslator
 from harmonize.translators.fingerprints import FingerprintRemoval
 from harmonize.translators.fourier import FourierAmplitudeMatching
@@ -16,7 +17,7 @@ from harmonize.translators.identity import IdentityTranslator
 
 TRANSLATORS: dict[str, type[Translator]] = {
     cls.kind: cls
-    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator,
+    for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, CUTTranslator,
                 HistogramResidualTranslator, DiffusionTranslator, FourierAmplitudeMatching,
                 FingerprintRemoval)
 }
@@ -44,4 +45,4 @@ def load_translator(spec: str | Path) -> Translator:
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
            "HistogramMatching", "IdentityTranslator", "CycleGANTranslator",
            "DiffusionTranslator", "FourierAmplitudeMatching", "HistogramResidualTranslator",
-           "FingerprintRemoval"]
+           "FingerprintRemoval", "CUTTranslator"]

@@ -1,7 +1,8 @@
-"""`harmonize train cyclegan|histogram-residual` and `recipes/train_cyclegan.py`: the shared
-training flags (`harmonize.training.command`); neither kind has flags of its own. Both run
+"""`harmonize train cyclegan|cut|histogram-residual` and `recipes/train_cyclegan.py`: the
+shared training flags (`harmonize.training.command`); no kind has flags of its own. All run
 `train_cyclegan`: a config with a `landmarks` section trains the histogram-residual
-translator (histogram matching, then a residual generator trained on its output)."""
+translator (histogram matching, then a residual generator trained on its output), one
+with `loss.objective: patchnce` CUT (`train_cut`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ EXAMPLE = ("harmonize train cyclegan --config configs/cyclegan/quick.yaml "
 EXAMPLE_RESIDUAL = ("harmonize train histogram-residual --config "
                     "configs/histogram_residual/quick.yaml --data data/synth/manifest.csv "
                     "--reference-site site_a --out runs/hr")
-# what `harmonize train histogram-residual` adds to a config without a landmarks section
-RESIDUAL_DEFAULTS = {"landmarks.per": "image", "model.residual": "additive"}
+EXAMPLE_CUT = ("harmonize train cut --config configs/cut/quick.yaml --data "
+               "data/synth/manifest.csv --reference-site site_a --out runs/cut")
+# what `harmonize train KIND` without --config adds to the built-in defaults
+KIND_DEFAULTS = {"histogram-residual": {"landmarks.per": "image", "model.residual": "additive"},
+                 "cut": {"loss.objective": "patchnce"}}
+CONFIG_HINT = {"histogram-residual": "configs/histogram_residual/quick.yaml",
+               "cut": "configs/cut/quick.yaml", "cyclegan": "configs/cyclegan/quick.yaml"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,13 +31,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def config_from_args(args: argparse.Namespace, kind: str = "cyclegan") -> CycleGANConfig:
-    config = command.config_from_args(args, load_config)
-    if kind == "histogram-residual" and config.landmarks is None:
-        if args.config is not None:
-            raise ConfigError(f"{args.config} has no landmarks section, so it trains a plain "
-                              "CycleGAN: use configs/histogram_residual/quick.yaml, or "
-                              "harmonize train cyclegan for this config")
-        config = command.config_from_args(args, load_config, RESIDUAL_DEFAULTS)
+    """The validated config, which must train `kind` (a histogram-residual config may use
+    either objective)."""
+    if args.config is None and kind in KIND_DEFAULTS:
+        config = command.config_from_args(args, load_config, KIND_DEFAULTS[kind])
+    else:
+        config = command.config_from_args(args, load_config)
+    if config.kind != kind:
+        what = {"histogram-residual": "has no landmarks section",
+                "cut": "has loss.objective: cycle"}.get(kind, f"trains {config.kind}")
+        raise ConfigError(f"{args.config} {what}, so it trains {config.kind}, not {kind}: use "
+                          f"{CONFIG_HINT[kind]}, or harmonize train {config.kind} for this "
+                          "config")
     return config
 
 

@@ -63,6 +63,12 @@ class LandmarksConfig(Section):
 
 
 class LossConfig(Section):
+    objective: Literal["cycle", "patchnce"] = Field(
+        "cycle", description="cycle: CycleGAN (reverse generator, cycle and identity terms); "
+        "patchnce: CUT (one generator, PatchNCE keeps structure, Park et al. 2020)")
+    lambda_nce: float = Field(1.0, ge=0, description="PatchNCE weight (CUT: 1, FastCUT: 10)")
+    nce_patches: int = Field(256, ge=2, description="patches sampled per layer and image")
+    nce_temperature: float = Field(0.07, gt=0)
     lambda_cycle: float = Field(10.0, ge=0)
     lambda_identity: float = Field(0.5, ge=0, description="times lambda_cycle, as the reference")
     lambda_structure: float = Field(0.0, ge=0, description="local-NCC structure consistency")
@@ -107,7 +113,9 @@ class CycleGANConfig(TranslatorTrainingConfig):
     @property
     def kind(self) -> str:
         """The translator kind this config trains."""
-        return "cyclegan" if self.landmarks is None else "histogram-residual"
+        if self.landmarks is not None:
+            return "histogram-residual"
+        return "cut" if self.loss.objective == "patchnce" else "cyclegan"
 
     @model_validator(mode="after")
     def _sizes(self) -> CycleGANConfig:

@@ -11,6 +11,10 @@ images (Song & Ye 2021; IGUANe 2025):
 - each discriminator: a real term (its own domain's images) and a fake term (pooled
   translations of the other domain).
 
+CUT (`objective: patchnce`, `train_cut.py`) replaces the reverse generator and the cycle by
+PatchNCE: a source node's terms are G's adversarial term and PatchNCE between a and G(a),
+the reference node's the identity PatchNCE between b and G(b) and D_B's real term.
+
 Central training (`train.py`) adds both halves every step; a federated node computes the
 halves its own images allow (`harmonize.federated.cyclegan_task`). Same functions, so a
 fix to a loss reaches both. Networks work in [-1, 1]; terms are returned in fp32.
@@ -33,11 +37,15 @@ class LossWeights:
     cycle: float = 10.0
     identity: float = 0.5  # times `cycle`, as in the reference implementation
     structure: float = 0.0
+    nce: float = 1.0  # CUT's PatchNCE weight (objective patchnce)
+    nce_patches: int = 256
+    nce_temperature: float = 0.07
 
     @classmethod
     def from_config(cls, loss) -> LossWeights:
-        """From a `LossConfig` section (lambda_cycle, lambda_identity, lambda_structure)."""
-        return cls(loss.lambda_cycle, loss.lambda_identity, loss.lambda_structure)
+        """From a `LossConfig` section."""
+        return cls(loss.lambda_cycle, loss.lambda_identity, loss.lambda_structure,
+                   loss.lambda_nce, loss.nce_patches, loss.nce_temperature)
 
 
 def adversarial_term(d, fake: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,10 +99,46 @@ def merge(*parts: Terms) -> Terms:
     return out
 
 
+def patchnce_term(g, h, source: torch.Tensor, output: torch.Tensor, w: LossWeights,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """PatchNCE (Park et al. 2020): a patch of the output should match the patch at the
+    same place in the source (positive) better than the other sampled patches of that
+    image (negatives), in the projection space of G's own encoder. Needs only the source
+    and its translation, so a node computes it on its own images."""
+    feats_src = g.encode(source)
+    feats_out = g.encode(output)
+    total = torch.zeros((), device=source.device)
+    for layer, (fs, fo) in enumerate(zip(feats_src, feats_out, strict=True)):
+        b, c, hh, ww = fs.shape
+        n = min(w.nce_patches, hh * ww)
+        idx = torch.randperm(hh * ww, generator=generator)[:n].to(fs.device)
+        q = h(layer, fo.flatten(2)[:, :, idx].transpose(1, 2).float())  # (b, n, dim)
+        k = h(layer, fs.flatten(2)[:, :, idx].transpose(1, 2).float()).detach()
+        logits = q @ k.transpose(1, 2) / w.nce_temperature  # (b, n, n): diagonal = positive
+        target = torch.arange(n, device=fs.device).expand(b, n)
+        total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+    return total / len(feats_src)
+
+
+def cut_source_terms(g, h, d_b, real_a: torch.Tensor, w: LossWeights,
+                     generator: torch.Generator | None = None) -> tuple[Terms, torch.Tensor]:
+    """CUT's generator terms on source images: adversarial against D_B and PatchNCE
+    between a and G(a); returns (terms, G(a))."""
+    fake_b = g(real_a)
+    return {"G_gan": adversarial_term(d_b, fake_b),
+            "nce": patchnce_term(g, h, real_a, fake_b, w, generator)}, fake_b
+
+
+def cut_reference_terms(g, h, real_b: torch.Tensor, w: LossWeights,
+                        generator: torch.Generator | None = None) -> Terms:
+    """CUT's identity PatchNCE on reference images: G(b) keeps b's patches."""
+    return {"nce_idt": patchnce_term(g, h, real_b, g(real_b), w, generator)}
+
+
 def generator_loss(terms: Terms, w: LossWeights) -> torch.Tensor:
     """The weighted generator objective of whatever terms are present."""
     weights = {"G_gan": 1.0, "F_gan": 1.0, "cycle": w.cycle, "idt": w.cycle * w.identity,
-               "struct": w.structure}
+               "struct": w.structure, "nce": w.nce, "nce_idt": w.nce}
     return sum(weights[k] * v for k, v in terms.items())
 
 

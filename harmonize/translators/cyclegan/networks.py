@@ -118,6 +118,43 @@ class ResnetGenerator(nn.Module):
         return torch.tanh(h)
 
 
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
+        """Encoder features for PatchNCE (CUT): after the stem, after each downsampling,
+        after the first and the middle residual block (cf. CUT's layers 0, 4, 8, 12, 16)."""
+        h = self.stem(_with_condition(x, condition, self.n_conditions))
+        feats = [h]
+        h = self.down[:3](h)
+        feats.append(h)
+        h = self.down[3:](h)
+        feats.append(h)
+        for k, block in enumerate(self.blocks):
+            h = block(h)
+            if k in (0, len(self.blocks) // 2):
+                feats.append(h)
+        return feats
+
+    def feature_channels(self) -> list[int]:
+        """Channels of each `encode` feature map, in order."""
+        ngf = self.stem[1].out_channels
+        n = len(self.blocks)
+        return [ngf, 2 * ngf, 4 * ngf] + [4 * ngf] * len({0, n // 2} if n else set())
+
+
+class PatchProjection(nn.Module):
+    """CUT's projection heads: one 2-layer MLP per encoder layer mapping sampled patch
+    features to unit vectors, where PatchNCE compares them."""
+
+    def __init__(self, channels: list[int], dim: int = 256) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, dim), nn.ReLU(True), nn.Linear(dim, dim))
+            for c in channels)
+
+    def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.heads[layer](features), dim=-1)
+
+
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: with n_layers=3 each output scores a 70x70 receptive field."""
 
@@ -143,9 +180,11 @@ class NLayerDiscriminator(nn.Module):
 
 
 def init_weights(net: nn.Module) -> nn.Module:
-    """Reference initialization: N(0, 0.02) convolutions, zero biases; returns `net`."""
+    """Reference initialization: N(0, 0.02) convolutions (and linear layers), zero biases;
+    returns `net`."""
     for module in net.modules():
-        if isinstance(module, nn.Conv2d) and not getattr(module, "zero_init", False):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not getattr(module, "zero_init",
+                                                                       False):
             nn.init.normal_(module.weight, 0.0, 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

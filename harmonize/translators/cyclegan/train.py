@@ -50,7 +50,7 @@ from harmonize.translators.cyclegan.networks import (
 )
 from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
 from harmonize.translators.cyclegan.selection import install as install_snapshot
-from harmonize.translators.cyclegan.translator import CycleGANTranslator
+from harmonize.translators.cyclegan.translator import CUTTranslator, CycleGANTranslator
 
 LOSS_NAMES = ("G_gan", "F_gan", "cycle", "idt", "struct", "D_B", "D_A", "inv")
 # model fields that must match when resuming (the saved weights have these shapes)
@@ -65,7 +65,12 @@ def lr_factor(step: int, steps: int, decay: int) -> float:
 
 
 def train_cyclegan(config: CycleGANConfig) -> Path:
-    """Train (or resume) and return the checkpoint directory OUT/model."""
+    """Train (or resume) and return the checkpoint directory OUT/model (a config with
+    `loss.objective: patchnce` trains CUT instead: `train_cut`)."""
+    if config.loss.objective == "patchnce":
+        from harmonize.translators.cyclegan.train_cut import train_cut
+
+        return train_cut(config)
     tc, lw = config.train, config.loss
     pool_a, pool_b = ImagePool(lw.pool_size, tc.seed), ImagePool(lw.pool_size, tc.seed + 1)
     run = TrainingRun(config, f"train {config.kind}", ARCH_KEYS, LOSS_NAMES,
@@ -242,7 +247,8 @@ def translator_from_run(g: torch.nn.Module, ts: TrainingSet,
                   passthrough_reference=inf.passthrough_reference,
                   train_load_size=config.data.load_size, policy=ts.policy)
     if config.landmarks is None:
-        return CycleGANTranslator(**kwargs).set_trained(g, ts.template, ts.reference_site)
+        cls = CUTTranslator if config.kind == "cut" else CycleGANTranslator
+        return cls(**kwargs).set_trained(g, ts.template, ts.reference_site)
     t = HistogramResidualTranslator(**kwargs, landmarks_per=ts.landmarks.per,
                                     n_quantiles=ts.landmarks.n_quantiles,
                                     fingerprints=config.data.fingerprints)

@@ -140,3 +140,11 @@ class CycleGANTranslator(TrainedTranslator):
                            if k.startswith("generator.")})
         self.generator_ = g.eval()
         self.template_ = tensors["polarity_template"].numpy()
+
+
+class CUTTranslator(CycleGANTranslator):
+    """Contrastive unpaired translation (CUT, Park et al. 2020): one generator trained with
+    an adversarial term and PatchNCE instead of a reverse generator and a cycle
+    (`train_cut`). Inference is the CycleGAN's: the same ResNet generator, tiled."""
+
+    kind = "cut"
