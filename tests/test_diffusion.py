@@ -162,7 +162,7 @@ def test_translation_is_deterministic_for_a_seed_whatever_the_batch():
     assert t.transform(images[:1], ["site_a"])[0] is not images[0]  # reference: passthrough
     np.testing.assert_array_equal(t.transform(images[:1], ["site_a"])[0], images[0])
     # precision "auto" (harmonize apply --precision auto) = bf16 where native, else fp32
-    fp32 = t.transform(images[:1])[0]
+    fp32 = t.set_params(precision="fp32").transform(images[:1])[0]  # the default is auto
     t.set_params(precision="auto")
     auto = t.transform(images[:1])[0]
     if native_bf16(pick_device(t.device)):  # the device the translator actually used
