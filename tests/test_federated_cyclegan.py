@@ -229,3 +229,44 @@ def test_a_nested_override_changes_one_key_not_the_section(synth4, landmarks):
                           "landmarks": {"checkpoint": str(landmarks)}})
     assert task.cg.data.image_size == 32 and task.cg.data.fingerprints == "remove"
     assert task.landmarks.n_quantiles == 8
+
+
+def test_federated_cut_node_gradients_sum_to_the_central_gradient(synth4):
+    """CUT's terms split the same way: a source node's adversarial + PatchNCE terms and
+    D_B's fake term, the reference node's identity PatchNCE and D_B's real term. Exact when
+    PatchNCE uses every patch (a node draws its own patches otherwise: equal in
+    expectation)."""
+    from harmonize.federated.cut_task import CUTTask
+    from harmonize.federated.tasks import build_task
+
+    cfg = FederatedConfig(
+        task="cyclegan", reference_site="site_a", rounds=10, manifest=synth4 / "manifest.csv",
+        cyclegan={"config": ROOT / "configs/cut/quick.yaml", "sites": SITES[1:],
+                  "set": {**TINY_SET, "loss.nce_patches": 4096}})
+    task = build_task(cfg)
+    assert isinstance(task, CUTTask) and task.nets().names() == ("g", "h", "d_b")
+    arrays = task.initial_arrays()
+    settings = {"nodes": 4, **task.server_settings()}
+    batches = [b for _, b in node_batches(task, synth4, settings)]
+    w = losses.LossWeights.from_config(task.cg.loss)
+
+    def grads(batch):
+        nets = task.nets(arrays)
+        for p in nets.discriminators():
+            p.requires_grad_(False)
+        loss_g, fake_b, _ = task.generator_objective(nets, batch, w)
+        loss_g.backward()
+        for p in nets.discriminators():
+            p.requires_grad_(True)
+        task.discriminator_objective(nets, batch, fake_b, None, ImagePool(0),
+                                     ImagePool(0)).backward()
+        return {k: (torch.zeros_like(p) if p.grad is None else p.grad)
+                for k, p in nets.named(nets.names())}
+
+    central = grads(central_batch(batches))
+    per_node = [grads(b) for b in batches]
+    scale = max(float(g.abs().max()) for g in central.values())
+    for key, g in central.items():
+        summed = sum(node[key] for node in per_node)
+        assert torch.allclose(summed, g, rtol=1e-4, atol=1e-5 * scale), key
+    assert float(central["h.heads.0.0.weight"].abs().sum()) > 0  # PatchNCE trains H

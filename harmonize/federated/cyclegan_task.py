@@ -63,7 +63,7 @@ from harmonize.federated.nodes import read_manifest, split_rows
 from harmonize.federated.server_optimizer import ServerOptimizerSpec
 from harmonize.training.device import autocast, pick_device
 from harmonize.translators.cyclegan import losses
-from harmonize.translators.cyclegan.config import load_config
+from harmonize.translators.cyclegan.config import CycleGANConfig, load_config
 from harmonize.translators.cyclegan.data import load_landmarks
 from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.networks import (
@@ -73,28 +73,47 @@ from harmonize.translators.cyclegan.networks import (
     init_weights,
 )
 from harmonize.translators.cyclegan.train import lr_factor
-from harmonize.translators.cyclegan.translator import CycleGANTranslator
+from harmonize.translators.cyclegan.translator import CUTTranslator, CycleGANTranslator
 from harmonize.translators.histogram import HistogramMatching
 
 NETS = ("g", "f", "d_a", "d_b")
 
 
+class NetGroups:
+    """What a node's training needs of its shared networks: which are stepped by the
+    generator objective and which by the discriminators', and all of them as arrays."""
+
+    GENERATORS: tuple[str, ...] = ()
+    DISCRIMINATORS: tuple[str, ...] = ()
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return (*cls.GENERATORS, *cls.DISCRIMINATORS)
+
+    def generators(self) -> list[torch.nn.Parameter]:
+        return [p for n in self.GENERATORS for p in getattr(self, n).parameters()]
+
+    def discriminators(self) -> list[torch.nn.Parameter]:
+        return [p for n in self.DISCRIMINATORS for p in getattr(self, n).parameters()]
+
+    def named(self, group: tuple[str, ...]) -> list[tuple[str, torch.nn.Parameter]]:
+        """(array key, parameter) of the networks in `group`."""
+        return [(f"{n}.{k}", p) for n in group for k, p in getattr(self, n).named_parameters()]
+
+    def arrays(self) -> Arrays:
+        return {f"{name}.{k}": v.detach().cpu().clone() for name in self.names()
+                for k, v in getattr(self, name).state_dict().items()}
+
+
 @dataclass
-class Nets:
+class Nets(NetGroups):
     g: torch.nn.Module
     f: torch.nn.Module
     d_a: torch.nn.Module
     d_b: torch.nn.Module
 
-    def generators(self) -> list[torch.nn.Parameter]:
-        return [*self.g.parameters(), *self.f.parameters()]
-
-    def discriminators(self) -> list[torch.nn.Parameter]:
-        return [*self.d_a.parameters(), *self.d_b.parameters()]
-
-    def arrays(self) -> Arrays:
-        return {f"{name}.{k}": v.detach().cpu().clone() for name in NETS
-                for k, v in getattr(self, name).state_dict().items()}
+    GENERATORS = ("g", "f")
+    DISCRIMINATORS = ("d_a", "d_b")
 
 
 @dataclass
@@ -193,7 +212,7 @@ def _pool_arrays(name: str, pool: ImagePool) -> Arrays:
     if not pool.images:
         return {}
     return {f"{name}.images": torch.stack(pool.images).float().cpu(),  # no bf16 in arrays
-            f"{name}.conditions": torch.stack(pool.conditions).cpu(),
+            f"{name}.conditions": torch.stack(pool.conditions).float().cpu(),
             f"{name}.generator": pool.generator.get_state()}
 
 
@@ -210,8 +229,7 @@ class CycleGANTask:
 
     def __init__(self, config: FederatedConfig) -> None:
         self.config = config
-        overrides = {"data.reference_site": config.reference_site, **dotted(config.cyclegan.set)}
-        self.cg = load_config(config.cyclegan.config, overrides)
+        self.cg = self.translator_config(config)
         self.size = self.cg.data.image_size
         if not config.cyclegan.sites:
             raise ConfigError("cyclegan.sites: list the source sites (the condition order "
@@ -236,6 +254,20 @@ class CycleGANTask:
                               "landmarks.checkpoint: runs/fed_hm/model")
         return load_landmarks(self.cg.landmarks.checkpoint, self.config.reference_site, "keep")
 
+    @staticmethod
+    def translator_config(config: FederatedConfig) -> CycleGANConfig:
+        """The CycleGAN / CUT / histogram-residual config this run trains."""
+        overrides = {"data.reference_site": config.reference_site, **dotted(config.cyclegan.set)}
+        return load_config(config.cyclegan.config, overrides)
+
+    # --- the objective (the CycleGAN's halves; CUTTask overrides) ----------------------
+    def generator_objective(self, nets, batch: NodeBatch, w: losses.LossWeights):
+        return generator_objective(nets, batch, w)
+
+    def discriminator_objective(self, nets, batch: NodeBatch, fake_b, fake_a,
+                                pool_b: ImagePool, pool_a: ImagePool) -> torch.Tensor:
+        return discriminator_objective(nets, batch, fake_b, fake_a, pool_b, pool_a)
+
     # --- networks -------------------------------------------------------------------
     def _g(self, n_conditions: int = 0) -> ResnetGenerator:
         m = self.cg.model
@@ -247,7 +279,10 @@ class CycleGANTask:
         nets = Nets(self._g(), self._g(s),
                     NLayerDiscriminator(ndf=m.ndf, n_layers=m.n_layers_d, n_conditions=s),
                     NLayerDiscriminator(ndf=m.ndf, n_layers=m.n_layers_d))
-        for name in NETS:
+        return self._initialized(nets, arrays)
+
+    def _initialized(self, nets, arrays: Arrays | None):
+        for name in nets.names():
             net = getattr(nets, name)
             if arrays is None:
                 init_weights(net)
@@ -456,7 +491,7 @@ class CycleGANTask:
         node_seed = zlib.crc32(",".join(sorted(rows["site"].astype(str).unique())).encode())
         torch.manual_seed(self.config.seed * 100_003 + node_seed + server_round)
         nets = self.nets(arrays)
-        for name in NETS:
+        for name in nets.names():
             getattr(nets, name).to(device)
         if self.config.privacy.mode == "patient-dp":
             summed, mean_g, mean_d, extra = self._train_private(
@@ -468,10 +503,8 @@ class CycleGANTask:
         w = losses.LossWeights.from_config(self.cg.loss)
         opt_g = torch.optim.SGD(nets.generators(), lr=c.local_lr)
         opt_d = torch.optim.SGD(nets.discriminators(), lr=c.local_lr)
-        gen_named = [(f"{n}.{k}", p) for n in ("g", "f")
-                     for k, p in getattr(nets, n).named_parameters()]
-        disc_named = [(f"{n}.{k}", p) for n in ("d_a", "d_b")
-                      for k, p in getattr(nets, n).named_parameters()]
+        gen_named = nets.named(nets.GENERATORS)
+        disc_named = nets.named(nets.DISCRIMINATORS)
         summed: dict[str, torch.Tensor] = {}  # each parameter's gradients over the K steps
         counts = round_config.get("count.sites")
         pool_b = ImagePool(self.cg.loss.pool_size, self.config.seed + node_seed)
@@ -486,7 +519,7 @@ class CycleGANTask:
             for p in nets.discriminators():
                 p.requires_grad_(False)
             with autocast(device, tc.mixed_precision):
-                loss_g, fake_b, fake_a = generator_objective(nets, batch, w)
+                loss_g, fake_b, fake_a = self.generator_objective(nets, batch, w)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             _accumulate(summed, gen_named)
@@ -494,7 +527,8 @@ class CycleGANTask:
             for p in nets.discriminators():
                 p.requires_grad_(True)
             with autocast(device, tc.mixed_precision):
-                loss_d = discriminator_objective(nets, batch, fake_b, fake_a, pool_b, pool_a)
+                loss_d = self.discriminator_objective(nets, batch, fake_b, fake_a, pool_b,
+                                                      pool_a)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             _accumulate(summed, disc_named)
@@ -524,7 +558,8 @@ class CycleGANTask:
         g.load_state_dict(_split(arrays, "g."))
         template, ref = np.zeros((32, 32), np.float32), self.config.reference_site
         if self.landmarks is None:
-            return CycleGANTranslator(**kwargs).set_trained(g, template, ref)
+            cls = CUTTranslator if self.cg.kind == "cut" else CycleGANTranslator
+            return cls(**kwargs).set_trained(g, template, ref)
         t = HistogramResidualTranslator(**kwargs, landmarks_per=self.landmarks.per,
                                         n_quantiles=self.landmarks.n_quantiles,
                                         fingerprints=self.cg.data.fingerprints)

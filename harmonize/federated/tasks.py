@@ -3,7 +3,8 @@ central runs use. A task turns (global arrays, this node's local state, this nod
 rows) into (updated arrays, new local state, metrics); it never sends images.
 
 - `ClassifierTask` (classifier_task): the downstream classifier;
-- `CycleGANTask` (cyclegan_task) and `DiffusionTask` (diffusion_task, one shared prior):
+- `CycleGANTask` (cyclegan_task), `CUTTask` (cut_task: a config with loss.objective
+  patchnce) and `DiffusionTask` (diffusion_task, one shared prior):
   the translators, whose loss terms come from the translators' own `losses.py`;
 - `LocalPriorTask` (local_prior_task): DDIB with each site's prior trained at its node;
 - `HistogramTask` (histogram_task): histogram matching, the reference node's landmarks.
@@ -33,4 +34,8 @@ def build_task(config: FederatedConfig):
         return DiffusionTask(config)
     from harmonize.federated.cyclegan_task import CycleGANTask
 
+    if CycleGANTask.translator_config(config).loss.objective == "patchnce":
+        from harmonize.federated.cut_task import CUTTask  # CUT (or histogram-residual on it)
+
+        return CUTTask(config)
     return CycleGANTask(config)
