@@ -1,8 +1,10 @@
 """1,000+ mixed good and malformed files (`harmonize.synth.hostile`, two site folders)
 through `harmonize apply --model identity` and `harmonize shift-report`, each in its own
 process: every valid file must be written (exactly; JPEG within 2 grey levels), every
-malformed one must be an error, never ok, and neither command may abort. Prints the
-counts per kind, the peak memory of each command, and exits 1 on any mismatch.
+malformed one must be an error, never ok, and neither command may abort. DICOM outputs
+must add no error that dicom3tools' `dciodvfy` does not find in their input (checked when
+it is installed). Prints the counts per kind, the files written with a repaired header,
+the peak memory of each command, and exits 1 on any mismatch.
 
     python eval/hostile_inputs.py --out eval_out/hostile --files 1056
 """
@@ -42,6 +44,19 @@ def run_command(args: list[str]) -> dict:
     return {**json.loads(lines[-1]), "aborted": False}
 
 
+def dciodvfy_errors(path: Path) -> set[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return {ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")}
+
+
+def new_dicom_errors(pairs: list[tuple[Path, Path]]) -> int | None:
+    """DICOM outputs where dciodvfy finds an error it does not find in their input; None
+    when dciodvfy is not installed."""
+    if shutil.which("dciodvfy") is None:
+        return None
+    return sum(bool(dciodvfy_errors(out) - dciodvfy_errors(src)) for src, out in pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("eval_out/hostile"))
@@ -63,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
            if np.abs(read_image(files / row.site / row.name).array.astype(float)
                      - read_image(harmonized / row.site / row.name).array.astype(float)).max()
            > (2 if row.name.endswith(".jpg") else 0)]
+    written = got[got["status"] == "ok"]
+    repaired = int(written["reason"].fillna("").str.startswith("source repaired").sum())
+    dicom_written = [(files / r.site / r.name, harmonized / r.site / r.name)
+                     for r in written.itertuples() if r.name.endswith(".dcm")]
+    dciodvfy_new = new_dicom_errors(dicom_written)
     print(got.groupby(["kind", "status"]).size().to_string())
     shift_errors = (pd.read_csv(args.out / "shift" / "errors.csv")
                     if (args.out / "shift" / "errors.csv").is_file() else pd.DataFrame())
@@ -70,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "files": len(got), "apply": apply, "shift_report": shift,
         "aborted": int(apply["aborted"]) + int(shift["aborted"]),
         "mismatched": len(mismatched), "silent_wrong_outputs": len(off),
+        "written_with_repaired_header": repaired, "dicom_written": len(dicom_written),
+        "dicom_with_new_dciodvfy_errors": dciodvfy_new,
         "shift_report_errors_listed": len(shift_errors),
         "counts": {f"{k}/{s}": int(n) for (k, s), n in got.groupby(["kind", "status"]).size()
                    .items()},
@@ -80,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
           f"peak RSS {apply.get('peak_rss_mb', float('nan')):.0f} MB; shift-report "
           f"{shift.get('seconds', 0):.1f} s peak RSS {shift.get('peak_rss_mb', float('nan')):.0f}"
           f" MB, {len(shift_errors)} images listed as errors")
+    print(f"{repaired} written with a repaired header; {len(dicom_written)} DICOM outputs, "
+          + ("dciodvfy not installed" if dciodvfy_new is None else
+             f"{dciodvfy_new} with a dciodvfy error their input has not"))
     if len(mismatched):
         print(mismatched[["name", "status", "reason"]].head(20).to_string())
-    return 1 if result["aborted"] or len(mismatched) or off else 0
+    if off:
+        print("written, but not as read:", ", ".join(off[:20]))
+    return 1 if result["aborted"] or len(mismatched) or off or dciodvfy_new else 0
 
 
 if __name__ == "__main__":

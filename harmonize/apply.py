@@ -23,6 +23,8 @@ from tqdm import tqdm
 from harmonize.data.intensity import IntensityParams
 from harmonize.data.io import (
     SUPPORTED,
+    ImageReadError,
+    ImageWriteError,
     MedicalImage,
     has_dicom_magic,
     is_image_file,
@@ -171,9 +173,10 @@ def apply_translator(
     if not resume and rank == 0:
         replacing_outputs(out, "outputs")
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be valid
-    if derivation is None:
-        derivation = (f"harmonized to site '{translator.reference_site_}' "
-                      f"by the {translator.kind} translator")
+    if derivation is None:  # the identity and fingerprint removal map to no site
+        target = (f"to site '{translator.reference_site_}' "
+                  if translator.reference_site_ not in (None, "any") else "")
+        derivation = f"harmonized {target}by the {translator.kind} translator"
     log = _Log(out / (LOG_NAME if rank == 0 else f"apply_log.rank{rank}.csv"))
     summary = ApplySummary(log_path=log.path)
     bar = tqdm(total=len(items), desc=f"apply {translator.kind}", unit="img",
@@ -209,14 +212,33 @@ def apply_translator(
         for batch in _batches(_load_all(translator, todo, pool, io_workers, record), batch_size):
             done = _translate_batch(translator, batch, record)
             for b, y in done:
-                values = translator.policy.from_model(y, b.params)
-                fut = pool.submit(write_image, b.image, values, out / b.item.relpath, derivation)
+                fut = pool.submit(write_image, b.image, _output_values(translator, b, y),
+                                  out / b.item.relpath, derivation)
                 pending_writes.append((b, fut))
             pending_writes = _drain(pending_writes, record, block=False)
         _drain(pending_writes, record, block=True)
     bar.close()
     log.close()
     return summary
+
+
+def _output_values(translator: Translator, loaded: _Loaded, y: np.ndarray) -> np.ndarray:
+    """What to write: an image the translator left as it was is written with the values it
+    was read with, exactly (a float image's trip through float32 model space and back is
+    off by up to one float32 step of the window, ~1e-5)."""
+    if np.array_equal(y, loaded.x):
+        return loaded.image.array
+    return translator.policy.from_model(y, loaded.params)
+
+
+def _reason(step: str, path: Path, err: Exception) -> str:
+    """The log's sentence for a failure: harmonize's own errors name the file and the fix;
+    anything else is unexpected, and said to be, with the file."""
+    if isinstance(err, (ImageReadError, ImageWriteError)):
+        return str(err)
+    detail = (str(err).splitlines() or [""])[0][:200]
+    return (f"{path}: {step} failed unexpectedly ({type(err).__name__}: {detail}); "
+            "please report it with the file")
 
 
 def _translate_batch(translator: Translator, batch: list[_Loaded], record
@@ -269,7 +291,7 @@ def _load_all(translator: Translator, todo: list[ApplyItem], pool: ThreadPoolExe
         try:
             yield fut.result()
         except Exception as err:  # noqa: BLE001 - reported per file, the batch goes on
-            record(item, "error", str(err))
+            record(item, "error", _reason("reading", item.source, err))
 
 
 def _batches(loaded: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
@@ -291,7 +313,10 @@ def _drain(pending: list[tuple[_Loaded, Future]], record, block: bool):
             continue
         try:
             fut.result()
-            record(b.item, "ok", "", time.perf_counter() - b.started)
+            # an ok row says what was repaired in the source to write it (a damaged tag)
+            repaired = "; ".join(b.image.repairs)
+            record(b.item, "ok", f"source repaired: {repaired}" if repaired else "",
+                   time.perf_counter() - b.started)
         except Exception as err:  # noqa: BLE001
-            record(b.item, "error", f"write failed: {err}")
+            record(b.item, "error", _reason("writing", b.item.source, err))
     return still

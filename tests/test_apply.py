@@ -114,3 +114,44 @@ def test_a_dataset_root_and_a_site_folder_get_their_sites_from_the_manifest(tmp_
     one = apply_translator(load_translator("identity"), synth / "site_b", tmp_path / "b",
                            progress=False)
     assert one.ok == 4 and {r["site"] for r in _log(tmp_path / "b")} == {"site_b"}
+
+
+def test_log_reasons_name_the_file_never_a_temp_file_or_a_bare_internal_error(
+        tmp_path, monkeypatch):
+    """A failure harmonize did not foresee is said to be one, with the file; a write that
+    fails names the output, not the temporary file it was going to."""
+    import SimpleITK as sitk
+
+    import harmonize.apply
+    import harmonize.data.io
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 8), 7, np.uint8)),
+                        str(tmp_path / "in" / name))
+    real_read, real_write = harmonize.apply.read_image, sitk.WriteImage
+
+    def read(path):
+        if path.name == "a.png":
+            raise TypeError("in method 'Image_GetMetaData', argument 2 of type 'std::string'")
+        return real_read(path)
+
+    def write(image, path, *args, **kwargs):
+        raise RuntimeError(f"Exception thrown in SimpleITK WriteImage: itkPNGImageIO.cxx:391:\n"
+                           f"ITK ERROR: PNGImageIO(0x1): Could not open {path} for writing."
+                           "\nReason: No space left on device")
+
+    monkeypatch.setattr(harmonize.apply, "read_image", read)
+    monkeypatch.setattr(harmonize.data.io.sitk, "WriteImage", write)
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    monkeypatch.setattr(harmonize.data.io.sitk, "WriteImage", real_write)
+    assert summary.errors == 2
+    rows = {r["input"].rsplit("/", 1)[-1]: r["reason"] for r in _log(tmp_path / "out")}
+    assert rows["a.png"] == (f"{tmp_path / 'in' / 'a.png'}: reading failed unexpectedly "
+                             "(TypeError: in method 'Image_GetMetaData', argument 2 of type "
+                             "'std::string'); please report it with the file")
+    assert rows["b.png"] == (f"{tmp_path / 'out' / 'b.png'}: not written as PNG: Reason: No "
+                             "space left on device (check the free disk space and the "
+                             "folder's permissions)")
+    assert not list((tmp_path / "out").rglob(".*partial*"))

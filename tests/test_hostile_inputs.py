@@ -344,3 +344,82 @@ def test_dicom_outputs_add_no_dciodvfy_error(tmp_path):
     for name in names:
         new = errors(tmp_path / "out" / name) - errors(tmp_path / "in" / name)
         assert not new, (name, new)
+
+
+def _jpeg(path, seed=0):
+    from harmonize.synth import make_phantom
+
+    x = make_phantom("xray", 64, False, np.random.default_rng(seed)).ideal
+    x = np.rint((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("cut_scan", "premature end of data segment"),
+    ("junk_before_end", "extraneous bytes before marker 0xd9"),
+])
+def test_a_jpeg_whose_coded_data_are_damaged_is_refused(tmp_path, damage, says):
+    """libjpeg decodes such files with a warning only, guessing the pixels (another decoder
+    guesses otherwise by up to 255 levels): refused, never written as ok."""
+    from harmonize.data.io import ImageReadError
+
+    (tmp_path / "in").mkdir()
+    data = _jpeg(tmp_path / "in" / "good.jpg")
+    scan = data.index(b"\xff\xda")
+    damaged = (data[: scan + (len(data) - scan) // 2] + b"\xff\xd9" if damage == "cut_scan"
+               else data[:-2] + bytes(40) + b"\xff\xd9")
+    (tmp_path / "in" / "bad.jpg").write_bytes(damaged)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "in" / "bad.jpg"))).size
+    with pytest.raises(ImageReadError, match=f"bad.jpg: damaged JPEG data .*{says}"):
+        read_image(tmp_path / "in" / "bad.jpg")
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    assert (summary.ok, summary.errors) == (1, 1)
+    assert summary.error_files == [str(tmp_path / "in" / "bad.jpg")]
+
+
+def test_reading_a_jpeg_passes_other_output_on(tmp_path, capfd):
+    import threading
+
+    _jpeg(tmp_path / "good.jpg")
+    printer = threading.Thread(target=lambda: [print("progress", k) for k in range(200)])
+    printer.start()
+    for _ in range(5):
+        read_image(tmp_path / "good.jpg")
+    printer.join()
+    assert capfd.readouterr().out.count("progress") == 200
+
+
+@pytest.mark.parametrize("name", ["f.tif", "f.nii", "f.mha", "f.nii.gz"])
+def test_float32_images_come_out_of_identity_bit_exact(tmp_path, name):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 1, (24, 32)) * 987.654 + 0.001).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(x), str(tmp_path / "in" / name))
+    apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                     progress=False)
+    out = read_image(tmp_path / "out" / name).array
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, x)
+
+
+def test_an_mha_header_entry_that_is_not_text_is_dropped_and_logged(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "in").mkdir()
+    arr = _png(tmp_path / "in" / "a.png")
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "in" / "a.mha"))
+    (tmp_path / "in" / "a.png").unlink()
+    data = (tmp_path / "in" / "a.mha").read_bytes()
+    (tmp_path / "in" / "a.mha").write_bytes(
+        data.replace(b"ElementType", b"Stati\xf3n = 3\nSite = B\nElementType", 1))
+    summary = apply_translator(load_translator("identity"), tmp_path / "in", tmp_path / "out",
+                               progress=False)
+    assert (summary.ok, summary.errors) == (1, 0)
+    log = pd.read_csv(tmp_path / "out" / "apply_log.csv")
+    assert log["reason"][0] == ("source repaired: header entry 'Stati\\xf3n': dropped, it "
+                                "is not text")
+    out = sitk.ReadImage(str(tmp_path / "out" / "a.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), arr)
+    assert out.GetMetaData("Site") == "B"  # the readable entries are kept

@@ -10,12 +10,24 @@ derivation note, as DICOM asks of derived images.
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_description, dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from harmonize import __version__
 from harmonize.data.image import ImageReadError, MedicalImage, cast_to_storage
@@ -39,6 +51,7 @@ def read_dicom(path: Path) -> MedicalImage:
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM without pixel data (not an image object)",
                              "remove it from the image folder")
+    repairs = repair_header(path, ds)  # before any element is used
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames) is not supported",
@@ -57,6 +70,7 @@ def read_dicom(path: Path) -> MedicalImage:
     stored = _decode_pixels(path, ds)
     if stored.ndim != 2 or stored.size == 0:
         raise ImageReadError(path, f"pixel data of shape {stored.shape} is not a 2D image")
+    repairs += repair_identity(path, ds)
 
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
@@ -84,6 +98,7 @@ def read_dicom(path: Path) -> MedicalImage:
         bits_stored=bits,
         spacing=tuple(float(s) for s in spacing) if spacing else None,
         modality=str(ds.get("Modality", "")) or None,
+        repairs=repairs,
         header={
             "dataset": ds,
             "stored_dtype": stored.dtype,
@@ -136,6 +151,171 @@ def _repair_sequential_scan(ds: pydicom.Dataset) -> np.ndarray | None:
         return None
 
 
+# --- damaged header elements -----------------------------------------------------------
+# Archives hold files whose pixels are fine but whose header has one damaged element (an
+# unknown VR, a number with a stray byte, no SOP Instance UID). They are written: what can
+# be kept is kept, the rest is trimmed, emptied or dropped, and each change is noted.
+
+PIXEL_DATA = Tag("PixelData")
+# What the reader needs to decode the pixels, or image IODs require (Type 1): damaged
+# beyond repair, the file is refused naming the element, never written invalid.
+ESSENTIAL = frozenset(Tag(k) for k in (
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "RescaleSlope",
+    "RescaleIntercept", "PixelSpacing", "ImagerPixelSpacing", "SOPClassUID",
+    "StudyInstanceUID", "Modality"))
+# a number string with bytes that are not printable ASCII (a NUL, a control byte) around it
+_NUMBER = {
+    "DS": re.compile(r"[^\x21-\x7e]*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[^\x21-\x7e]*"),
+    "IS": re.compile(r"[^\x21-\x7e]*([+-]?\d+)[^\x21-\x7e]*"),
+}
+_BINARY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "UV": 8,
+                "SV": 8}
+
+
+def repair_header(path: Path, ds: pydicom.Dataset) -> list[str]:
+    """Make a header with damaged elements readable and writable, and return one note per
+    change; an ESSENTIAL element damaged beyond repair raises ImageReadError naming it and
+    the fix."""
+    notes: list[str] = []
+    _repair_elements(path, ds, notes, top=True)
+    _repair_transfer_syntax(ds, notes)
+    return notes
+
+
+def _repair_elements(path: Path, ds: pydicom.Dataset, notes: list[str], top: bool) -> None:
+    for tag in list(ds.keys()):
+        if tag == PIXEL_DATA:
+            continue  # decoded, and refused when broken, by _decode_pixels
+        try:
+            elem = ds[tag]
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types for one element
+            _repair_undecodable(path, ds, tag, err, notes, top)
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _repair_elements(path, item, notes, top=False)
+        elif elem.VR in _NUMBER:
+            _repair_number_string(path, elem, notes, top)
+
+
+def _repair_undecodable(path: Path, ds: pydicom.Dataset, tag: BaseTag, err: Exception,
+                        notes: list[str], top: bool) -> None:
+    """An element pydicom cannot decode (e.g. an unknown VR): read with the VR the DICOM
+    dictionary gives its tag when its bytes fit that VR, else emptied (public) or dropped
+    (private, whose VR nobody knows)."""
+    raw = ds.get_item(tag)
+    vr = _dictionary_vr(tag, ds)
+    if vr is not None and raw.length % _BINARY_SIZE.get(vr, 1) == 0:
+        try:
+            ds[tag] = raw._replace(VR=vr)
+            elem = ds[tag]
+        except Exception:  # noqa: BLE001 - the bytes do not fit the dictionary VR either
+            ds[tag] = raw  # as it was, to be emptied or dropped below
+        else:
+            notes.append(f"{_name(tag)}: unknown VR {raw.VR!r} read as its dictionary VR {vr}")
+            if elem.VR in _NUMBER:
+                _repair_number_string(path, elem, notes, top)
+            return
+    reason = str(err).splitlines()[-1].strip()[:120]
+    _refuse_if_essential(path, tag, top, f"cannot be decoded ({reason})")
+    if vr is None:
+        del ds[tag]
+        notes.append(f"{_name(tag)}: dropped, it cannot be decoded ({reason})")
+    else:
+        ds[tag] = DataElement(tag, vr, None)
+        notes.append(f"{_name(tag)}: emptied, it cannot be decoded ({reason})")
+
+
+def _repair_number_string(path: Path, elem: DataElement, notes: list[str], top: bool) -> None:
+    """A decimal or integer string (DS, IS) that does not parse: stray bytes around the
+    number (a NUL, a control byte) are trimmed; anything else empties the element."""
+    values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+    if not any(isinstance(v, str) and v.strip() for v in values):
+        return  # pydicom parsed them all (numbers), or the element is empty
+    fixed = [_trimmed(elem.VR, v) for v in values]
+    if None in fixed:
+        shown = "\\".join(str(v) for v in values)
+        _refuse_if_essential(path, elem.tag, top, f"holds {shown!r}, not a valid {elem.VR}")
+        elem.value = None
+        notes.append(f"{_name(elem.tag)}: emptied, {shown!r} is not a valid {elem.VR}")
+        return
+    changed = [f"{v!r} -> {f!r}" for v, f in zip(values, fixed, strict=True) if v != f]
+    if changed:
+        elem.value = fixed if len(fixed) > 1 else fixed[0]
+        notes.append(f"{_name(elem.tag)}: stray bytes trimmed ({', '.join(changed)})")
+
+
+def _trimmed(vr: str, value: object) -> object:
+    """`value` without the junk around its number; None when it holds no clean number."""
+    if not isinstance(value, str) or not value.strip():
+        return value  # a parsed number, or an empty value
+    match = _NUMBER[vr].fullmatch(value)
+    return match.group(1) if match else None
+
+
+def repair_identity(path: Path, ds: pydicom.Dataset) -> list[str]:
+    """A missing SOP Class UID is taken from the file meta (else the file is refused); a
+    missing SOP Instance UID is made. Checked once the pixels are known to decode, whose
+    problems come first."""
+    notes = []
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if not ds.get("SOPClassUID"):
+        if not meta.get("MediaStorageSOPClassUID"):
+            raise ImageReadError(path, "no SOP Class UID (0008,0016): the kind of image is "
+                                 "unknown", 'add it, e.g. dcmodify -i "(0008,0016)='
+                                 '1.2.840.10008.5.1.4.1.1.7" (Secondary Capture), or '
+                                 "re-export the file")
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        notes.append("(0008,0016) SOP Class UID: missing, taken from the file meta")
+    if not ds.get("SOPInstanceUID"):
+        # the output's new UID is derived from this one: when the file meta has none
+        # either, make it from the pixels, so a rerun gives the same output UID
+        ds.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID") or derived_uid(
+            hashlib.sha256(bytes(ds.PixelData)).hexdigest(), "missing sop")
+        notes.append("(0008,0018) SOP Instance UID: missing, the output has a new one")
+    return notes
+
+
+def _repair_transfer_syntax(ds: pydicom.Dataset, notes: list[str]) -> None:
+    """A file meta without Transfer Syntax UID, over uncompressed pixels: the syntax is the
+    encoding pydicom found the data set in."""
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    encapsulated = bytes(ds.PixelData[:4]) == b"\xfe\xff\x00\xe0"  # an item tag: compressed
+    if "TransferSyntaxUID" not in meta and not encapsulated:
+        implicit, little = ds.original_encoding
+        syntax = (ImplicitVRLittleEndian if implicit else
+                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta = meta
+        meta.TransferSyntaxUID = syntax
+        notes.append(f"(0002,0010) Transfer Syntax UID: missing, set to {syntax.name}")
+
+
+def _dictionary_vr(tag: BaseTag, ds: pydicom.Dataset) -> str | None:
+    """The VR the DICOM dictionary gives a public tag; one choice for ambiguous ones."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    if vr.startswith("US or SS"):  # signedness follows the pixels
+        return "SS" if ds.get("PixelRepresentation", 0) == 1 else "US"
+    return vr.split(" or ")[0]
+
+
+def _refuse_if_essential(path: Path, tag: BaseTag, top: bool, problem: str) -> None:
+    if top and tag in ESSENTIAL:
+        raise ImageReadError(path, f"{_name(tag)} {problem}",
+                             f'set a valid value, e.g. dcmodify -m "{tag}=<value>" '
+                             f"{path.name}, or re-export the file from the PACS")
+
+
+def _name(tag: BaseTag) -> str:
+    try:
+        return f"{tag} {dictionary_description(tag)}"
+    except KeyError:
+        return f"{tag} (private)" if tag.is_private else str(tag)
+
+
 def _with_suffix(text: str, suffix: str, limit: int) -> str:
     """`text` + `suffix` within `limit` characters, `text` shortened at a word boundary."""
     room = limit - len(suffix)
@@ -182,6 +362,8 @@ def write_dicom(template: MedicalImage, array: np.ndarray, out: Path, derivation
     ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
     # history is appended to, never replaced (e.g. "JPEG 2000 irreversible (lossy) 10:1")
     step = f"{derivation} (harmonize {__version__})"
+    if template.repairs:  # what the reader changed in the source's header, said once here
+        step += "; source header repaired: " + "; ".join(template.repairs)
     before = str(ds.get("DerivationDescription", "") or "").strip()
     ds.DerivationDescription = (f"{before}; {step}" if before else step)[-1024:]
     if "SeriesDescription" in ds:

@@ -32,6 +32,9 @@ class MedicalImage:
     array: (H, W) modality values (DICOM rescale applied, MONOCHROME1 inverted).
     value_range: (lo, hi) the values the storage can hold, e.g. (0, 4095) for 12 bits.
     bits_stored: meaningful bits of the stored integers, None for float data.
+    repairs: what the reader changed so that the file can be written back (a damaged
+        header element trimmed, emptied or dropped; a missing UID made), one note each;
+        batch apply logs them and DICOM outputs carry them in DerivationDescription.
     """
 
     array: np.ndarray
@@ -42,6 +45,7 @@ class MedicalImage:
     spacing: tuple[float, float] | None = None
     modality: str | None = None
     header: dict[str, Any] = field(default_factory=dict, repr=False)
+    repairs: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -11,8 +11,13 @@ half-written output behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +127,31 @@ def write_image(
             f"{template.array.shape}; a writer keeps the input's size"
         )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if template.format == "dicom":
-        from harmonize.data import dicom
 
-        def write(tmp: Path) -> None:
+    def write(tmp: Path) -> None:
+        if template.format == "dicom":
+            from harmonize.data import dicom
+
             dicom.write_dicom(template, array, tmp, derivation)
+        else:
+            _write_itk(template, array, tmp)
 
+    try:
         return atomic_write(out_path, write)
-    return atomic_write(out_path, lambda tmp: _write_itk(template, array, tmp))
+    except Exception as err:  # noqa: BLE001 - said once, naming the output, not the temp file
+        raise _write_failure(out_path, template.format, err) from None
+
+
+def _write_failure(out_path: Path, fmt: str, err: Exception) -> ImageWriteError:
+    space = "check the free disk space and the folder's permissions"
+    if isinstance(err, OSError) and err.strerror:
+        return ImageWriteError(f"{out_path}: not written: {err.strerror} ({space})")
+    if fmt == "dicom":  # pydicom names the element first, then adds a traceback
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        fix = "correct the element it names in the source file, e.g. with dcmodify"
+    else:  # ITK puts the description last; what fails there is mostly the disk
+        detail, fix = _first_line(err), space
+    return ImageWriteError(f"{out_path}: not written as {fmt.upper()}: {detail} ({fix})")
 
 
 def atomic_write(out_path: Path, write) -> Path:
@@ -254,6 +276,51 @@ def _check_jpeg_end(path: Path) -> None:
                              "re-export or copy it again")
 
 
+# libjpeg's warnings: the data are damaged and the decoder guessed (grey fill, shifted
+# blocks); another decoder guesses otherwise, by up to 255 grey levels
+JPEG_WARNING = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS "
+                          r"parameters|Inconsistent progression sequence|bad (Huffman|"
+                          r"arithmetic) code")
+_OUTPUT_LOCK = threading.Lock()  # file descriptors 1 and 2 are one per process
+
+
+def _read_jpeg(path: Path) -> sitk.Image:
+    """ITK's libjpeg reports damaged entropy-coded data only as a warning printed on the
+    process's stdout, and returns an image anyway: capture the output streams while it
+    decodes and refuse the file on a warning, as a truncated one is. What other threads
+    print meanwhile is passed on."""
+    with _OUTPUT_LOCK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with _captured(1) as out, _captured(2) as err:
+            img = sitk.ReadImage(str(path))
+    warnings = [ln.strip() for ln in out + err if JPEG_WARNING.search(ln)]
+    for fd, lines in ((1, out), (2, err)):
+        others = "".join(ln for ln in lines if not JPEG_WARNING.search(ln))
+        if others:
+            os.write(fd, others.encode())
+    if warnings:
+        raise ImageReadError(path, f"damaged JPEG data (the decoder says: {warnings[0]})",
+                             "its pixels would be guessed; re-export or copy it again")
+    return img
+
+
+@contextlib.contextmanager
+def _captured(fd: int) -> Iterator[list[str]]:
+    """The lines written to file descriptor `fd` (C code included) inside the block."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(fd)
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            lines += capture.read().decode(errors="replace").splitlines(keepends=True)
+
+
 def _read_itk(path: Path, fmt: str) -> MedicalImage:
     _check_header(path, fmt)
     if fmt == "nifti":
@@ -263,7 +330,7 @@ def _read_itk(path: Path, fmt: str) -> MedicalImage:
     elif fmt == "tiff":
         _check_tiff_samples(path)
     try:
-        img = sitk.ReadImage(str(path))
+        img = _read_jpeg(path) if fmt == "jpeg" else sitk.ReadImage(str(path))
     except RuntimeError as err:
         reason = _first_line(err)
         raise ImageReadError(path, f"cannot decode as {fmt.upper()}: {reason}",
@@ -289,6 +356,7 @@ def _read_itk(path: Path, fmt: str) -> MedicalImage:
     if arr.size == 0:
         raise ImageReadError(path, "image has no pixels", "re-export it")
     bits, value_range = _integer_range(arr)
+    metadata, repairs = _text_metadata(img)
     return MedicalImage(
         array=arr,
         path=path,
@@ -302,9 +370,26 @@ def _read_itk(path: Path, fmt: str) -> MedicalImage:
             "spacing": img.GetSpacing(),
             "origin": img.GetOrigin(),
             "direction": img.GetDirection(),
-            "metadata": {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()},
+            "metadata": metadata,
         },
+        repairs=repairs,
     )
+
+
+def _text_metadata(img: sitk.Image) -> tuple[dict[str, str], list[str]]:
+    """The header's entries, to write back; one whose key or value is not text (a damaged
+    MHA/NRRD header) can be neither returned nor written by ITK: dropped, with a note."""
+    kept, repairs = {}, []
+    for key in img.GetMetaDataKeys():
+        try:
+            value = img.GetMetaData(key)
+            key.encode(), value.encode()  # surrogates (undecodable bytes) raise here
+        except (TypeError, UnicodeError):
+            shown = repr(key.encode(errors="surrogateescape"))[1:]
+            repairs.append(f"header entry {shown}: dropped, it is not text")
+            continue
+        kept[key] = value
+    return kept, repairs
 
 
 def _collapse_gray(path: Path, arr: np.ndarray, components: int) -> np.ndarray:
@@ -349,14 +434,10 @@ def _write_itk(template: MedicalImage, array: np.ndarray, tmp: Path) -> None:
     for key, value in h.get("metadata", {}).items():
         if not key.startswith("ITK_"):
             img.SetMetaData(key, value)
-    try:
-        if template.format == "jpeg":  # JPEG has no lossless mode here: the best quality
-            sitk.WriteImage(img, str(tmp), useCompression=True, compressionLevel=100)
-        else:
-            sitk.WriteImage(img, str(tmp),
-                            useCompression=template.format in ("nifti", "mha", "nrrd"))
-    except RuntimeError as err:
-        raise ImageWriteError(f"{tmp}: {_first_line(err)}") from None
+    if template.format == "jpeg":  # JPEG has no lossless mode here: the best quality
+        sitk.WriteImage(img, str(tmp), useCompression=True, compressionLevel=100)
+    else:
+        sitk.WriteImage(img, str(tmp), useCompression=template.format in ("nifti", "mha", "nrrd"))
 
 
 def _first_line(err: Exception) -> str:
