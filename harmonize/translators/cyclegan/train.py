@@ -18,50 +18,43 @@ OUT/samples/step_NNNNNNN.png, OUT/train_log.csv, OUT/config.yaml (what ran).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from harmonize.data import polarity as pol
 from harmonize.training.device import loader_options
-from harmonize.training.metadata import training_metadata
 from harmonize.training.run import TrainingRun, set_lr
 from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
 from harmonize.translators.cyclegan.data import (
-    TrainingSet,
     UnpairedCrops,
     prepare_training_set,
     sample_images,
 )
-from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
     ResnetGenerator,
     init_weights,
 )
-from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
-from harmonize.translators.cyclegan.selection import install as install_snapshot
-from harmonize.translators.cyclegan.translator import CUTTranslator, CycleGANTranslator
+from harmonize.translators.cyclegan.run_parts import (
+    check_same_sites,
+    checkpoint_metadata,
+    finish_selection,
+    lr_factor,
+    requires_grad,
+    start_selection,
+    translator_from_run,
+    write_sample_grid,
+)
 
 LOSS_NAMES = ("G_gan", "F_gan", "cycle", "idt", "struct", "D_B", "D_A", "inv")
 # model fields that must match when resuming (the saved weights have these shapes)
 ARCH_KEYS = ("model", "data.image_size")
-
-
-def lr_factor(step: int, steps: int, decay: int) -> float:
-    """Constant, then linear decay to 0 over the last `decay` steps (reference schedule)."""
-    if decay <= 0 or step < steps - decay:
-        return 1.0
-    return max(0.0, (steps - step) / (decay + 1))
 
 
 def train_cyclegan(config: CycleGANConfig) -> Path:
@@ -78,7 +71,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     accelerator = run.accelerator
     ts = prepare_training_set(config, progress=tc.progress and run.is_main)
     if tc.resume:
-        _check_same_sites(run.saved_metadata(), ts)
+        check_same_sites(run.saved_metadata(), ts)
     run.start()
 
     # --- data ---------------------------------------------------------------------------
@@ -120,7 +113,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         cond = F.one_hot(batch["site_index"], n_cond).float() if n_cond else None
         with accelerator.accumulate(g_ab, f_ba, d_a, d_b):
             # generator step: D frozen, called unwrapped (no DDP sync for them here)
-            _requires_grad((d_a, d_b), False)
+            requires_grad((d_a, d_b), False)
             with accelerator.autocast():
                 src, fake_b = losses.source_terms(g_ab, f_ba, raw["d_b"], real_a, cond, w)
                 ref, fake_a = losses.reference_terms(g_ab, f_ba, raw["d_a"], real_b, cond, w)
@@ -131,7 +124,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
             opt_g.zero_grad(set_to_none=True)
 
             # discriminator step: real vs a pool of past fakes
-            _requires_grad((d_a, d_b), True)
+            requires_grad((d_a, d_b), True)
             with accelerator.autocast():
                 pooled_b, _ = pool_b.query(fake_b.detach())
                 pooled_a, pooled_cond = pool_a.query(fake_a.detach(), cond)
@@ -170,102 +163,3 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         finish_selection(selection, run.out)
     return run.finish()
 
-
-def start_selection(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig,
-                    g: torch.nn.Module) -> SnapshotSelection | None:
-    """With train.select_fraction (main process): the held-out images, histogram
-    matching's score on them and, for the histogram-residual translator, step 0's
-    (histogram matching with its landmarks: a snapshot like the others)."""
-    if ts.heldout is None or not run.is_main:
-        return None
-    selection = SnapshotSelection(ts.heldout, ts.reference_site, ts.template,
-                                  config.data.polarity, ts.policy, run.out,
-                                  config.data.fingerprints)
-    if not config.train.resume:
-        selection.record_baseline(ts.df, ts.reference_site, ts.policy)
-        if config.landmarks is not None:
-            start = translator_from_run(g, ts, config)
-            start.save(run.out / "snapshots" / f"step_{0:07d}",
-                       {**checkpoint_metadata(run, ts, config), "steps": 0})
-            selection.record(0, start)
-    return selection
-
-
-def finish_selection(selection: SnapshotSelection, out: Path) -> None:
-    """Install the best-scoring snapshot as OUT/model and say how it compares."""
-    best, baseline = selection.choose()
-    model = out / "model"
-    chosen = out / "snapshots" / f"step_{int(best['step']):07d}"
-    if (chosen / "model.safetensors").read_bytes() != (model / "model.safetensors").read_bytes():
-        install_snapshot(chosen, model)
-    meta_path = model / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["selection"] = {"step": int(best["step"]), "score": best["score"],
-                         "histogram_matching_score": baseline and baseline["score"],
-                         "heldout_images": len(selection.sources) + len(selection.references)}
-    tmp = meta_path.with_name(".metadata.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
-    print(verdict(best, baseline))
-
-
-def _requires_grad(nets, flag: bool) -> None:
-    for net in nets:
-        for p in net.parameters():
-            p.requires_grad_(flag)
-
-
-def write_sample_grid(path: Path, translator: CycleGANTranslator,
-                      samples: list[tuple[np.ndarray, str]], side: int) -> Path:
-    """Top row the inputs, bottom row their translations (whole images, tiled inference
-    as apply does it; the last column is a reference-site image); 8-bit PNG."""
-    images = [x for x, _ in samples]
-    outputs = translator.transform(images, [s for _, s in samples])
-
-    def cell(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.clip(x, 0, 1).astype(np.float32))[None, None]
-        return F.interpolate(t, size=(side, side), mode="area")[0, 0].numpy()
-
-    grid = np.concatenate([np.concatenate([cell(x) for x in row], axis=1)
-                           for row in (images, outputs)], axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}")
-    Image.fromarray(np.rint(grid * 255).astype(np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def translator_from_run(g: torch.nn.Module, ts: TrainingSet,
-                        config: CycleGANConfig) -> CycleGANTranslator:
-    """The translator the config trains (CycleGAN, or histogram-residual with landmarks)
-    holding a CPU copy of `g`."""
-    m, inf = config.model, config.inference
-    kwargs = dict(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample, residual=m.residual,
-                  tile_size=config.data.image_size, tile_overlap=inf.tile_overlap,
-                  batch_size=inf.batch_size, precision=inf.precision,
-                  polarity=config.data.polarity,
-                  passthrough_reference=inf.passthrough_reference,
-                  train_load_size=config.data.load_size, policy=ts.policy)
-    if config.landmarks is None:
-        cls = CUTTranslator if config.kind == "cut" else CycleGANTranslator
-        return cls(**kwargs).set_trained(g, ts.template, ts.reference_site)
-    t = HistogramResidualTranslator(**kwargs, landmarks_per=ts.landmarks.per,
-                                    n_quantiles=ts.landmarks.n_quantiles,
-                                    fingerprints=config.data.fingerprints)
-    return t.set_trained(g, ts.template, ts.reference_site, ts.landmarks)
-
-
-def checkpoint_metadata(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig) -> dict:
-    meta = training_metadata(ts.df, ts.reference_site, config.data.manifest, ts.policy,
-                             image_size=config.data.image_size)
-    meta.update({"source_sites": ts.source_sites, "polarity_flipped": ts.flipped_per_site(),
-                 **run.run_metadata()})
-    return meta
-
-
-def _check_same_sites(saved: dict, ts: TrainingSet) -> None:
-    """The site-conditioned networks have one input plane per source site."""
-    sites = saved.get("source_sites")
-    if sites is not None and sites != ts.source_sites:
-        raise ConfigError(f"--resume: the run trained on source sites {sites}, this data has "
-                          f"{ts.source_sites}; resume with the same sites")

@@ -32,12 +32,12 @@ from harmonize.translators.cyclegan.networks import (
     ResnetGenerator,
     init_weights,
 )
-from harmonize.translators.cyclegan.train import (
-    _check_same_sites,
-    _requires_grad,
+from harmonize.translators.cyclegan.run_parts import (
+    check_same_sites,
     checkpoint_metadata,
     finish_selection,
     lr_factor,
+    requires_grad,
     start_selection,
     translator_from_run,
     write_sample_grid,
@@ -56,7 +56,7 @@ def train_cut(config: CycleGANConfig) -> Path:
     accelerator = run.accelerator
     ts = prepare_training_set(config, progress=tc.progress and run.is_main)
     if tc.resume:
-        _check_same_sites(run.saved_metadata(), ts)
+        check_same_sites(run.saved_metadata(), ts)
     run.start()
 
     dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed,
@@ -87,7 +87,7 @@ def train_cut(config: CycleGANConfig) -> Path:
     for batch in run.batches(loader, dataset):
         real_a, real_b = batch["source"], batch["reference"]
         with accelerator.accumulate(g, h, d_b):
-            _requires_grad((d_b,), False)
+            requires_grad((d_b,), False)
             with accelerator.autocast():
                 terms, fake_b = losses.cut_source_terms(raw_g, raw_h, raw_d, real_a, w, patches)
                 if w.nce > 0:
@@ -97,7 +97,7 @@ def train_cut(config: CycleGANConfig) -> Path:
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
 
-            _requires_grad((d_b,), True)
+            requires_grad((d_b,), True)
             with accelerator.autocast():
                 pooled_b, _ = pool_b.query(fake_b.detach())
                 terms["D_B"] = (losses.discriminator_real(d_b, real_b)
