@@ -257,22 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from harmonize.translators.cyclegan import command as cyclegan_command
 
-    c = kinds.add_parser("cyclegan", formatter_class=fmt, parents=[common],
-                         help="CycleGAN: any site -> reference site (accelerate)",
-                         epilog=f"example:\n  {cyclegan_command.EXAMPLE}")
-    cyclegan_command.add_train_arguments(c)
-    c.set_defaults(func=cyclegan_command.run_from_args)
-    r = kinds.add_parser("histogram-residual", formatter_class=fmt, parents=[common],
-                         help="histogram matching, then a residual generator trained "
-                              "adversarially on its output (starts at histogram matching)",
-                         epilog=f"example:\n  {cyclegan_command.EXAMPLE_RESIDUAL}")
-    cyclegan_command.add_train_arguments(r)
-    r.set_defaults(func=cyclegan_command.run_from_args)
-    u = kinds.add_parser("cut", formatter_class=fmt, parents=[common],
-                         help="CUT: one generator, adversarial + PatchNCE (no cycle)",
-                         epilog=f"example:\n  {cyclegan_command.EXAMPLE_CUT}")
-    cyclegan_command.add_train_arguments(u)
-    u.set_defaults(func=cyclegan_command.run_from_args)
+    for kind, help_text in cyclegan_command.KINDS.items():  # one training loop, three kinds
+        c = kinds.add_parser(kind, formatter_class=fmt, parents=[common], help=help_text,
+                             epilog=f"example:\n  {cyclegan_command.EXAMPLES[kind]}")
+        cyclegan_command.add_train_arguments(c)
+        c.set_defaults(func=cyclegan_command.run_from_args)
 
     from harmonize.translators.diffusion import command as diffusion_command
 

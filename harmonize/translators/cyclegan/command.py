@@ -19,6 +19,13 @@ EXAMPLE_RESIDUAL = ("harmonize train histogram-residual --config "
                     "--reference-site site_a --out runs/hr")
 EXAMPLE_CUT = ("harmonize train cut --config configs/cut/quick.yaml --data "
                "data/synth/manifest.csv --reference-site site_a --out runs/cut")
+KINDS = {
+    "cyclegan": "CycleGAN: any site -> reference site (accelerate)",
+    "histogram-residual": "histogram matching, then a residual generator trained "
+                          "adversarially on its output (starts at histogram matching)",
+    "cut": "CUT: one generator, adversarial + PatchNCE (no cycle)",
+}
+EXAMPLES = {"cyclegan": EXAMPLE, "histogram-residual": EXAMPLE_RESIDUAL, "cut": EXAMPLE_CUT}
 # what `harmonize train KIND` without --config adds to the built-in defaults
 KIND_DEFAULTS = {"histogram-residual": {"landmarks.per": "image", "model.residual": "additive"},
                  "cut": {"loss.objective": "patchnce"}}

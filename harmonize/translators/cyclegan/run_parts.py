@@ -13,11 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from harmonize.training.device import loader_options
 from harmonize.training.metadata import training_metadata
 from harmonize.training.run import TrainingRun
+from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
-from harmonize.translators.cyclegan.data import TrainingSet
+from harmonize.translators.cyclegan.data import TrainingSet, UnpairedCrops
 from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
 from harmonize.translators.cyclegan.selection import install as install_snapshot
@@ -129,3 +132,43 @@ def check_same_sites(saved: dict, ts: TrainingSet) -> None:
     if sites is not None and sites != ts.source_sites:
         raise ConfigError(f"--resume: the run trained on source sites {sites}, this data has "
                           f"{ts.source_sites}; resume with the same sites")
+
+
+def crop_loader(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig
+                ) -> tuple[UnpairedCrops, DataLoader]:
+    """The (source, reference) crops and their seeded, resumable loader."""
+    tc = config.train
+    dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed,
+                            config.data.fingerprints)
+    processes = run.accelerator.num_processes
+    if len(dataset) < tc.batch_size * processes:
+        raise ConfigError(f"{len(dataset)} source images, fewer than one batch "
+                          f"({tc.batch_size} x {processes} processes)")
+    loader = DataLoader(dataset, batch_size=tc.batch_size,
+                        sampler=EpochShuffle(len(dataset), tc.seed), drop_last=True,
+                        **loader_options(run.device, config.data.num_workers))
+    return dataset, loader
+
+
+def after_step(run: TrainingRun, g: torch.nn.Module, ts: TrainingSet, config: CycleGANConfig,
+               samples: list, selection: SnapshotSelection | None) -> None:
+    """What follows an optimizer step when it is due: the sample grid, a snapshot (scored
+    for the unlabelled choice), the resumable state and OUT/model (main process writes)."""
+    tc = config.train
+    if run.is_main and run.due(tc.sample_every):
+        translator = translator_from_run(g, ts, config)
+        translator.passthrough_reference = False  # show what G does to the reference
+        run.log_sample_grid(write_sample_grid(
+            run.out / "samples" / f"step_{run.step:07d}.png", translator, samples,
+            config.data.image_size))
+    if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
+        snapshot = translator_from_run(g, ts, config)
+        snapshot.save(run.out / "snapshots" / f"step_{run.step:07d}",
+                      checkpoint_metadata(run, ts, config))
+        if selection is not None:
+            selection.record(run.step, snapshot)
+    if run.due(tc.checkpoint_every):
+        run.save_state()
+        if run.is_main:
+            translator_from_run(g, ts, config).save(run.out / "model",
+                                                    checkpoint_metadata(run, ts, config))

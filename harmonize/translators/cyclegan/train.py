@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from harmonize.data import polarity as pol
-from harmonize.training.device import loader_options
 from harmonize.training.run import TrainingRun, set_lr
-from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan import losses
-from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
+from harmonize.translators.cyclegan.config import CycleGANConfig
 from harmonize.translators.cyclegan.data import (
-    UnpairedCrops,
     prepare_training_set,
     sample_images,
 )
@@ -42,14 +38,13 @@ from harmonize.translators.cyclegan.networks import (
     init_weights,
 )
 from harmonize.translators.cyclegan.run_parts import (
+    after_step,
     check_same_sites,
-    checkpoint_metadata,
+    crop_loader,
     finish_selection,
     lr_factor,
     requires_grad,
     start_selection,
-    translator_from_run,
-    write_sample_grid,
 )
 
 LOSS_NAMES = ("G_gan", "F_gan", "cycle", "idt", "struct", "D_B", "D_A", "inv")
@@ -75,14 +70,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     run.start()
 
     # --- data ---------------------------------------------------------------------------
-    dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed,
-                            config.data.fingerprints)
-    if len(dataset) < tc.batch_size * accelerator.num_processes:
-        raise ConfigError(f"{len(dataset)} source images, fewer than one batch "
-                          f"({tc.batch_size} x {accelerator.num_processes} processes)")
-    loader = DataLoader(dataset, batch_size=tc.batch_size,
-                        sampler=EpochShuffle(len(dataset), tc.seed), drop_last=True,
-                        **loader_options(run.device, config.data.num_workers))
+    dataset, loader = crop_loader(run, ts, config)
 
     # --- networks -----------------------------------------------------------------------
     m = config.model
@@ -142,23 +130,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         # --- one optimizer step done --------------------------------------------------------
         lr = set_lr((opt_g, opt_d), tc.lr * lr_factor(run.step, tc.steps, tc.decay))
         run.log(lr)
-        if run.is_main and run.due(tc.sample_every):
-            translator = translator_from_run(raw["g"], ts, config)
-            translator.passthrough_reference = False  # show what G does to the reference
-            run.log_sample_grid(write_sample_grid(
-                run.out / "samples" / f"step_{run.step:07d}.png", translator, samples,
-                config.data.image_size))
-        if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
-            snapshot = translator_from_run(raw["g"], ts, config)
-            snapshot.save(run.out / "snapshots" / f"step_{run.step:07d}",
-                          checkpoint_metadata(run, ts, config))
-            if selection is not None:
-                selection.record(run.step, snapshot)
-        if run.due(tc.checkpoint_every):
-            run.save_state()
-            if run.is_main:
-                translator_from_run(raw["g"], ts, config).save(
-                    run.out / "model", checkpoint_metadata(run, ts, config))
+        after_step(run, raw["g"], ts, config, samples, selection)
     if selection is not None:
         finish_selection(selection, run.out)
     return run.finish()

@@ -16,15 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from harmonize.data import polarity as pol
-from harmonize.training.device import loader_options
 from harmonize.training.run import TrainingRun, set_lr
-from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan import losses
-from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
-from harmonize.translators.cyclegan.data import UnpairedCrops, prepare_training_set, sample_images
+from harmonize.translators.cyclegan.config import CycleGANConfig
+from harmonize.translators.cyclegan.data import prepare_training_set, sample_images
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
@@ -33,14 +30,13 @@ from harmonize.translators.cyclegan.networks import (
     init_weights,
 )
 from harmonize.translators.cyclegan.run_parts import (
+    after_step,
     check_same_sites,
-    checkpoint_metadata,
+    crop_loader,
     finish_selection,
     lr_factor,
     requires_grad,
     start_selection,
-    translator_from_run,
-    write_sample_grid,
 )
 
 LOSS_NAMES = ("G_gan", "nce", "nce_idt", "D_B", "inv")
@@ -59,14 +55,7 @@ def train_cut(config: CycleGANConfig) -> Path:
         check_same_sites(run.saved_metadata(), ts)
     run.start()
 
-    dataset = UnpairedCrops(ts, config.data.image_size, config.data.load_size, tc.seed,
-                            config.data.fingerprints)
-    if len(dataset) < tc.batch_size * accelerator.num_processes:
-        raise ConfigError(f"{len(dataset)} source images, fewer than one batch "
-                          f"({tc.batch_size} x {accelerator.num_processes} processes)")
-    loader = DataLoader(dataset, batch_size=tc.batch_size,
-                        sampler=EpochShuffle(len(dataset), tc.seed), drop_last=True,
-                        **loader_options(run.device, config.data.num_workers))
+    dataset, loader = crop_loader(run, ts, config)
 
     m = config.model
     g = init_weights(ResnetGenerator(ngf=m.ngf, n_blocks=m.n_blocks, upsample=m.upsample,
@@ -111,23 +100,7 @@ def train_cut(config: CycleGANConfig) -> Path:
 
         lr = set_lr((opt_g, opt_d), tc.lr * lr_factor(run.step, tc.steps, tc.decay))
         run.log(lr)
-        if run.is_main and run.due(tc.sample_every):
-            translator = translator_from_run(raw_g, ts, config)
-            translator.passthrough_reference = False
-            run.log_sample_grid(write_sample_grid(
-                run.out / "samples" / f"step_{run.step:07d}.png", translator, samples,
-                config.data.image_size))
-        if tc.snapshot_every and run.is_main and run.due(tc.snapshot_every):
-            snapshot = translator_from_run(raw_g, ts, config)
-            snapshot.save(run.out / "snapshots" / f"step_{run.step:07d}",
-                          checkpoint_metadata(run, ts, config))
-            if selection is not None:
-                selection.record(run.step, snapshot)
-        if run.due(tc.checkpoint_every):
-            run.save_state()
-            if run.is_main:
-                translator_from_run(raw_g, ts, config).save(
-                    run.out / "model", checkpoint_metadata(run, ts, config))
+        after_step(run, raw_g, ts, config, samples, selection)
     if selection is not None:
         finish_selection(selection, run.out)
     return run.finish()
