@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from harmonize.data import polarity as pol
-from harmonize.training.run import TrainingRun, set_lr
+from harmonize.training.run import set_lr
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import CycleGANConfig
-from harmonize.translators.cyclegan.data import prepare_training_set, sample_images
+from harmonize.translators.cyclegan.data import sample_images
 from harmonize.translators.cyclegan.networks import (
     ImagePool,
     NLayerDiscriminator,
@@ -31,29 +31,39 @@ from harmonize.translators.cyclegan.networks import (
 )
 from harmonize.translators.cyclegan.run_parts import (
     after_step,
-    check_same_sites,
     crop_loader,
     finish_selection,
     lr_factor,
     requires_grad,
+    start_run,
     start_selection,
 )
 
 LOSS_NAMES = ("G_gan", "nce", "nce_idt", "D_B", "inv")
-ARCH_KEYS = ("model", "data.image_size")
+
+
+class PatchDraws:
+    """The generator PatchNCE samples patches with, saved and restored with the run (so a
+    resumed run draws what the uninterrupted one would)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
 
 
 def train_cut(config: CycleGANConfig) -> Path:
     """Train (or resume) CUT and return the checkpoint directory OUT/model."""
     tc, lw = config.train, config.loss
     pool_b = ImagePool(lw.pool_size, tc.seed + 1)
-    patches = torch.Generator().manual_seed(tc.seed)  # PatchNCE's patch draws
-    run = TrainingRun(config, f"train {config.kind}", ARCH_KEYS, LOSS_NAMES, pool_b=pool_b)
+    draws = PatchDraws(tc.seed)  # PatchNCE's patch draws, resumed with the run
+    patches = draws.generator
+    run, ts = start_run(config, LOSS_NAMES, pool_b=pool_b, patch_draws=draws)
     accelerator = run.accelerator
-    ts = prepare_training_set(config, progress=tc.progress and run.is_main)
-    if tc.resume:
-        check_same_sites(run.saved_metadata(), ts)
-    run.start()
 
     dataset, loader = crop_loader(run, ts, config)
 
