@@ -26,12 +26,7 @@ class FingerprintRemoval(FittedTranslator):
         return self
 
     def transform(self, images: Sequence[np.ndarray], sites=None) -> list[np.ndarray]:
-        self.found_ = [None] * len(images)
-        out = []
-        for k, x in enumerate(images):
-            y, self.found_[k] = remove_fingerprints(x)
-            out.append(y)
-        return out
+        return [remove_fingerprints(x)[0] for x in images]
 
     def save(self, directory, metadata=None):
         if self.reference_site_ is None:

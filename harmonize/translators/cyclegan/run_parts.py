@@ -20,11 +20,26 @@ from harmonize.training.metadata import training_metadata
 from harmonize.training.run import TrainingRun
 from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
-from harmonize.translators.cyclegan.data import TrainingSet, UnpairedCrops
+from harmonize.translators.cyclegan.data import TrainingSet, UnpairedCrops, prepare_training_set
 from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
 from harmonize.translators.cyclegan.selection import install as install_snapshot
 from harmonize.translators.cyclegan.translator import CUTTranslator, CycleGANTranslator
+
+# model fields that must match when resuming (the saved weights have these shapes)
+ARCH_KEYS = ("model", "data.image_size")
+
+
+def start_run(config: CycleGANConfig, loss_names: tuple[str, ...], **extra_state
+              ) -> tuple[TrainingRun, TrainingSet]:
+    """The run folder and accelerator, the checked training data (a resumed run must have
+    the same source sites), OUT/config.yaml written. `extra_state` is saved for --resume."""
+    run = TrainingRun(config, f"train {config.kind}", ARCH_KEYS, loss_names, **extra_state)
+    ts = prepare_training_set(config, progress=config.train.progress and run.is_main)
+    if config.train.resume:
+        check_same_sites(run.saved_metadata(), ts)
+    run.start()
+    return run, ts
 
 
 def lr_factor(step: int, steps: int, decay: int) -> float:

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from harmonize.data import polarity as pol
-from harmonize.training.run import TrainingRun, set_lr
+from harmonize.training.run import set_lr
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import CycleGANConfig
 from harmonize.translators.cyclegan.data import (
-    prepare_training_set,
     sample_images,
 )
 from harmonize.translators.cyclegan.networks import (
@@ -39,17 +38,15 @@ from harmonize.translators.cyclegan.networks import (
 )
 from harmonize.translators.cyclegan.run_parts import (
     after_step,
-    check_same_sites,
     crop_loader,
     finish_selection,
     lr_factor,
     requires_grad,
+    start_run,
     start_selection,
 )
 
 LOSS_NAMES = ("G_gan", "F_gan", "cycle", "idt", "struct", "D_B", "D_A", "inv")
-# model fields that must match when resuming (the saved weights have these shapes)
-ARCH_KEYS = ("model", "data.image_size")
 
 
 def train_cyclegan(config: CycleGANConfig) -> Path:
@@ -61,13 +58,8 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
         return train_cut(config)
     tc, lw = config.train, config.loss
     pool_a, pool_b = ImagePool(lw.pool_size, tc.seed), ImagePool(lw.pool_size, tc.seed + 1)
-    run = TrainingRun(config, f"train {config.kind}", ARCH_KEYS, LOSS_NAMES,
-                      pool_a=pool_a, pool_b=pool_b)
+    run, ts = start_run(config, LOSS_NAMES, pool_a=pool_a, pool_b=pool_b)
     accelerator = run.accelerator
-    ts = prepare_training_set(config, progress=tc.progress and run.is_main)
-    if tc.resume:
-        check_same_sites(run.saved_metadata(), ts)
-    run.start()
 
     # --- data ---------------------------------------------------------------------------
     dataset, loader = crop_loader(run, ts, config)
