@@ -7,6 +7,7 @@ stops the run at once, not after an hour.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,14 +84,19 @@ def fit_landmarks(df: pd.DataFrame, reference_site: str, config: CycleGANConfig,
                            polarity=config.data.polarity, policy=policy)
     rows = df if hm.fit_uses_all_sites else df[df["site"] == reference_site]
 
-    def images():
-        for path, site in zip(rows["path"], rows["site"].astype(str), strict=True):
-            x = cache[path][0].numpy() if path in cache else policy.to_model(read_image(path))[0]
-            if config.data.fingerprints == "remove":
-                x = remove_fingerprints(x)[0]
-            yield x, site
+    remove = config.data.fingerprints == "remove"
+    images = ((remove_fingerprints(x)[0] if remove else x, site)
+              for x, site in cached_images(rows, policy, cache))
+    return hm.fit(images, reference_site)
 
-    return hm.fit(images(), reference_site)
+
+def cached_images(rows: pd.DataFrame, policy: IntensityPolicy,
+                  cache: dict[str, torch.Tensor]) -> Iterator[tuple[np.ndarray, str]]:
+    """(model-space image, site) of each row, from the decoded-image cache where it holds
+    the image (no second read of the file)."""
+    for path, site in zip(rows["path"], rows["site"].astype(str), strict=True):
+        x = cache[path][0].numpy() if path in cache else policy.to_model(read_image(path))[0]
+        yield x, site
 
 
 def load_landmarks(path, reference_site: str, polarity: str) -> HistogramMatching:

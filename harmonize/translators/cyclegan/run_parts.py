@@ -20,7 +20,12 @@ from harmonize.training.metadata import training_metadata
 from harmonize.training.run import TrainingRun
 from harmonize.training.sampler import EpochShuffle
 from harmonize.translators.cyclegan.config import ConfigError, CycleGANConfig
-from harmonize.translators.cyclegan.data import TrainingSet, UnpairedCrops, prepare_training_set
+from harmonize.translators.cyclegan.data import (
+    TrainingSet,
+    UnpairedCrops,
+    cached_images,
+    prepare_training_set,
+)
 from harmonize.translators.cyclegan.histogram_residual import HistogramResidualTranslator
 from harmonize.translators.cyclegan.selection import SnapshotSelection, verdict
 from harmonize.translators.cyclegan.selection import install as install_snapshot
@@ -60,7 +65,9 @@ def start_selection(run: TrainingRun, ts: TrainingSet, config: CycleGANConfig,
                                   config.data.polarity, ts.policy, run.out,
                                   config.data.fingerprints)
     if not config.train.resume:
-        selection.record_baseline(ts.df, ts.reference_site, ts.policy)
+        ref = ts.df[ts.df["site"].astype(str) == ts.reference_site]
+        selection.record_baseline(cached_images(ref, ts.policy, ts.cache), ts.reference_site,
+                                  ts.policy)
         if config.landmarks is not None:
             start = translator_from_run(g, ts, config)
             start.save(run.out / "snapshots" / f"step_{0:07d}",

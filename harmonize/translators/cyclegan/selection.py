@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,10 @@ class SnapshotSelection:
                              for k, v in row.items()})
         return row
 
-    def record_baseline(self, training_rows: pd.DataFrame, reference_site: str,
-                        policy) -> dict:
+    def record_baseline(self, reference_images: Iterable[tuple[np.ndarray, str]],
+                        reference_site: str, policy) -> dict:
         """Histogram matching fitted on the training rows' reference images."""
-        ref = training_rows[training_rows["site"].astype(str) == reference_site]
-        hm = HistogramMatching(policy=policy).fit(
-            ((policy.to_model(read_image(p))[0], reference_site) for p in ref["path"]),
-            reference_site)
+        hm = HistogramMatching(policy=policy).fit(reference_images, reference_site)
         return self.record(BASELINE, hm)
 
     def choose(self) -> tuple[dict, dict | None]:
