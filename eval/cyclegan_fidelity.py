@@ -13,6 +13,16 @@ the paired CycleGAN - histogram matching difference. CPU only by default.
     python eval/cyclegan_fidelity.py --config configs/histogram_residual/quick.yaml \
         --sites 3 --seed 3 --out eval_out/hr_seed3
     python eval/cyclegan_fidelity.py --config configs/cyclegan/quick.yaml --set train.steps=500
+    python eval/cyclegan_fidelity.py --config configs/histogram_residual/quick.yaml --sites 3 \
+        --seed 10 --federated configs/federated/histogram-residual-quick.yaml \
+        --set data.image_size=64 --set model.n_blocks=4 --set train.steps=300 \
+        --set train.batch_size=2 --set train.select_fraction=0 --out eval_out/hr_fed_seed10
+
+`--federated FEDCONFIG` also trains the federated form (Flower simulation, one node per
+site, K local steps as FEDCONFIG says) on the same train half with the same translator
+config and overrides (the source nodes' batch is the central batch over the source sites;
+its rounds are the central steps), after a federated histogram release of the same
+landmarks for the histogram-residual kind, and scores it as method `federated`.
 
 Writes OUT/fidelity.csv (one row per image and method), OUT/fidelity.json (summary,
 timings, config) and prints a table.
@@ -61,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--federated", default=None, metavar="FEDCONFIG",
+                   help="also train the federated form with this configs/federated/ file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +108,12 @@ def run(args: argparse.Namespace) -> dict:
     if kind == "histogram-residual":  # what training added to where it started
         load_translator(model_dir).at_start().save(out / "models" / START)
         methods.insert(2, START)
+    if args.federated:
+        t = time.perf_counter()
+        federated_model(args, config, overrides, train_csv, out).save(out / "models" /
+                                                                       "federated")
+        timings["federated_train_s"] = time.perf_counter() - t
+        methods.append("federated")
     for method in methods[1:]:
         model = out / "models" / method if method != kind else model_dir
         t = time.perf_counter()
@@ -115,6 +133,32 @@ def run(args: argparse.Namespace) -> dict:
               "config": config.model_dump(mode="json")}
     (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def federated_model(args, config, overrides: dict, train_csv: Path, out: Path):
+    """The federated form of `config`, trained on the same rows: one node per site, the
+    same translator config and overrides, rounds = the central steps at K = 1."""
+    from harmonize.federated.config import load_federated_config
+    from harmonize.federated.run import run_federated
+
+    sources = len(config.data.sites or load_manifest(train_csv)["site"].unique()) - 1
+    if config.train.batch_size % sources:
+        raise SystemExit(f"--federated: train.batch_size {config.train.batch_size} must split "
+                         f"evenly over the {sources} source nodes")
+    common = {"manifest": str(train_csv), "reference_site": config.data.reference_site,
+              "seed": config.train.seed, "progress": not args.quiet}
+    tr_set = {k: v for k, v in overrides.items()
+              if not k.startswith(("data.manifest", "data.reference_site", "train.out"))}
+    tr_set["train.batch_size"] = config.train.batch_size // sources
+    if config.kind == "histogram-residual":  # the landmarks, released first
+        hm = load_federated_config(ROOT / "configs/federated/histogram.yaml", {
+            **common, "out": str(out / "federated_histogram"),
+            "histogram.landmarks": config.landmarks.n_quantiles})
+        tr_set["landmarks.checkpoint"] = str(run_federated(hm)["model"])
+    cfg = load_federated_config(args.federated, {
+        **common, "out": str(out / "federated_run"), "rounds": config.train.steps,
+        "cyclegan.config": str(Path(args.config).resolve()), "cyclegan.set": tr_set})
+    return load_translator(run_federated(cfg)["model"])
 
 
 def seam_check(translator, tile: int, seed: int, n: int = 6) -> dict:
@@ -160,17 +204,24 @@ def summarize(rows: pd.DataFrame, kind: str) -> dict:
     out = fidelity.summarize(rows, baseline="histogram-matching")
     for entry in out.values():
         entry["minus_hm"] = entry[kind].pop("minus_histogram-matching")
+    if "federated" in set(rows["method"]):  # federated - central, paired per image
+        vs_central = fidelity.summarize(rows[rows["method"].isin([kind, "federated"])],
+                                        baseline=kind)
+        for scope, entry in out.items():
+            entry["federated_minus_central"] = vs_central[scope]["federated"][f"minus_{kind}"]
     return out
 
 
 def print_table(result: dict) -> None:
     s, kind = result["summary"], result["kind"]
-    methods = [m for m in (*CLASSICAL, START, kind) if m in s["all"]]
+    methods = [m for m in (*CLASSICAL, START, kind, "federated") if m in s["all"]]
     print(f"\nfidelity to the paired reference renderings ({result['n_scored']} test images "
           f"of non-reference sites, {result['size']} px; mean [95% bootstrap CI])")
     print(f"{'scope':10} {'method':20} {'SSIM':>26} {'PSNR dB':>26}")
     for scope, entry in s.items():
-        for method in (*methods, "minus_hm"):
+        for method in (*methods, "minus_hm", "federated_minus_central"):
+            if method not in entry:
+                continue
             e = entry[method]
             cells = [f"{e[m]['mean']:7.3f} [{e[m]['ci95'][0]:7.3f},{e[m]['ci95'][1]:7.3f}]"
                      for m in ("ssim", "psnr")]

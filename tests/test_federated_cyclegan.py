@@ -215,6 +215,30 @@ def test_federated_histogram_residual_maps_at_the_node_and_starts_at_the_landmar
         np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-6)
 
 
+def test_federated_histogram_residual_flips_an_inverted_site_like_central(
+        synth4, landmarks, tmp_path):
+    """site_c exports MONOCHROME1. The landmark release carries the reference mean image,
+    so the federated translator guards polarity as central histogram matching does (it
+    once kept the inverted grey scale: SSIM -0.33 against central's 0.88)."""
+    import numpy as np
+
+    from harmonize.translators import HistogramMatching, load_translator
+
+    task = make_task(synth4, config=ROOT / "configs/histogram_residual/quick.yaml",
+                     set={**TINY_SET, "landmarks.checkpoint": str(landmarks)})
+    hm = HistogramMatching.load(landmarks).set_params(polarity="auto")
+    df = load_manifest(synth4 / "manifest.csv")
+    rows = df[df["site"] == "site_c"].reset_index(drop=True)
+    images = [(r[0].numpy() + 1) / 2 for r in task._images(rows)]
+    t = load_translator(task.save(task.initial_arrays(), tmp_path / "model", {}))
+    got = t.transform(images, ["site_c"] * len(images))
+    want = hm.transform(images, ["site_c"] * len(images))
+    kept = HistogramMatching.load(landmarks).transform(images, ["site_c"] * len(images))
+    assert not np.allclose(want[0], kept[0], atol=0.05)  # the guard does flip site_c
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, np.clip(w, 0, 1), atol=1e-6)
+
+
 def test_federated_histogram_residual_needs_released_landmarks(synth4):
     from harmonize.configs import ConfigError
 

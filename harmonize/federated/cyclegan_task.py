@@ -28,8 +28,10 @@ images look like. No image leaves a node; the image pool of past fakes stays loc
 
 The reference node draws as many images per step as the source nodes together (S x
 batch_size), one per source condition, as a central batch pairs each source image with
-a reference image. No polarity guard (it would need the reference site's mean image at
-every node); fix inverted exports at the node.
+a reference image. No polarity guard for CycleGAN and CUT (it would need the reference
+site's mean image at every node; fix inverted exports at the node); the
+histogram-residual translator has one, because the landmark release carries that mean
+image (a 32 x 32 thumbnail, DP-noised with the landmarks).
 
 Patient-level DP (`privacy.mode: patient-dp`, `patient_dp.py`): every one of the four
 networks' updates touches a node's real images (at a source node G, F through the
@@ -252,7 +254,8 @@ class CycleGANTask:
                               "harmonize federated --config configs/federated/histogram.yaml "
                               "... --out runs/fed_hm, then cyclegan.set "
                               "landmarks.checkpoint: runs/fed_hm/model")
-        return load_landmarks(self.cg.landmarks.checkpoint, self.config.reference_site, "keep")
+        return load_landmarks(self.cg.landmarks.checkpoint, self.config.reference_site,
+                              self.cg.data.polarity)
 
     @staticmethod
     def translator_config(config: FederatedConfig) -> CycleGANConfig:
@@ -560,10 +563,11 @@ class CycleGANTask:
         if self.landmarks is None:
             cls = CUTTranslator if self.cg.kind == "cut" else CycleGANTranslator
             return cls(**kwargs).set_trained(g, template, ref)
+        kwargs["polarity"] = self.cg.data.polarity  # the released template guards it
         t = HistogramResidualTranslator(**kwargs, landmarks_per=self.landmarks.per,
                                         n_quantiles=self.landmarks.n_quantiles,
                                         fingerprints=self.cg.data.fingerprints)
-        return t.set_trained(g, template, ref, self.landmarks)
+        return t.set_trained(g, self.landmarks.template_.copy(), ref, self.landmarks)
 
     def reverse_generator(self, arrays: Arrays) -> torch.nn.Module:
         """F (reference -> site k's style), for the memorization check of what leaves."""
