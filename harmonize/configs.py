@@ -42,6 +42,7 @@ def load_yaml_config(model: type[M], path: str | Path | None = None,
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
+        _resolve_named_configs(raw, Path(path), source)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, key, value, source)
@@ -59,6 +60,42 @@ def load_yaml_config(model: type[M], path: str | Path | None = None,
             from_flags = any(g == where or g.startswith(where + ".") for g in given)
             problems.append(f"--set {problem}" if from_flags else f"{source}: {problem}")
         raise ConfigError("; ".join(problems)) from None
+
+
+NAMED_CONFIG_KEY, CONFIG_SUFFIXES = "config", (".yaml", ".yml")
+
+
+def _resolve_named_configs(node: Any, naming_file: Path, source: str) -> None:
+    """A config that names another (``cyclegan: {config: ../cyclegan/quick.yaml}``) means
+    a path relative to itself, as includes do everywhere, so a run works from any folder.
+    Written relative to the working directory instead (older configs), it is still found
+    when it exists there. Resolved in place to an absolute path, so the dumped config of a
+    run reloads from anywhere."""
+    if isinstance(node, list):
+        for item in node:
+            _resolve_named_configs(item, naming_file, source)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if (key == NAMED_CONFIG_KEY and isinstance(value, str)
+                and value.endswith(CONFIG_SUFFIXES)):
+            node[key] = str(_named_config(value, naming_file, source))
+        else:
+            _resolve_named_configs(value, naming_file, source)
+
+
+def _named_config(value: str, naming_file: Path, source: str) -> Path:
+    named = Path(value).expanduser()
+    if named.is_absolute():
+        return named
+    beside = (naming_file.resolve().parent / named).resolve()
+    if beside.is_file():
+        return beside
+    if named.is_file():  # relative to the working directory (older configs)
+        return named.resolve()
+    raise ConfigError(f"{source}: config: {value} not found; a config named inside a config "
+                      f"is relative to the file that names it (looked for {beside})")
 
 
 def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
