@@ -7,9 +7,6 @@ import argparse
 import os
 import sys
 
-# idle OpenMP threads spin by default; on a shared 2-core machine that made a training
-# step ~80x slower while another job ran. Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 from harmonize import __version__
@@ -215,8 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Harmonize multi-site medical images (X-rays, bone scans).",
         epilog="example:\n  harmonize demo --out demo_out")
     parser.add_argument("--version", action="version", version=f"harmonize {__version__}")
+    debug_help = "show the full traceback of an error (or set HARMONIZE_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # also after the subcommand; SUPPRESS keeps a subcommand from resetting the top flag
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", formatter_class=fmt, parents=[common],
@@ -355,14 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("HARMONIZE_DEBUG", "") not in ("", "0")
+    # idle OpenMP threads spin by default; on a shared 2-core machine that made a training
+    # step ~80x slower while another job ran. Set for this command only (torch is imported
+    # by the subcommands, after this), never when the library is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("harmonize: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as err:
+        if debug:
+            raise
         # the library's errors name the file and the fix; print them on one line
         print(f"harmonize: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print("(harmonize --debug ..., or HARMONIZE_DEBUG=1, shows where it happened)",
+              file=sys.stderr)
         return 1
 
 

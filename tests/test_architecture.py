@@ -101,3 +101,40 @@ def test_training_and_data_sit_below_the_translators():
            if m.startswith(("harmonize.training", "harmonize.data"))
            for t in targets if t.startswith("harmonize.translators")}
     assert bad == set()
+
+
+def test_importing_the_package_changes_no_process_state():
+    """A library import must not pick the user's matplotlib backend, set OpenMP's
+    environment or install warning filters (a notebook user's settings stay theirs)."""
+    import subprocess
+    import sys
+
+    modules = sorted(import_graph())
+    # the dependencies set their own state when imported (torch, grpc, ...): import them
+    # first, then compare what importing harmonize's modules adds
+    third_party = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [])
+            third_party |= {n.split(".")[0] for n in names if n}
+    third_party -= {"harmonize", "__future__", *sys.stdlib_module_names}
+    code = f"""
+import os, sys, warnings
+import matplotlib
+for name in {sorted(third_party)!r}:
+    __import__(name)
+before = (matplotlib.rcParams["backend"], dict(os.environ), list(warnings.filters))
+import importlib
+for name in {modules!r}:
+    importlib.import_module(name)
+after = (matplotlib.rcParams["backend"], dict(os.environ), list(warnings.filters))
+changed = [k for k in set(before[1]) | set(after[1]) if before[1].get(k) != after[1].get(k)]
+print("backend", before[0] == after[0], "env", changed, "filters", len(after[2]) - len(before[2]))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=PACKAGE.parent, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "backend True env [] filters 0", run.stdout

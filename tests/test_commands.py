@@ -100,3 +100,21 @@ def test_reruns_say_what_they_replace(synth, tmp_path, capsys):
     assert main(["apply", "-q", "--resume", "--model", str(model), str(synth / "site_a"),
                  str(out)]) == 0
     assert "note:" not in capsys.readouterr().err  # --resume keeps them: nothing to say
+
+
+def test_debug_shows_the_traceback_that_the_one_line_error_hides(tmp_path, capsys,
+                                                                 monkeypatch):
+    from harmonize.cli import main
+
+    monkeypatch.delenv("HARMONIZE_DEBUG", raising=False)
+    args = ["synth", str(tmp_path / "s"), "--sites", "0", "-q"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "harmonize: error: need sites >= 1" in err and "--debug" in err
+    with pytest.raises(ValueError, match="need sites >= 1"):
+        main(["--debug", *args])
+    with pytest.raises(ValueError):  # after the subcommand, as users type it
+        main([*args, "--debug"])
+    monkeypatch.setenv("HARMONIZE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(args)

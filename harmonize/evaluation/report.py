@@ -6,17 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harmonize.classify.metrics import mean_over_seeds, roc_points  # noqa: E402
-from harmonize.data.intensity import IntensityPolicy  # noqa: E402
-from harmonize.data.io import atomic_write, read_image  # noqa: E402
-from harmonize.data.transforms import ACQUISITION_DOC, AUGMENTATION_DOC  # noqa: E402
-from harmonize.report.html import HtmlReport, image_grid  # noqa: E402
+from harmonize.classify.metrics import mean_over_seeds, roc_points
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import atomic_write, read_image
+from harmonize.data.transforms import ACQUISITION_DOC, AUGMENTATION_DOC
+from harmonize.report.html import HtmlReport, image_grid, subplots
 
 GROUP = ["protocol", "test_site", "classifier", "regime", "translator", "reference"]
 SETTING_KEYS = ["classifier", "protocol", "test_site"]
@@ -169,7 +166,7 @@ def auc_figure(table: pd.DataFrame):
     # panels differ in rows (test-time rows exist for the external site only), so each
     # has its own y axis; the height follows the longest
     rows = max(len(g) for _, g in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 1.2 + 0.28 * rows),
+    fig, axes = subplots(1, len(panels), figsize=(5.6 * len(panels), 1.2 + 0.28 * rows),
                              squeeze=False)
     for ax, ((protocol, site, clf), g) in zip(axes[0], panels, strict=True):
         labels = [_label(r) for _, r in g.iterrows()]
@@ -191,7 +188,7 @@ def auc_figure(table: pd.DataFrame):
 def roc_figure(predictions: pd.DataFrame, seed: int, classifier: str):
     p = predictions[(predictions["seed"] == seed) & (predictions["classifier"] == classifier)]
     panels = list(p.groupby(["protocol", "test_site"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
     for ax, ((protocol, site), g) in zip(axes[0], panels, strict=True):
         for (regime, translator, reference), h in g.fillna({"reference": ""}).groupby(
                 ["regime", "translator", "reference"], sort=False):
@@ -343,7 +340,7 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.nd
     if cam.shape != image.shape:
         cam = zoom(cam, (image.shape[0] / cam.shape[0], image.shape[1] / cam.shape[1]),
                    order=1)
-    heat = plt.get_cmap("inferno")(np.clip(cam, 0, 1))[..., :3]
+    heat = matplotlib.colormaps["inferno"](np.clip(cam, 0, 1))[..., :3]
     return (1 - alpha) * np.clip(image, 0, 1)[..., None] + alpha * heat
 
 
@@ -380,4 +377,3 @@ def _image_sections(report: HtmlReport, data, sets, audit: dict) -> None:
                   "Each row: one test image as acquired (input) and after each translator, "
                   "then the frozen classifier's Grad-CAM on each (bright = drives the "
                   "prediction). Red outline: the finding, where the data knows it.")
-    plt.close("all")

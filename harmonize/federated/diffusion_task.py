@@ -119,8 +119,9 @@ class DiffusionTask:
             private = patient_dp.per_sample(unet)
             extra = patient_dp.dp_metrics(plan, server_round * steps)
         try:
-            self._steps(unet, private, scheduler, opt, clipper, sampler, x, labels, rng,
-                        server_round, steps, total)
+            with patient_dp.expected_hook_warnings():
+                self._steps(unet, private, scheduler, opt, clipper, sampler, x, labels, rng,
+                            server_round, steps, total)
         finally:
             if clipper is not None:
                 private._close()  # Opacus' hooks off: the UNet is plain again

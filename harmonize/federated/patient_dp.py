@@ -145,9 +145,16 @@ def per_sample(module: torch.nn.Module):
     for m in module.modules():
         if getattr(m, "inplace", False):
             m.inplace = False
-    # Opacus' hooks fire on module outputs when the input needs no gradient: expected
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     return GradSampleModule(module, loss_reduction="mean", force_functorch=True)
+
+
+@contextlib.contextmanager
+def expected_hook_warnings():
+    """Opacus' hooks warn when they fire on outputs whose input needs no gradient, which
+    is expected here; silenced for the block only (the user's filters stay as they are)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
 
 
 @contextlib.contextmanager
@@ -156,7 +163,8 @@ def private_gradients(*modules: torch.nn.Module):
     removed afterwards, also when training fails (the modules are plain again)."""
     wrapped = [per_sample(m) for m in modules]
     try:
-        yield wrapped[0] if len(wrapped) == 1 else wrapped
+        with expected_hook_warnings():
+            yield wrapped[0] if len(wrapped) == 1 else wrapped
     finally:
         for w in wrapped:
             w._close()

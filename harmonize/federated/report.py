@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from harmonize.federated.config import FederatedConfig
@@ -54,5 +53,4 @@ def write_rounds_report(out: Path, cfg: FederatedConfig, rounds: pd.DataFrame,
         report.table(pd.DataFrame(summary["failures"]))
     report.link("rounds.csv", "rounds.csv")
     report.link("summary.json", "summary.json")
-    plt.close("all")
     return report.save(out / "report.html")

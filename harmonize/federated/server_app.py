@@ -10,35 +10,31 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import (  # noqa: E402
+import pandas as pd
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedProx,
 )
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from matplotlib.ticker import MaxNLocator
+from safetensors.torch import save_file
 
-from harmonize.checkpoint import checkpoint_dir  # noqa: E402
-from harmonize.data.io import atomic_write  # noqa: E402
-from harmonize.federated.config import FederatedConfig  # noqa: E402
-from harmonize.federated.nodes import node_names  # noqa: E402
-from harmonize.federated.patient_dp import DP_METRICS  # noqa: E402
-from harmonize.federated.privacy import gaussian_epsilon  # noqa: E402
-from harmonize.federated.report import write_rounds_report  # noqa: E402
-from harmonize.federated.server_optimizer import (  # noqa: E402
+from harmonize.checkpoint import checkpoint_dir
+from harmonize.data.io import atomic_write
+from harmonize.federated.config import FederatedConfig
+from harmonize.federated.nodes import node_names
+from harmonize.federated.patient_dp import DP_METRICS
+from harmonize.federated.privacy import gaussian_epsilon
+from harmonize.federated.report import write_rounds_report
+from harmonize.federated.server_optimizer import (
     ServerOptimizer,
     with_server_optimizer,
 )
-from harmonize.federated.tasks import build_task  # noqa: E402
-from harmonize.report.html import header_text  # noqa: E402
+from harmonize.federated.tasks import build_task
+from harmonize.report.html import header_text, subplots
 
 SHARED_WEIGHTS = "shared_weights.safetensors"
 
@@ -246,7 +242,7 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
                and rounds[c].notna().any()]
     if not metrics:
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    fig, axes = subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
     for ax, col in zip(axes[0], metrics, strict=True):
         ax.plot(rounds["round"], rounds[col], marker="o", ms=3)
         ax.set_title(header_text(col), fontsize=9)
@@ -255,5 +251,4 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}")
     fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
     tmp.replace(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import atomic_write, read_image
 from harmonize.radiomics.analysis import ShiftAnalysis
-from harmonize.report.html import HtmlReport, image_grid
+from harmonize.report.html import HtmlReport, image_grid, subplots
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -73,7 +73,7 @@ def boxplots(features: pd.DataFrame, res: ShiftAnalysis, harmonized: pd.DataFram
     names = list(res.tests["feature"].head(top))
     cols = min(3, len(names))
     n_rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False)
+    fig, axes = subplots(n_rows, cols, figsize=(3.4 * cols, 3.0 * n_rows), squeeze=False)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     sets = [(features, "#bbbbbb")] + ([(harmonized, "#7aa6e0")] if harmonized is not None
@@ -113,12 +113,12 @@ def shift_answer(before: ShiftAnalysis, after: ShiftAnalysis | None, label: str 
 
 def embedding(sets: list[tuple[str, pd.DataFrame]], cols: list[str], sites: list[str]):
     """PCA of standardized features, fitted on the first set so panels share axes."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False,
+    fig, axes = subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False,
                              sharex=True, sharey=True)
     first = np.nan_to_num(sets[0][1][cols].to_numpy(float))
     scaler = StandardScaler().fit(first)
     pca = PCA(n_components=2, random_state=0).fit(scaler.transform(first))
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps["tab10"]
     for ax, (title, df) in zip(axes[0], sets, strict=True):
         xy = pca.transform(scaler.transform(np.nan_to_num(df[cols].to_numpy(float))))
         for i, site in enumerate(sites):

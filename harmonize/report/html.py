@@ -9,14 +9,11 @@ import io
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harmonize.data.io import atomic_write  # noqa: E402
+from harmonize.data.io import atomic_write
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
@@ -52,10 +49,17 @@ def cell_text(value) -> str:
 
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, **kwargs):
+    """`pyplot.subplots` without pyplot: a `Figure` that belongs to no GUI backend and no
+    global figure list, so importing and plotting change nothing in the user's process
+    (no `matplotlib.use`, nothing to close)."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def figure_to_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -130,7 +134,7 @@ def image_grid(rows: list[list[np.ndarray]], column_titles: list[str],
     as a red contour on every cell of that row (where the finding is); `colorbar`: a label
     for an inferno 0..1 colour bar (for heat-map overlays)."""
     n_rows, n_cols = len(rows), len(column_titles)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols,
+    fig, axes = subplots(n_rows, n_cols, figsize=(cell_inches * n_cols,
                                                       cell_inches * n_rows), squeeze=False)
     for r, row in enumerate(rows):
         mask = outlines[r] if outlines else None
