@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -37,6 +37,7 @@ from harmonize.training.device import (
     pick_device,
     training_precision,
 )
+from harmonize.training.distributed import check_ranks_agree
 from harmonize.training.metadata import training_metadata
 
 KIND = "classifier"
@@ -160,7 +161,9 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     bar.close()
     if log is not None:
         log.extend({"epoch": i + 1, "loss": v} for i, v in enumerate(history))
-    return accelerator.unwrap_model(model).cpu().eval()
+    trained = accelerator.unwrap_model(model)
+    check_ranks_agree(accelerator, [trained], desc)
+    return trained.cpu().eval()
 
 
 @torch.no_grad()
@@ -214,6 +217,8 @@ def train_classifier(config: ClassifierConfig) -> Path:
     log: list[dict] = []
     model = fit_classifier(images, labels, config.model, tc, log=log)
     out = Path(tc.out)
+    if not PartialState().is_main_process:  # N processes, one writer (same weights)
+        return out / "model"
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "config.yaml")
     with open(out / "train_log.csv", "w", newline="") as fh:

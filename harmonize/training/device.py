@@ -92,9 +92,21 @@ def make_accelerator(**kwargs) -> Accelerator:
     precision) process-wide and refuses different ones later, but an evaluation trains a
     CycleGAN, diffusion priors and classifiers in turn in one process, so the settings are
     reset first. The process group (PartialState) is kept: under `accelerate launch` every
-    process still knows its rank."""
+    process still knows its rank.
+
+    Launched as several processes on a machine without a GPU (`torchrun
+    --nproc_per_node N`, `accelerate launch --num_processes N`), accelerate needs
+    ``cpu=True`` to join them over gloo; otherwise each process trains alone
+    (DistributedType.NO) and all of them write the same run folder."""
     AcceleratorState._reset_state()
+    if launched_processes() > 1 and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (WORLD_SIZE of torchrun and accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def loader_options(device: torch.device, num_workers: int | None) -> dict:

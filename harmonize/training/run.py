@@ -39,6 +39,7 @@ from tqdm import tqdm
 from harmonize.configs import ConfigError, dump_config, load_yaml_config
 from harmonize.training.config import TranslatorTrainingConfig
 from harmonize.training.device import make_accelerator, training_precision
+from harmonize.training.distributed import check_ranks_agree
 
 
 class StepCounter:
@@ -212,9 +213,19 @@ class TrainingRun:
                                for k in self.loss_names)])
 
     # --- saving ---------------------------------------------------------------------
+    def track(self, nets) -> None:
+        """The (unwrapped) networks whose replicas must agree across processes; checked
+        before every saved state and at the end (`harmonize.training.distributed`)."""
+        self.nets = list(nets)
+
+    def check_ranks_agree(self) -> None:
+        check_ranks_agree(self.accelerator, getattr(self, "nets", []),
+                          f"{self.out} at step {self.step}")
+
     def save_state(self) -> None:
         """Accelerate state for --resume (every process takes part), replacing OUT/state
         atomically: an interruption leaves the previous state or the new one."""
+        self.check_ranks_agree()
         out, acc = self.out, self.accelerator
         tmp_state = out / ".state.tmp"
         if acc.is_main_process:
@@ -243,6 +254,7 @@ class TrainingRun:
     def finish(self) -> Path:
         if self._bar is not None:
             self._bar.close()
+        self.check_ranks_agree()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.out / "model"

@@ -88,6 +88,7 @@ def train_cyclegan(config: CycleGANConfig) -> Path:
     w = losses.LossWeights.from_config(lw)
     raw = {name: accelerator.unwrap_model(net) for name, net in
            (("g", g_ab), ("f", f_ba), ("d_a", d_a), ("d_b", d_b))}
+    run.track(raw.values())
     for batch in run.batches(loader, dataset):
         real_a, real_b = batch["source"], batch["reference"]
         cond = F.one_hot(batch["site_index"], n_cond).float() if n_cond else None

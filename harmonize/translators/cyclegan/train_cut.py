@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from harmonize.data import polarity as pol
+from harmonize.training.distributed import average_gradients, broadcast_weights
 from harmonize.training.run import set_lr
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import CycleGANConfig
@@ -75,33 +76,40 @@ def train_cut(config: CycleGANConfig) -> Path:
     betas = (tc.beta1, tc.beta2)
     opt_g = torch.optim.Adam([*g.parameters(), *h.parameters()], lr=tc.lr, betas=betas)
     opt_d = torch.optim.Adam(d_b.parameters(), lr=tc.lr, betas=betas)
-    g, h, d_b = (run.optimize(net) for net in (g, h, d_b))
-    g, h, d_b, opt_g, opt_d, loader = accelerator.prepare(g, h, d_b, opt_g, opt_d, loader)
+    # not wrapped by DDP: PatchNCE calls G's encoder, which DDP would not synchronize;
+    # their gradients are averaged over the processes by hand (average_gradients)
+    nets = [run.optimize(net).to(accelerator.device) for net in (g, h, d_b)]
+    raw_g, raw_h, raw_d = nets
+    broadcast_weights(accelerator, nets)
+    accelerator.register_for_checkpointing(*nets)
+    opt_g, opt_d, loader = accelerator.prepare(opt_g, opt_d, loader)
     run.resume_if_asked()
     samples = sample_images(ts, config.data.load_size) if run.is_main else []
-    raw_g, raw_h, raw_d = (accelerator.unwrap_model(n) for n in (g, h, d_b))
+    run.track(nets)
     selection = start_selection(run, ts, config, raw_g)
 
     w = losses.LossWeights.from_config(lw)
     for batch in run.batches(loader, dataset):
         real_a, real_b = batch["source"], batch["reference"]
-        with accelerator.accumulate(g, h, d_b):
-            requires_grad((d_b,), False)
+        with accelerator.accumulate(*nets):
+            requires_grad((raw_d,), False)
             with accelerator.autocast():
                 terms, fake_b = losses.cut_source_terms(raw_g, raw_h, raw_d, real_a, w, patches)
                 if w.nce > 0:
                     terms.update(losses.cut_reference_terms(raw_g, raw_h, real_b, w, patches))
                 total = losses.generator_loss(terms, w)
             accelerator.backward(total)
+            average_gradients(accelerator, (raw_g, raw_h))
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
 
-            requires_grad((d_b,), True)
+            requires_grad((raw_d,), True)
             with accelerator.autocast():
                 pooled_b, _ = pool_b.query(fake_b.detach())
-                terms["D_B"] = (losses.discriminator_real(d_b, real_b)
-                                + losses.discriminator_fake(d_b, pooled_b))
+                terms["D_B"] = (losses.discriminator_real(raw_d, real_b)
+                                + losses.discriminator_fake(raw_d, pooled_b))
             accelerator.backward(terms["D_B"])
+            average_gradients(accelerator, (raw_d,))
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         terms["inv"] = pol.inverted_share(real_a, fake_b)

@@ -73,6 +73,7 @@ def train_diffusion(config: DiffusionConfig) -> Path:
     run.resume_if_asked()
     ema.to(accelerator.device)
     raw = {key: accelerator.unwrap_model(u) for key, u in zip(ts.model_keys, unets, strict=True)}
+    run.track(raw.values())
     samples = dataset.first_per_site() if run.is_main else None
 
     # --- loop: every model trains on a batch of its own data each step -------------------
