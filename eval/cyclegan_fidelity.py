@@ -21,8 +21,9 @@ the paired CycleGAN - histogram matching difference. CPU only by default.
 `--federated FEDCONFIG` also trains the federated form (Flower simulation, one node per
 site, K local steps as FEDCONFIG says) on the same train half with the same translator
 config and overrides (the source nodes' batch is the central batch over the source sites;
-its rounds are the central steps), after a federated histogram release of the same
-landmarks for the histogram-residual kind, and scores it as method `federated`.
+its rounds are the central steps), after a federated histogram release (the landmarks of
+the histogram-residual kind; for every kind the reference thumbnail that lets the nodes
+flip inverted exports, as central training does), and scores it as method `federated`.
 
 Writes OUT/fidelity.csv (one row per image and method), OUT/fidelity.json (summary,
 timings, config) and prints a table.
@@ -150,14 +151,18 @@ def federated_model(args, config, overrides: dict, train_csv: Path, out: Path):
     tr_set = {k: v for k, v in overrides.items()
               if not k.startswith(("data.manifest", "data.reference_site", "train.out"))}
     tr_set["train.batch_size"] = config.train.batch_size // sources
-    if config.kind == "histogram-residual":  # the landmarks, released first
-        hm = load_federated_config(ROOT / "configs/federated/histogram.yaml", {
-            **common, "out": str(out / "federated_histogram"),
-            "histogram.landmarks": config.landmarks.n_quantiles})
-        tr_set["landmarks.checkpoint"] = str(run_federated(hm)["model"])
+    # released first: the landmarks (histogram-residual) and the reference thumbnail that
+    # guards polarity at the nodes (every kind)
+    n_landmarks = config.landmarks.n_quantiles if config.landmarks else 8
+    hm = load_federated_config(ROOT / "configs/federated/histogram.yaml", {
+        **common, "out": str(out / "federated_histogram"), "histogram.landmarks": n_landmarks})
+    released = str(run_federated(hm)["model"])
+    if config.kind == "histogram-residual":
+        tr_set["landmarks.checkpoint"] = released
     cfg = load_federated_config(args.federated, {
         **common, "out": str(out / "federated_run"), "rounds": config.train.steps,
-        "cyclegan.config": str(Path(args.config).resolve()), "cyclegan.set": tr_set})
+        "cyclegan.config": str(Path(args.config).resolve()), "cyclegan.set": tr_set,
+        **({} if config.kind == "histogram-residual" else {"cyclegan.template": released})})
     return load_translator(run_federated(cfg)["model"])
 
 

@@ -239,6 +239,30 @@ def test_federated_histogram_residual_flips_an_inverted_site_like_central(
         np.testing.assert_allclose(g, np.clip(w, 0, 1), atol=1e-6)
 
 
+def test_federated_cyclegan_flips_an_inverted_site_with_a_released_template(
+        synth4, landmarks, tmp_path):
+    """With `cyclegan.template` (a histogram release) a source node trains on its
+    inverted exports flipped, as central training's polarity guard does, and the global
+    model flips them at apply time; without it neither happens."""
+    import numpy as np
+
+    from harmonize.data import polarity as pol
+    from harmonize.translators import HistogramMatching, load_translator
+
+    template = HistogramMatching.load(landmarks).template_
+    df = load_manifest(synth4 / "manifest.csv")
+    rows = df[df["site"] == "site_c"].reset_index(drop=True)
+    plain, guarded = make_task(synth4), make_task(synth4, template=str(landmarks))
+    raw = (plain.node_data(rows, "cpu")[0] + 1) / 2
+    flipped = (guarded.node_data(rows, "cpu")[0] + 1) / 2
+    assert all(pol.is_inverted(r[0].numpy(), template) for r in raw)  # site_c: MONOCHROME1
+    torch.testing.assert_close(flipped, 1 - raw)
+    t = load_translator(guarded.save(guarded.initial_arrays(), tmp_path / "model", {}))
+    assert t.polarity == "auto" and np.allclose(t.template_, template)
+    assert load_translator(plain.save(plain.initial_arrays(), tmp_path / "m2", {})).polarity \
+        == "keep"
+
+
 def test_federated_histogram_residual_needs_released_landmarks(synth4):
     from harmonize.configs import ConfigError
 

@@ -86,6 +86,11 @@ class CycleGANTaskConfig(Section):
                                     "(F and D_A are site-conditioned); default: the "
                                     "manifest's non-reference sites, sorted (give it in a "
                                     "deployment, where the server has no manifest)")
+    template: Path | None = Field(None, description="a histogram-matching checkpoint (the "
+                                  "federated histogram task's OUT/model): its reference "
+                                  "thumbnail lets every node flip inverted exports "
+                                  "(data.polarity: auto); histogram-residual runs take it "
+                                  "from landmarks.checkpoint")
 
 
 class DiffusionTaskConfig(Section):

@@ -28,10 +28,11 @@ images look like. No image leaves a node; the image pool of past fakes stays loc
 
 The reference node draws as many images per step as the source nodes together (S x
 batch_size), one per source condition, as a central batch pairs each source image with
-a reference image. No polarity guard for CycleGAN and CUT (it would need the reference
-site's mean image at every node; fix inverted exports at the node); the
-histogram-residual translator has one, because the landmark release carries that mean
-image (a 32 x 32 thumbnail, DP-noised with the landmarks).
+a reference image. The polarity guard of central training needs the reference site's
+mean image at every node: a 32 x 32 thumbnail that the federated histogram task releases
+(DP-noised with the landmarks when that run is private). The histogram-residual
+translator takes it from `landmarks.checkpoint`; CycleGAN and CUT from
+`cyclegan.template`. Without it there is no guard: fix inverted exports at the node.
 
 Patient-level DP (`privacy.mode: patient-dp`, `patient_dp.py`): every one of the four
 networks' updates touches a node's real images (at a source node G, F through the
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonize.configs import ConfigError, dotted
+from harmonize.data import polarity as pol
 from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
@@ -241,6 +243,7 @@ class CycleGANTask:
             raise ConfigError(f"cyclegan.sites lists the reference site "
                               f"'{config.reference_site}'; list the source sites only")
         self.landmarks = self._landmarks()
+        self.template = self._template()
         self._first_stage: dict[tuple, torch.Tensor] = {}
 
     def _landmarks(self) -> HistogramMatching | None:
@@ -256,6 +259,18 @@ class CycleGANTask:
                               "landmarks.checkpoint: runs/fed_hm/model")
         return load_landmarks(self.cg.landmarks.checkpoint, self.config.reference_site,
                               self.cg.data.polarity)
+
+    def _template(self) -> np.ndarray | None:
+        """The reference site's mean thumbnail that guards polarity at every node (central
+        training's guard), from a released histogram checkpoint; None: no guard."""
+        if self.cg.data.polarity != "auto":
+            return None
+        if self.landmarks is not None:
+            return self.landmarks.template_
+        path = self.config.cyclegan.template
+        if path is None:
+            return None
+        return load_landmarks(path, self.config.reference_site, "auto").template_
 
     @staticmethod
     def translator_config(config: FederatedConfig) -> CycleGANConfig:
@@ -328,7 +343,8 @@ class CycleGANTask:
         paths = rows["path"].astype(str).tolist()
         side = self.cg.data.load_size or _native_side(paths[0])
         x = cached_images(paths, max(side, self.size))
-        if self.cg.data.fingerprints == "keep" and (not first_stage or self.landmarks is None):
+        staged = first_stage and (self.landmarks is not None or self.template is not None)
+        if self.cg.data.fingerprints == "keep" and not staged:
             return x * 2 - 1
         key = (tuple(paths), first_stage)
         if key in self._first_stage:  # deterministic: once per node, not once per round
@@ -336,10 +352,13 @@ class CycleGANTask:
         if self.cg.data.fingerprints == "remove":
             x = torch.stack([torch.from_numpy(remove_fingerprints(i[0].numpy())[0])[None]
                              for i in x])
-        if first_stage and self.landmarks is not None:
+        if first_stage and self.landmarks is not None:  # flips inverted exports itself
             mapped = self.landmarks.transform([i[0].numpy() for i in x],
                                               rows["site"].astype(str).tolist())
             x = torch.stack([torch.from_numpy(m)[None] for m in mapped])
+        elif first_stage and self.template is not None:  # the polarity guard alone
+            x = torch.stack([torch.from_numpy(pol.upright(i[0].numpy(), self.template))[None]
+                             for i in x])
         self._first_stage[key] = x * 2 - 1
         return self._first_stage[key]
 
@@ -560,14 +579,15 @@ class CycleGANTask:
         g = self._g()
         g.load_state_dict(_split(arrays, "g."))
         template, ref = np.zeros((32, 32), np.float32), self.config.reference_site
+        if self.template is not None:  # the released thumbnail guards polarity
+            kwargs["polarity"], template = self.cg.data.polarity, self.template.copy()
         if self.landmarks is None:
             cls = CUTTranslator if self.cg.kind == "cut" else CycleGANTranslator
             return cls(**kwargs).set_trained(g, template, ref)
-        kwargs["polarity"] = self.cg.data.polarity  # the released template guards it
         t = HistogramResidualTranslator(**kwargs, landmarks_per=self.landmarks.per,
                                         n_quantiles=self.landmarks.n_quantiles,
                                         fingerprints=self.cg.data.fingerprints)
-        return t.set_trained(g, self.landmarks.template_.copy(), ref, self.landmarks)
+        return t.set_trained(g, template, ref, self.landmarks)
 
     def reverse_generator(self, arrays: Arrays) -> torch.nn.Module:
         """F (reference -> site k's style), for the memorization check of what leaves."""
