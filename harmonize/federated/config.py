@@ -118,14 +118,26 @@ class HistogramTaskConfig(Section):
         "auto", description="how images map to [0, 1] (as harmonize fit)")
 
 
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+
+
 class FederatedConfig(Section):
     task: Literal["classifier", "cyclegan", "diffusion", "histogram"]
     manifest: Path | None = None
     reference_site: str | None = None
     out: Path | None = None
     rounds: int = Field(10, ge=1)
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"] = Field(
+        "fedavg", description="Flower's strategy; the robust ones (fedmedian, "
+        "fedtrimmedavg, krum) for the classifier task only")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg: share cut at "
+                             "each end, per value")
+    krum_malicious_nodes: int = Field(0, ge=0, description="Krum: nodes assumed malicious")
+    update_norm_factor: float | None = Field(
+        10.0, gt=1, description="drop an update that moves the model more than this many "
+        "times the round's median (classifier task, 3 or more nodes); null: no norm "
+        "check (NaN/Inf and shape checks always apply)")
     min_nodes: int | None = Field(None, ge=1, description="nodes per round; default: every "
                                   "node of the manifest (give it when the server has none)")
     evaluate: bool = Field(True, description="each node scores the global model on its "
@@ -162,6 +174,16 @@ class FederatedConfig(Section):
                                             and self.diffusion.prior == "local"):
                 raise ValueError("privacy.secagg: this task sends one node's arrays, not a "
                                  "mean to aggregate; run it without secagg")
+        if self.strategy in ROBUST_STRATEGIES:
+            if self.task != "classifier":
+                raise ValueError(f"strategy {self.strategy}: task {self.task} needs the "
+                                 "mean of the updates (its objective is a sum over the "
+                                 "nodes, each holding other sites' terms, or nothing is "
+                                 "averaged); use fedavg")
+            if self.privacy.secagg:
+                raise ValueError(f"strategy {self.strategy}: SecAgg+ shows the server only "
+                                 "the sum of the updates, so it cannot take a median or "
+                                 "drop any; use fedavg with secagg")
         if self.task == "cyclegan" and self.cyclegan.config is None:
             raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
                              "configs/cyclegan/quick.yaml")

@@ -17,7 +17,10 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
 )
 from matplotlib.ticker import MaxNLocator
 from safetensors.torch import save_file
@@ -34,6 +37,7 @@ from harmonize.federated.server_optimizer import (
     with_server_optimizer,
 )
 from harmonize.federated.tasks import build_task
+from harmonize.federated.update_checks import UpdateCheck
 from harmonize.report.html import header_text, subplots
 
 SHARED_WEIGHTS = "shared_weights.safetensors"
@@ -54,8 +58,13 @@ def build_strategy(cfg: FederatedConfig, n_nodes: int):
     kwargs = {"fraction_train": 1.0, "fraction_evaluate": 1.0 if cfg.evaluate else 0.0,
               "min_train_nodes": n_nodes, "min_evaluate_nodes": n_nodes,
               "min_available_nodes": n_nodes}
-    strategy = (FedProx(proximal_mu=cfg.proximal_mu, **kwargs) if cfg.strategy == "fedprox"
-                else FedAvg(**kwargs))
+    strategy = {
+        "fedavg": lambda: FedAvg(**kwargs),
+        "fedprox": lambda: FedProx(proximal_mu=cfg.proximal_mu, **kwargs),
+        "fedmedian": lambda: FedMedian(**kwargs),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=cfg.trim_beta, **kwargs),
+        "krum": lambda: Krum(num_malicious_nodes=cfg.krum_malicious_nodes, **kwargs),
+    }[cfg.strategy]()
     p = cfg.privacy
     wrapper = {"server-fixed": DifferentialPrivacyServerSideFixedClipping,
                "client-fixed": DifferentialPrivacyClientSideFixedClipping}.get(p.dp)
@@ -65,32 +74,49 @@ def build_strategy(cfg: FederatedConfig, n_nodes: int):
     return strategy
 
 
-def record_replies(strategy, log: dict, required: int) -> None:
+def reply_arrays(message) -> dict | None:
+    """The arrays a node sent (None: a reply without any)."""
+    return message.content["arrays"].to_torch_state_dict() if "arrays" in message.content \
+        else None
+
+
+def record_replies(strategy, log: dict, required: int, check: UpdateCheck | None = None
+                   ) -> None:
     """Note, per round, which nodes replied and which failed (with the reason, one line)
-    before the strategy aggregates (Flower's own log only has random node ids). A round
-    with fewer than `required` replies leaves the model as it was (a node killed for
-    memory must not make one node's update the federation's model)."""
+    before the strategy aggregates (Flower's own log only has random node ids); with a
+    `check`, drop and name the updates that cannot be averaged (`update_checks.py`). A
+    round with fewer than `required` good replies leaves the model as it was (a node
+    killed for memory must not make one node's update the federation's model)."""
     aggregate = strategy.aggregate_train
 
     def aggregate_train(server_round, replies):
         replies = list(replies)
-        ok, failed, epsilon = [], [], {}
+        good, names, failed, epsilon = [], [], [], {}
         for m in replies:
             if m.has_error():
                 failed.append(one_line(m.error.reason))
                 continue
             name = str(m.content["node"]["name"]) if "node" in m.content else "?"
-            ok.append(name)
+            good.append(m)
+            names.append(name)
             metrics = m.content["metrics"] if "metrics" in m.content else {}
             if "epsilon" in metrics:  # patient-dp: this node's spent budget
                 epsilon[name] = float(metrics["epsilon"])
-        complete = len(ok) >= required
-        log[server_round] = {"ok": ok, "failed": failed, "at": time.perf_counter(),
-                             "aggregated": complete, "epsilon": epsilon}
+        dropped: dict[str, str] = {}
+        if check is not None and good:
+            updates = [(n, reply_arrays(m) or {}) for n, m in zip(names, good, strict=True)]
+            kept, dropped = check.screen(updates)
+            good, names = [good[i] for i in kept], [names[i] for i in kept]
+        complete = len(good) >= required
+        log[server_round] = {"ok": names, "failed": failed, "at": time.perf_counter(),
+                             "aggregated": complete, "epsilon": epsilon,
+                             "dropped": [f"node {n}: {why}" for n, why in dropped.items()]}
         if not complete:
             return None, None  # Flower keeps the previous arrays
-        arrays, metrics = aggregate(server_round, [m for m in replies if not m.has_error()])
+        arrays, metrics = aggregate(server_round, good)
         log[server_round]["aggregated"] = arrays is not None
+        if check is not None and arrays is not None:
+            check.advance(arrays.to_torch_state_dict())
         return arrays, metrics
 
     strategy.aggregate_train = aggregate_train
@@ -134,7 +160,11 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     if hasattr(task, "server_optimizer"):  # FedOpt: after any DP wrapper (module docstring)
         with_server_optimizer(strategy, ServerOptimizer(task.server_optimizer(), initial))
     replies: dict[int, dict] = {}
-    record_replies(strategy, replies, n_nodes)
+    # norms are comparable only where every node optimizes the same objective: in the
+    # translator tasks each node holds other terms (its site's), so sizes differ by design
+    check = UpdateCheck(initial, cfg.update_norm_factor if cfg.task == "classifier" else None,
+                        compare_arrays=not hasattr(task, "custom_aggregation"))
+    record_replies(strategy, replies, n_nodes, check)
     skip_empty_evaluations(strategy)
     settings = {"seed": cfg.seed, "nodes": n_nodes}
     if hasattr(task, "server_settings"):
@@ -230,6 +260,7 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
         row["nodes_ok"] = len(replies.get(r, {}).get("ok", []))
         row["aggregated"] = bool(replies.get(r, {}).get("aggregated", False))
         row["failed"] = " | ".join(replies.get(r, {}).get("failed", []))
+        row["dropped"] = " | ".join(replies.get(r, {}).get("dropped", []))
         rows.append(row)
     return pd.DataFrame(rows)
 
