@@ -299,3 +299,24 @@ def test_a_round_with_too_few_replies_leaves_the_model_unchanged():
     assert strategy.aggregate_train(8, [reply("a"), reply("b"), reply("c")]) == ("arrays",
                                                                                  "metrics")
     assert calls == [3] and log[8]["aggregated"]
+
+
+def test_node_sampling_trains_k_nodes_a_round_and_amplifies_node_dp(synth3, tmp_path):
+    from harmonize.configs import ConfigError
+    from harmonize.federated.config import load_federated_config
+    from harmonize.federated.server_app import _epsilon
+
+    out = tmp_path / "run"
+    assert main(["federated", "-q", "--config", write_config(tmp_path / "c.yaml",
+                                                             sample_nodes=2, evaluate=False),
+                 "--data", str(synth3 / "manifest.csv"), "--out", str(out)]) == 0
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert (rounds["nodes_ok"] == 2).all() and rounds["aggregated"].all()
+    cfg = load_federated_config(None, {"task": "classifier", "privacy.mode": "node-dp",
+                                       "privacy.dp": "server-fixed", "sample_nodes": 0.5})
+    assert cfg.sampled(6) == 3 and cfg.sampled(3) == 2
+    every, half = _epsilon(cfg, 20, 1.0), _epsilon(cfg, 20, 0.5)
+    assert np.isclose(every, 30.13, atol=0.05) and np.isclose(half, 16.55, atol=0.05)
+    with pytest.raises(ConfigError, match="sample_nodes: task cyclegan needs every node"):
+        load_federated_config(None, {"task": "cyclegan", "sample_nodes": 2,
+                                     "cyclegan.config": "configs/cyclegan/quick.yaml"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +141,9 @@ class FederatedConfig(Section):
         "check (NaN/Inf and shape checks always apply)")
     min_nodes: int | None = Field(None, ge=1, description="nodes per round; default: every "
                                   "node of the manifest (give it when the server has none)")
+    sample_nodes: float | None = Field(
+        None, gt=0, description="nodes trained per round (classifier task): a count (3) or "
+        "a fraction of the nodes (0.5); null: every node every round")
     evaluate: bool = Field(True, description="each node scores the global model on its "
                            "split=test rows after every round")
     seed: int = 0
@@ -184,6 +188,17 @@ class FederatedConfig(Section):
                 raise ValueError(f"strategy {self.strategy}: SecAgg+ shows the server only "
                                  "the sum of the updates, so it cannot take a median or "
                                  "drop any; use fedavg with secagg")
+        if self.sample_nodes is not None:
+            if self.task != "classifier":
+                raise ValueError(f"sample_nodes: task {self.task} needs every node every "
+                                 "round (its objective is a sum over the nodes' sites, or "
+                                 "one node releases); sample only for the classifier")
+            if self.privacy.secagg:
+                raise ValueError("sample_nodes: SecAgg+ runs every node every round here; "
+                                 "use one or the other")
+            if self.sample_nodes > 1 and self.sample_nodes != int(self.sample_nodes):
+                raise ValueError(f"sample_nodes {self.sample_nodes}: a count (an integer) "
+                                 "or a fraction below 1")
         if self.task == "cyclegan" and self.cyclegan.config is None:
             raise ValueError("cyclegan.config: give a CycleGAN YAML, e.g. "
                              "configs/cyclegan/quick.yaml")
@@ -210,6 +225,14 @@ class FederatedConfig(Section):
             raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
                              "configs/diffusion/quick.yaml")
         return self
+
+    def sampled(self, n_nodes: int) -> int:
+        """How many of `n_nodes` train each round."""
+        if self.sample_nodes is None:
+            return n_nodes
+        k = (int(self.sample_nodes) if self.sample_nodes >= 1
+             else math.ceil(self.sample_nodes * n_nodes))
+        return max(1, min(n_nodes, k))
 
     def check_ready(self) -> None:
         missing = [k for k in ("manifest", "out") if getattr(self, k) is None]

@@ -30,7 +30,7 @@ from harmonize.data.io import atomic_write
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_names
 from harmonize.federated.patient_dp import DP_METRICS
-from harmonize.federated.privacy import gaussian_epsilon
+from harmonize.federated.privacy import gaussian_epsilon, subsampled_gaussian_epsilon
 from harmonize.federated.report import write_rounds_report
 from harmonize.federated.server_optimizer import (
     ServerOptimizer,
@@ -55,8 +55,10 @@ def make_server_app(config: FederatedConfig | None = None, config_from_run=None)
 
 
 def build_strategy(cfg: FederatedConfig, n_nodes: int):
-    kwargs = {"fraction_train": 1.0, "fraction_evaluate": 1.0 if cfg.evaluate else 0.0,
-              "min_train_nodes": n_nodes, "min_evaluate_nodes": n_nodes,
+    sampled = cfg.sampled(n_nodes)  # Flower draws this many nodes at random each round
+    kwargs = {"fraction_train": sampled / n_nodes,
+              "fraction_evaluate": 1.0 if cfg.evaluate else 0.0,
+              "min_train_nodes": sampled, "min_evaluate_nodes": n_nodes,
               "min_available_nodes": n_nodes}
     strategy = {
         "fedavg": lambda: FedAvg(**kwargs),
@@ -70,7 +72,7 @@ def build_strategy(cfg: FederatedConfig, n_nodes: int):
                "client-fixed": DifferentialPrivacyClientSideFixedClipping}.get(p.dp)
     if wrapper is not None:
         strategy = wrapper(strategy, noise_multiplier=p.noise_multiplier,
-                           clipping_norm=p.clipping_norm, num_sampled_clients=n_nodes)
+                           clipping_norm=p.clipping_norm, num_sampled_clients=sampled)
     return strategy
 
 
@@ -164,7 +166,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     # translator tasks each node holds other terms (its site's), so sizes differ by design
     check = UpdateCheck(initial, cfg.update_norm_factor if cfg.task == "classifier" else None,
                         compare_arrays=not hasattr(task, "custom_aggregation"))
-    record_replies(strategy, replies, n_nodes, check)
+    record_replies(strategy, replies, cfg.sampled(n_nodes), check)
     skip_empty_evaluations(strategy)
     settings = {"seed": cfg.seed, "nodes": n_nodes}
     if hasattr(task, "server_settings"):
@@ -174,7 +176,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                             num_rounds=cfg.rounds, train_config=ConfigRecord(settings),
                             evaluate_config=ConfigRecord({"rounds": cfg.rounds}))
     seconds = time.perf_counter() - started
-    rounds = rounds_table(cfg, result, replies, started)
+    rate = cfg.sampled(n_nodes) / n_nodes
+    rounds = rounds_table(cfg, result, replies, started, rate)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
     plot_rounds(rounds, out / "rounds.png")
     failures = [{"round": r, "reason": reason} for r, v in sorted(replies.items())
@@ -184,7 +187,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     if len(result.arrays) > 0 and len(skipped) < cfg.rounds:  # some round was aggregated
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
                               "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
-                              **privacy_summary(cfg, replies)},
+                              **privacy_summary(cfg, replies, rate)},
                 "training_manifest": str(cfg.manifest)}
         model_dir = save_global_model(task, result.arrays.to_torch_state_dict(), out, meta)
     node_models = {d.name: str(d / "model") for d in sorted((out / "nodes").glob("*"))
@@ -194,7 +197,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                "rounds": cfg.rounds,
                "nodes": n_nodes, "seconds": seconds, "failures": failures,
                "rounds_not_aggregated": skipped,
-               "privacy": cfg.privacy.mode, **privacy_summary(cfg, replies)}
+               "privacy": cfg.privacy.mode, **privacy_summary(cfg, replies, rate)}
     write_summary(out, cfg, rounds, summary)
     return summary
 
@@ -218,7 +221,7 @@ def write_summary(out: Path, cfg: FederatedConfig, rounds: pd.DataFrame,
     write_rounds_report(out, cfg, rounds, summary, out / "rounds.png")
 
 
-def privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
+def privacy_summary(cfg: FederatedConfig, replies: dict, rate: float = 1.0) -> dict:
     """epsilon (node-dp: per hospital; patient-dp: per patient, the largest over nodes,
     each node's in epsilon_per_node) and delta; None without DP."""
     if cfg.privacy.mode == "patient-dp":
@@ -228,19 +231,24 @@ def privacy_summary(cfg: FederatedConfig, replies: dict) -> dict:
         return {"epsilon": max(per_node.values()) if per_node else None,
                 "epsilon_per_node": per_node, "epsilon_unit": "patient",
                 "delta": cfg.privacy.delta}
-    eps = _epsilon(cfg, cfg.rounds)
+    eps = _epsilon(cfg, cfg.rounds, rate)
     return {"epsilon": eps, "epsilon_unit": "hospital" if eps is not None else None,
             "delta": cfg.privacy.delta if cfg.privacy.mode == "node-dp" else None}
 
 
-def _epsilon(cfg: FederatedConfig, rounds: int) -> float | None:
+def _epsilon(cfg: FederatedConfig, rounds: int, rate: float = 1.0) -> float | None:
+    """Node-level epsilon after `rounds`; with node sampling (`rate` < 1), amplified by
+    it (`subsampled_gaussian_epsilon`)."""
     if cfg.privacy.mode != "node-dp":
         return None
-    eps = gaussian_epsilon(cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta)
+    eps = (gaussian_epsilon(cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta)
+           if rate >= 1 else subsampled_gaussian_epsilon(
+               cfg.privacy.noise_multiplier, rounds, cfg.privacy.delta, rate))
     return eps if math.isfinite(eps) else None
 
 
-def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) -> pd.DataFrame:
+def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float,
+                 rate: float = 1.0) -> pd.DataFrame:
     """One row per round: metrics, epsilon, nodes that replied, and `seconds` from the
     strategy's start to this round's training replies being in (round times)."""
     rows = []
@@ -252,7 +260,7 @@ def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float) ->
             for k, v in dict(source.get(r, {})).items():
                 if k != "num-examples" and k not in DP_METRICS:  # per node: epsilon_NODE
                     row[prefix + k.removeprefix("train_")] = float(v)
-        row["epsilon"] = _epsilon(cfg, r)
+        row["epsilon"] = _epsilon(cfg, r, rate)
         per_node = replies.get(r, {}).get("epsilon", {})
         if per_node:  # patient-dp: each node's budget spent so far, and the largest
             row["epsilon"] = max(per_node.values())
