@@ -138,3 +138,26 @@ print("backend", before[0] == after[0], "env", changed, "filters", len(after[2])
                          env=env, cwd=PACKAGE.parent, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "backend True env [] filters 0", run.stdout
+
+
+def test_federated_tasks_share_one_interface_and_nothing_probes_them():
+    import re
+
+    from harmonize.federated import (
+        classifier_task,
+        cut_task,
+        cyclegan_task,
+        diffusion_task,
+        histogram_task,
+        local_prior_task,
+    )
+    from harmonize.federated.task_interface import FederatedTask
+
+    tasks = [classifier_task.ClassifierTask, cyclegan_task.CycleGANTask, cut_task.CUTTask,
+             diffusion_task.DiffusionTask, histogram_task.HistogramTask,
+             local_prior_task.LocalPriorTask]
+    assert all(issubclass(t, FederatedTask) and not t.__abstractmethods__ for t in tasks)
+    probe = re.compile(r"hasattr\(\s*(self\.)?(task|build_task)\b[^)]*\)")
+    probes = [f"{p.name}: {m.group(0)}" for p in (PACKAGE / "federated").glob("*.py")
+              for m in probe.finditer(p.read_text())]
+    assert not probes, probes

@@ -34,10 +34,11 @@ from harmonize.federated.node_state import (
     load_optimizer_state,
     optimizer_arrays,
 )
+from harmonize.federated.task_interface import FederatedTask
 from harmonize.training.device import pick_device
 
 
-class ClassifierTask:
+class ClassifierTask(FederatedTask):
     kind = "classifier"
     eval_keys = ("auc", "accuracy")  # what evaluate() reports (besides num-examples)
 

@@ -65,6 +65,7 @@ from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
 from harmonize.federated.nodes import read_manifest, split_rows
 from harmonize.federated.server_optimizer import ServerOptimizerSpec
+from harmonize.federated.task_interface import FederatedTask
 from harmonize.training.device import autocast, pick_device
 from harmonize.translators.cyclegan import losses
 from harmonize.translators.cyclegan.config import CycleGANConfig, load_config
@@ -227,7 +228,7 @@ def _load_pool(name: str, pool: ImagePool, local: Arrays | None, device) -> None
                               "generator": local[f"{name}.generator"]})
 
 
-class CycleGANTask:
+class CycleGANTask(FederatedTask):
     kind = "cyclegan"
     eval_keys = ()
 

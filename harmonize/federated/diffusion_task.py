@@ -39,6 +39,7 @@ from harmonize.federated.node_state import (
     load_optimizer_state,
     optimizer_arrays,
 )
+from harmonize.federated.task_interface import FederatedTask
 from harmonize.training.device import autocast, pick_device
 from harmonize.training.run import set_lr
 from harmonize.translators.diffusion import losses
@@ -49,7 +50,7 @@ from harmonize.translators.diffusion.translator import INFERENCE_KEYS, Diffusion
 CLASS_ROWS = "class_embedding.weight"
 
 
-class DiffusionTask:
+class DiffusionTask(FederatedTask):
     kind = "diffusion"
     eval_keys = ("loss",)
 

@@ -37,12 +37,13 @@ from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.local_prior_task import aggregate_reference_reply
 from harmonize.federated.node_state import Arrays
+from harmonize.federated.task_interface import FederatedTask
 from harmonize.translators.histogram import HistogramMatching
 
 LANDMARKS, TEMPLATE = "reference_quantiles", "template"
 
 
-class HistogramTask:
+class HistogramTask(FederatedTask):
     kind = "histogram-matching"
     eval_keys = ()
 

@@ -36,6 +36,7 @@ from harmonize.data.manifest import save_manifest
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_state import Arrays, cached_images
+from harmonize.federated.task_interface import FederatedTask
 from harmonize.translators.diffusion.config import load_config
 from harmonize.translators.diffusion.translator import INFERENCE_KEYS, DiffusionTranslator
 
@@ -60,7 +61,7 @@ def aggregate_reference_reply(server_round: int, replies) -> tuple:
     return ArrayRecord(ref[0].content["arrays"].to_torch_state_dict()), MetricRecord(metrics)
 
 
-class LocalPriorTask:
+class LocalPriorTask(FederatedTask):
     kind = "diffusion"
     eval_keys = ("loss",)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from harmonize.configs import ConfigError
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated.config import FederatedConfig
@@ -46,10 +45,6 @@ def patient_dp_plans(cfg: FederatedConfig) -> dict:
     from harmonize.federated.tasks import build_task
 
     task = build_task(cfg)
-    if not hasattr(task, "dp_plan"):
-        raise ConfigError(f"privacy.mode patient-dp is not available for task {cfg.task}"
-                          + (f" with diffusion.prior {cfg.diffusion.prior}"
-                             if cfg.task == "diffusion" else ""))
     plans = {}
     for node in node_names(cfg.manifest):
         train, _ = split_rows(node_rows(cfg.manifest, node))

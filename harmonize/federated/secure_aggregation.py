@@ -251,7 +251,7 @@ def check_secagg_config(cfg: FederatedConfig) -> None:
     if cfg.task == "diffusion" and cfg.diffusion.prior == "local":
         raise ConfigError("SecAgg+: local diffusion priors average nothing; use "
                           "diffusion.prior shared")
-    if hasattr(build_task(cfg), "custom_aggregation"):  # e.g. histogram landmarks
+    if build_task(cfg).custom_aggregation() is not None:  # e.g. histogram landmarks
         raise ConfigError(f"SecAgg+: task {cfg.task} sends one node's arrays, not a "
                           "FedAvg mean; run it without privacy.secagg")
 
@@ -489,11 +489,10 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
                 "secagg.max-weight": protocol["max_weight"]}
     if cfg.strategy == "fedprox":
         settings["proximal-mu"] = cfg.proximal_mu
-    if hasattr(task, "server_settings"):
-        settings.update(task.server_settings())
+    settings.update(task.server_settings())
     settings = encode_settings(settings)
-    optimizer = (ServerOptimizer(task.server_optimizer(), initial)
-                 if hasattr(task, "server_optimizer") else None)
+    spec = task.server_optimizer()
+    optimizer = ServerOptimizer(spec, initial) if spec is not None else None
     strategy = SecureFedAvg(
         layout, initial, n_nodes, optimizer, fraction_fit=1.0,
         fraction_evaluate=1.0 if cfg.evaluate else 0.0, min_fit_clients=n_nodes,

@@ -157,20 +157,21 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     task = build_task(cfg)
     strategy = build_strategy(cfg, n_nodes)
     initial = task.initial_arrays()
-    if hasattr(task, "custom_aggregation"):  # e.g. local priors: nothing to average
-        strategy.aggregate_train = task.custom_aggregation()
-    if hasattr(task, "server_optimizer"):  # FedOpt: after any DP wrapper (module docstring)
-        with_server_optimizer(strategy, ServerOptimizer(task.server_optimizer(), initial))
+    aggregation = task.custom_aggregation()
+    if aggregation is not None:  # e.g. local priors: nothing to average
+        strategy.aggregate_train = aggregation
+    spec = task.server_optimizer()
+    if spec is not None:  # FedOpt: after any DP wrapper (module docstring)
+        with_server_optimizer(strategy, ServerOptimizer(spec, initial))
     replies: dict[int, dict] = {}
     # norms are comparable only where every node optimizes the same objective: in the
     # translator tasks each node holds other terms (its site's), so sizes differ by design
     check = UpdateCheck(initial, cfg.update_norm_factor if cfg.task == "classifier" else None,
-                        compare_arrays=not hasattr(task, "custom_aggregation"))
+                        compare_arrays=aggregation is None)
     record_replies(strategy, replies, cfg.sampled(n_nodes), check)
     skip_empty_evaluations(strategy)
     settings = {"seed": cfg.seed, "nodes": n_nodes}
-    if hasattr(task, "server_settings"):
-        settings.update(task.server_settings())
+    settings.update(task.server_settings())
     started, wall_start = time.perf_counter(), time.time()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
                             num_rounds=cfg.rounds, train_config=ConfigRecord(settings),
