@@ -139,7 +139,8 @@ def _federated(args: argparse.Namespace) -> int:
 
     overrides = {"manifest": args.data, "reference_site": args.reference_site,
                  "out": args.out, "rounds": args.rounds,
-                 "progress": False if args.quiet else None}
+                 "progress": False if args.quiet else None,
+                 "resume": True if args.resume else None}
     s = run_federated(load_federated_config(args.config, with_overrides(overrides,
                                                                         args.overrides)))
     print(f"{s['rounds']} rounds over {s['nodes']} nodes ({', '.join(s['node_names'])}) in "
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-site", default=None, help="translators: the target site")
     p.add_argument("--out", required=True, help="output folder: model/, rounds.csv, ...")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last saved round (OUT/server_state)")
     _add_set_option(p, "rounds=20")
     p.set_defaults(func=_federated)
 

@@ -20,6 +20,11 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_rows, resolve_node, split_rows
+from harmonize.federated.server_state import (
+    is_checkpoint_round,
+    load_node_state,
+    save_node_state,
+)
 from harmonize.federated.tasks import build_task
 
 ERROR_CODE = 2  # Flower's CLIENT_APP_RAISED_EXCEPTION
@@ -38,6 +43,14 @@ def update_norm(new: dict, old: dict) -> float:
     total = sum(float(((new[k].float() - old[k].float()) ** 2).sum())
                 for k in new if k in old and new[k].is_floating_point())
     return total ** 0.5
+
+
+def run_round_config(config) -> dict:
+    """The round's settings with `server-round` as the run counts it: Flower numbers the
+    rounds of each start from 1, a resumed run sends how many were done before."""
+    out = dict(config)
+    out["server-round"] = int(out.get("server-round", 1)) + int(out.get("round-offset", 0))
+    return out
 
 
 def _label(context: Context) -> str:
@@ -64,15 +77,22 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
             cfg, node, manifest = setup(context)
             task = build_task(cfg)
             rows, _ = split_rows(node_rows(manifest, node))
+            round_config = run_round_config(msg.content["config"])
+            server_round = int(round_config["server-round"])
             local = (context.state["local"].to_torch_state_dict()
                      if "local" in context.state.array_records else None)
-            round_config = msg.content["config"]
+            offset = int(round_config.get("round-offset", 0))
+            if local is None and offset and server_round == offset + 1:  # resumed: what
+                local = load_node_state(cfg.out, node, offset)  # this node kept then
             received = msg.content["arrays"].to_torch_state_dict()
             started = time.perf_counter()
-            arrays, local, metrics = task.train(received, local, rows, dict(round_config))
+            arrays, local, metrics = task.train(received, local, rows, round_config)
             metrics["compute_seconds"] = time.perf_counter() - started  # for overhead reports
             if local:
                 context.state["local"] = ArrayRecord(local)
+                if is_checkpoint_round(server_round, int(round_config.get(
+                        "checkpoint-every", 10)), int(round_config.get("rounds", 0))):
+                    save_node_state(cfg.out, node, server_round, local)
             metrics["update_norm"] = update_norm(arrays, received)
             # what leaves this node this round (weights; metrics are a few bytes)
             metrics["bytes_sent"] = float(sum(v.numel() * v.element_size()
@@ -94,7 +114,7 @@ def make_client_app(config: FederatedConfig | None = None, config_from_run=None)
             cfg, node, manifest = setup(context)
             task = build_task(cfg)
             train_rows, test = split_rows(node_rows(manifest, node))
-            config = msg.content.config_records.get("config", {})
+            config = run_round_config(msg.content.config_records.get("config", {}))
             last = int(config.get("server-round", 0)) == int(config.get("rounds", -1))
             if last:  # e.g. a node's own translator, kept there
                 task.finish(msg.content["arrays"].to_torch_state_dict(), train_rows)

@@ -144,6 +144,9 @@ class FederatedConfig(Section):
     sample_nodes: float | None = Field(
         None, gt=0, description="nodes trained per round (classifier task): a count (3) or "
         "a fraction of the nodes (0.5); null: every node every round")
+    checkpoint_every: int = Field(10, ge=1, description="rounds between the server's "
+                                  "checkpoints (OUT/server_state) that --resume continues")
+    resume: bool = Field(False, description="continue from OUT/server_state (--resume)")
     evaluate: bool = Field(True, description="each node scores the global model on its "
                            "split=test rows after every round")
     seed: int = 0

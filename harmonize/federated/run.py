@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
-from harmonize.configs import dump_config
+from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
 from harmonize.data.manifest import load_manifest
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_names
 from harmonize.federated.prepare import patient_dp_plans, resolved_config, with_split
-from harmonize.federated.server_app import make_server_app
+from harmonize.federated.server_app import make_server_app, resumable
+from harmonize.federated.server_state import STATE_DIR, load_server_state
 from harmonize.rerun import replacing_outputs
 
 
@@ -30,7 +32,11 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
 
         sa.check_secagg_config(cfg)
     out = Path(cfg.out)
-    replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
+    if cfg.resume and cfg.privacy.secagg:
+        raise ConfigError("--resume: SecAgg+ runs cannot resume yet; run it again")
+    if not cfg.resume:
+        replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # an old run's checkpoint
     out.mkdir(parents=True, exist_ok=True)
     if cfg.evaluate:
         cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
@@ -38,6 +44,8 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
         if not (load_manifest(cfg.manifest)["split"] == "test").any() and not local_priors:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
             # (local priors keep it: the evaluation message delivers the reference prior)
+    if cfg.resume:  # refused here, before Ray starts, rather than inside the server
+        load_server_state(out, resumable(cfg))
     nodes = node_names(cfg.manifest)
     if cfg.privacy.secagg:
         secagg = secagg or sa.SecAggParams()

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from safetensors.torch import save_file
 
 from harmonize.checkpoint import checkpoint_dir
+from harmonize.configs import ConfigError
 from harmonize.data.io import atomic_write
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_names
@@ -35,6 +36,11 @@ from harmonize.federated.report import write_rounds_report
 from harmonize.federated.server_optimizer import (
     ServerOptimizer,
     with_server_optimizer,
+)
+from harmonize.federated.server_state import (
+    is_checkpoint_round,
+    load_server_state,
+    save_server_state,
 )
 from harmonize.federated.tasks import build_task
 from harmonize.federated.update_checks import UpdateCheck
@@ -82,16 +88,19 @@ def reply_arrays(message) -> dict | None:
         else None
 
 
-def record_replies(strategy, log: dict, required: int, check: UpdateCheck | None = None
-                   ) -> None:
+def record_replies(strategy, log: dict, required: int, check: UpdateCheck | None = None,
+                   offset: int = 0, clock=time.perf_counter, on_aggregated=None) -> None:
     """Note, per round, which nodes replied and which failed (with the reason, one line)
     before the strategy aggregates (Flower's own log only has random node ids); with a
     `check`, drop and name the updates that cannot be averaged (`update_checks.py`). A
     round with fewer than `required` good replies leaves the model as it was (a node
-    killed for memory must not make one node's update the federation's model)."""
+    killed for memory must not make one node's update the federation's model). The log
+    (rounds.csv's source) is keyed by the run's round number (`offset`: rounds done
+    before a resume); `on_aggregated(round, arrays)` is called with each new model."""
     aggregate = strategy.aggregate_train
 
     def aggregate_train(server_round, replies):
+        server_round += offset
         replies = list(replies)
         good, names, failed, epsilon = [], [], [], {}
         for m in replies:
@@ -109,24 +118,34 @@ def record_replies(strategy, log: dict, required: int, check: UpdateCheck | None
             updates = [(n, reply_arrays(m) or {}) for n, m in zip(names, good, strict=True)]
             kept, dropped = check.screen(updates)
             good, names = [good[i] for i in kept], [names[i] for i in kept]
+        # in node order, not arrival order: the float sums, hence the model, do not
+        # depend on which node answered first (reruns and resumed runs repeat exactly)
+        order = sorted(range(len(good)), key=lambda i: names[i])
+        good, names = [good[i] for i in order], [names[i] for i in order]
         complete = len(good) >= required
-        log[server_round] = {"ok": names, "failed": failed, "at": time.perf_counter(),
+        log[server_round] = {"ok": names, "failed": failed, "seconds": clock(),
                              "aggregated": complete, "epsilon": epsilon,
                              "dropped": [f"node {n}: {why}" for n, why in dropped.items()]}
         if not complete:
             return None, None  # Flower keeps the previous arrays
-        arrays, metrics = aggregate(server_round, good)
+        arrays, metrics = aggregate(server_round - offset, good)
         log[server_round]["aggregated"] = arrays is not None
-        if check is not None and arrays is not None:
-            check.advance(arrays.to_torch_state_dict())
+        log[server_round]["train_metrics"] = numbers(metrics)
+        if arrays is not None and (check is not None or on_aggregated is not None):
+            new = arrays.to_torch_state_dict()
+            if check is not None:
+                check.advance(new)
+            if on_aggregated is not None:
+                on_aggregated(server_round, new)
         return arrays, metrics
 
     strategy.aggregate_train = aggregate_train
 
 
-def skip_empty_evaluations(strategy) -> None:
+def skip_empty_evaluations(strategy, log: dict | None = None, offset: int = 0) -> None:
     """A round in which no node held test rows has nothing to average (Flower would
-    divide by a total weight of zero); e.g. local priors evaluate only to deliver."""
+    divide by a total weight of zero); e.g. local priors evaluate only to deliver. The
+    averaged scores go into `log` under the run's round number."""
     aggregate = strategy.aggregate_evaluate
 
     def aggregate_evaluate(server_round, replies):
@@ -135,9 +154,18 @@ def skip_empty_evaluations(strategy) -> None:
                    if not m.has_error() and "metrics" in m.content]
         if not weights or sum(weights) == 0:
             return None
-        return aggregate(server_round, replies)
+        metrics = aggregate(server_round, replies)
+        if log is not None and metrics is not None:
+            log.setdefault(server_round + offset, {})["eval_metrics"] = numbers(metrics)
+        return metrics
 
     strategy.aggregate_evaluate = aggregate_evaluate
+
+
+def numbers(metrics) -> dict[str, float]:
+    """The numeric entries of an aggregated MetricRecord (for the round log)."""
+    items = metrics.items() if hasattr(metrics, "items") else []
+    return {k: float(v) for k, v in items if isinstance(v, (int, float))}
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -160,30 +188,54 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     aggregation = task.custom_aggregation()
     if aggregation is not None:  # e.g. local priors: nothing to average
         strategy.aggregate_train = aggregation
-    spec = task.server_optimizer()
-    if spec is not None:  # FedOpt: after any DP wrapper (module docstring)
-        with_server_optimizer(strategy, ServerOptimizer(spec, initial))
     replies: dict[int, dict] = {}
+    done, elapsed, optimizer_state = 0, 0.0, None
+    if cfg.resume:  # the last saved round: its model, optimizer state and round log
+        done, initial, optimizer_state, replies = load_server_state(out, resumable(cfg))
+        elapsed = max((v.get("seconds") or 0.0 for v in replies.values()), default=0.0)
+        if done >= cfg.rounds:
+            raise ConfigError(f"--resume: {out} already did {done} rounds; raise rounds "
+                              "above that to continue")
+    spec = task.server_optimizer()
+    optimizer = ServerOptimizer(spec, initial) if spec is not None else None
+    if optimizer is not None:  # FedOpt: after any DP wrapper (module docstring)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        with_server_optimizer(strategy, optimizer, offset=done)
     # norms are comparable only where every node optimizes the same objective: in the
     # translator tasks each node holds other terms (its site's), so sizes differ by design
-    check = UpdateCheck(initial, cfg.update_norm_factor if cfg.task == "classifier" else None,
+    check = UpdateCheck(task.initial_arrays(),  # the layout the nodes send
+                        cfg.update_norm_factor if cfg.task == "classifier" else None,
                         compare_arrays=aggregation is None)
-    record_replies(strategy, replies, cfg.sampled(n_nodes), check)
-    skip_empty_evaluations(strategy)
-    settings = {"seed": cfg.seed, "nodes": n_nodes}
+    check.advance(initial)  # a resumed run compares with the saved model
+    started = time.perf_counter()
+
+    def checkpoint(server_round: int, arrays: dict) -> None:
+        if is_checkpoint_round(server_round, cfg.checkpoint_every, cfg.rounds):
+            save_server_state(out, server_round, arrays,
+                              optimizer.state_dict() if optimizer is not None else None,
+                              replies, resumable(cfg))
+
+    record_replies(strategy, replies, cfg.sampled(n_nodes), check, offset=done,
+                   clock=lambda: elapsed + time.perf_counter() - started,
+                   on_aggregated=checkpoint)
+    skip_empty_evaluations(strategy, replies, offset=done)
+    settings = {"seed": cfg.seed, "nodes": n_nodes, "round-offset": done,
+                "checkpoint-every": cfg.checkpoint_every, "rounds": cfg.rounds}
     settings.update(task.server_settings())
-    started, wall_start = time.perf_counter(), time.time()
+    wall_start = time.time()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
-                            num_rounds=cfg.rounds, train_config=ConfigRecord(settings),
-                            evaluate_config=ConfigRecord({"rounds": cfg.rounds}))
+                            num_rounds=cfg.rounds - done, train_config=ConfigRecord(settings),
+                            evaluate_config=ConfigRecord({"rounds": cfg.rounds,
+                                                          "round-offset": done}))
     seconds = time.perf_counter() - started
     rate = cfg.sampled(n_nodes) / n_nodes
-    rounds = rounds_table(cfg, result, replies, started, rate)
+    rounds = rounds_table(cfg, replies, rate)
     atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
     plot_rounds(rounds, out / "rounds.png")
     failures = [{"round": r, "reason": reason} for r, v in sorted(replies.items())
-                for reason in v["failed"]]
-    skipped = [r for r, v in sorted(replies.items()) if not v["aggregated"]]
+                for reason in v.get("failed", [])]
+    skipped = [r for r, v in sorted(replies.items()) if not v.get("aggregated", False)]
     model_dir = None
     if len(result.arrays) > 0 and len(skipped) < cfg.rounds:  # some round was aggregated
         meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
@@ -201,6 +253,11 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                "privacy": cfg.privacy.mode, **privacy_summary(cfg, replies, rate)}
     write_summary(out, cfg, rounds, summary)
     return summary
+
+
+def resumable(cfg: FederatedConfig) -> dict:
+    """The config as the checkpoint records it (what must match on --resume)."""
+    return cfg.model_dump(mode="json")
 
 
 def save_global_model(task, arrays: dict, out: Path, meta: dict) -> Path:
@@ -248,17 +305,17 @@ def _epsilon(cfg: FederatedConfig, rounds: int, rate: float = 1.0) -> float | No
     return eps if math.isfinite(eps) else None
 
 
-def rounds_table(cfg: FederatedConfig, result, replies: dict, started: float,
-                 rate: float = 1.0) -> pd.DataFrame:
-    """One row per round: metrics, epsilon, nodes that replied, and `seconds` from the
-    strategy's start to this round's training replies being in (round times)."""
+def rounds_table(cfg: FederatedConfig, replies: dict, rate: float = 1.0) -> pd.DataFrame:
+    """One row per round from the server's round log: metrics, epsilon, nodes that
+    replied, and `seconds` from the run's start to this round's training replies being
+    in (round times; a resumed run goes on counting)."""
     rows = []
     for r in range(1, cfg.rounds + 1):
-        at = replies.get(r, {}).get("at")
-        row: dict = {"round": r, "seconds": None if at is None else at - started}
-        for prefix, source in (("train_", result.train_metrics_clientapp),
-                               ("eval_", result.evaluate_metrics_clientapp)):
-            for k, v in dict(source.get(r, {})).items():
+        entry = replies.get(r, {})
+        row: dict = {"round": r, "seconds": entry.get("seconds")}
+        for prefix, source in (("train_", entry.get("train_metrics", {})),
+                               ("eval_", entry.get("eval_metrics", {}))):
+            for k, v in source.items():
                 if k != "num-examples" and k not in DP_METRICS:  # per node: epsilon_NODE
                     row[prefix + k.removeprefix("train_")] = float(v)
         row["epsilon"] = _epsilon(cfg, r, rate)

@@ -71,8 +71,24 @@ class ServerOptimizer:
         return {**{k: p.detach().clone() for k, p in self.params.items()}, **self.buffers}
 
 
-def with_server_optimizer(strategy, optimizer: ServerOptimizer) -> None:
-    """Make `strategy.aggregate_train` return the optimizer's step instead of the mean."""
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to step on as if never stopped."""
+        return {"params": {k: p.detach().clone() for k, p in self.params.items()},
+                "buffers": self.buffers,
+                "adam": self.adam.state_dict() if self.adam is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
+        if self.adam is not None and state["adam"] is not None:
+            self.adam.load_state_dict(state["adam"])
+
+
+def with_server_optimizer(strategy, optimizer: ServerOptimizer, offset: int = 0) -> None:
+    """Make `strategy.aggregate_train` return the optimizer's step instead of the mean
+    (`offset`: rounds done before a resume, so the schedule goes on where it was)."""
     aggregate = strategy.aggregate_train
 
     def aggregate_train(server_round, replies):
@@ -80,7 +96,7 @@ def with_server_optimizer(strategy, optimizer: ServerOptimizer) -> None:
         arrays, metrics = aggregate(server_round, replies)
         if arrays is None:
             return None, metrics
-        new = optimizer.step(server_round, arrays.to_torch_state_dict(), len(replies))
+        new = optimizer.step(server_round + offset, arrays.to_torch_state_dict(), len(replies))
         return ArrayRecord(new), metrics
 
     strategy.aggregate_train = aggregate_train
