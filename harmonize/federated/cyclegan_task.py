@@ -29,10 +29,11 @@ images look like. No image leaves a node; the image pool of past fakes stays loc
 The reference node draws as many images per step as the source nodes together (S x
 batch_size), one per source condition, as a central batch pairs each source image with
 a reference image. The polarity guard of central training needs the reference site's
-mean image at every node: a 32 x 32 thumbnail that the federated histogram task releases
-(DP-noised with the landmarks when that run is private). The histogram-residual
-translator takes it from `landmarks.checkpoint`; CycleGAN and CUT from
-`cyclegan.template`. Without it there is no guard: fix inverted exports at the node.
+mean image at every node: a small thumbnail (histogram.template, 16 px) that the
+federated histogram task releases (DP-noised with the landmarks when that run is
+private). The histogram-residual translator takes it from `landmarks.checkpoint`;
+CycleGAN and CUT from `cyclegan.template`. Without it there is no guard: fix inverted
+exports at the node.
 
 Patient-level DP (`privacy.mode: patient-dp`, `patient_dp.py`): every one of the four
 networks' updates touches a node's real images (at a source node G, F through the

@@ -18,7 +18,7 @@ from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_names
 from harmonize.federated.prepare import patient_dp_plans, resolved_config, with_split
 from harmonize.federated.server_app import make_server_app, resumable
-from harmonize.federated.server_state import STATE_DIR, load_server_state
+from harmonize.federated.server_state import STATE_DIR, check_resumable
 from harmonize.rerun import replacing_outputs
 
 
@@ -45,7 +45,7 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
             # (local priors keep it: the evaluation message delivers the reference prior)
     if cfg.resume:  # refused here, before Ray starts, rather than inside the server
-        load_server_state(out, resumable(cfg))
+        check_resumable(out, resumable(cfg))
     nodes = node_names(cfg.manifest)
     if cfg.privacy.secagg:
         secagg = secagg or sa.SecAggParams()

@@ -184,7 +184,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
     task = build_task(cfg)
     strategy = build_strategy(cfg, n_nodes)
-    initial = task.initial_arrays()
+    fresh = initial = task.initial_arrays()  # fresh: the layout the nodes send
     aggregation = task.custom_aggregation()
     if aggregation is not None:  # e.g. local priors: nothing to average
         strategy.aggregate_train = aggregation
@@ -204,7 +204,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         with_server_optimizer(strategy, optimizer, offset=done)
     # norms are comparable only where every node optimizes the same objective: in the
     # translator tasks each node holds other terms (its site's), so sizes differ by design
-    check = UpdateCheck(task.initial_arrays(),  # the layout the nodes send
+    check = UpdateCheck(fresh,
                         cfg.update_norm_factor if cfg.task == "classifier" else None,
                         compare_arrays=aggregation is None)
     check.advance(initial)  # a resumed run compares with the saved model

@@ -56,9 +56,9 @@ def save_server_state(out: Path, server_round: int, arrays: Arrays, optimizer_st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_server_state(out: Path, config: dict) -> tuple[int, Arrays, dict | None, dict]:
-    """(round done, global arrays, optimizer state, round log) of the saved run; refuses
-    a config that trains something else."""
+def check_resumable(out: Path, config: dict) -> dict:
+    """The saved state.json, if `config` may continue it (only its small JSON is read, so
+    the CLI can refuse before the simulation starts); else a ConfigError saying why."""
     state = out / STATE_DIR
     if not (state / "state.json").is_file():
         raise ConfigError(f"--resume: {state} not found (no round was saved; runs save every "
@@ -69,6 +69,14 @@ def load_server_state(out: Path, config: dict) -> tuple[int, Arrays, dict | None
     if differ:
         raise ConfigError(f"--resume: {', '.join(differ)} differ from the saved run in {out}; "
                           "resume with the same config (only rounds may change)")
+    return saved
+
+
+def load_server_state(out: Path, config: dict) -> tuple[int, Arrays, dict | None, dict]:
+    """(round done, global arrays, optimizer state, round log) of the saved run; refuses
+    a config that trains something else."""
+    saved = check_resumable(out, config)
+    state = out / STATE_DIR
     optimizer = (torch.load(state / "optimizer.pt", weights_only=False)
                  if (state / "optimizer.pt").is_file() else None)
     log = {int(k): v for k, v in saved["log"].items()}

@@ -97,6 +97,7 @@ class TrainingRun:
         self._count = 0
         self._bar: tqdm | None = None
         self.last_means: dict[str, float] = {}
+        self.nets: list[torch.nn.Module] = []  # set by track()
 
     # --- set-up ---------------------------------------------------------------------
     @property
@@ -219,7 +220,7 @@ class TrainingRun:
         self.nets = list(nets)
 
     def check_ranks_agree(self) -> None:
-        check_ranks_agree(self.accelerator, getattr(self, "nets", []),
+        check_ranks_agree(self.accelerator, self.nets,
                           f"{self.out} at step {self.step}")
 
     def save_state(self) -> None:
