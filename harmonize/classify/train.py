@@ -217,7 +217,9 @@ def train_classifier(config: ClassifierConfig) -> Path:
     log: list[dict] = []
     model = fit_classifier(images, labels, config.model, tc, log=log)
     out = Path(tc.out)
-    if not PartialState().is_main_process:  # N processes, one writer (same weights)
+    state = PartialState()
+    if not state.is_main_process:  # N processes, one writer (same weights); the others
+        state.wait_for_everyone()  # stay until it is done (leaving early aborts gloo)
         return out / "model"
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "config.yaml")
@@ -229,7 +231,9 @@ def train_classifier(config: ClassifierConfig) -> Path:
     meta.pop("reference_site")
     meta.update({"positive_label": positive, "n_positive": int(labels.sum()),
                  "n_images": len(labels)})
-    return save_classifier(model, out / "model", config, meta)
+    saved = save_classifier(model, out / "model", config, meta)
+    state.wait_for_everyone()
+    return saved
 
 
 def save_classifier(model: Classifier, directory: Path, config: ClassifierConfig,
