@@ -279,13 +279,13 @@ def test_optimizer_state_survives_the_round_trip_through_arrays():
 def test_a_round_with_too_few_replies_leaves_the_model_unchanged():
     from types import SimpleNamespace
 
-    from harmonize.federated.server_app import record_replies
+    from harmonize.federated.strategy import FederationStrategy
 
     calls = []
-    strategy = SimpleNamespace(aggregate_train=lambda r, replies: calls.append(len(replies))
-                               or ("arrays", "metrics"))
+    inner = SimpleNamespace(aggregate_train=lambda r, replies: calls.append(len(replies))
+                            or ("arrays", {"loss": 1.0}))
     log: dict = {}
-    record_replies(strategy, log, required=3)
+    strategy = FederationStrategy(inner, log, required=3)
 
     def reply(name=None, error=None):
         return SimpleNamespace(has_error=lambda: error is not None,
@@ -296,9 +296,10 @@ def test_a_round_with_too_few_replies_leaves_the_model_unchanged():
     assert strategy.aggregate_train(7, [reply("a"), reply(error=killed)]) == (None, None)
     assert calls == [] and not log[7]["aggregated"]
     assert len(log[7]["failed"][0]) <= 300 and "\n" not in log[7]["failed"][0]
-    assert strategy.aggregate_train(8, [reply("a"), reply("b"), reply("c")]) == ("arrays",
-                                                                                 "metrics")
-    assert calls == [3] and log[8]["aggregated"]
+    assert strategy.aggregate_train(8, [reply("c"), reply("a"), reply("b")]) == (
+        "arrays", {"loss": 1.0})
+    assert calls == [3] and log[8]["aggregated"] and log[8]["ok"] == ["a", "b", "c"]
+    assert log[8]["train_metrics"] == {"loss": 1.0}
 
 
 def test_node_sampling_trains_k_nodes_a_round_and_amplifies_node_dp(synth3, tmp_path):

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from harmonize.cli import main
-from harmonize.federated import server_app
+from harmonize.federated import strategy as federation_strategy
 from harmonize.federated.update_checks import UpdateCheck
 
 CURRENT = {"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.zeros((), dtype=torch.long)}
@@ -63,7 +63,7 @@ def corrupt_replies(monkeypatch, nan: str | None = None, scaled: str | None = No
     """Nodes that send NaN or 100x weights, as the server receives them."""
     from flwr.app import ArrayRecord
 
-    original = server_app.reply_arrays
+    original = federation_strategy.reply_arrays
 
     def reply_arrays(message):
         arrays = original(message)
@@ -74,7 +74,7 @@ def corrupt_replies(monkeypatch, nan: str | None = None, scaled: str | None = No
             message.content["arrays"] = ArrayRecord(arrays)
         return arrays
 
-    monkeypatch.setattr(server_app, "reply_arrays", reply_arrays)
+    monkeypatch.setattr(federation_strategy, "reply_arrays", reply_arrays)
 
 
 def federate(synth4, tmp_path, name: str, **extra) -> tuple[int, pd.DataFrame, dict]:

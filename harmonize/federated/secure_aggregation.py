@@ -12,10 +12,11 @@ honest-but-curious server and up to reconstruction_threshold - 1 colluding nodes
 How (flwr 1.42 has SecAgg+ only in the legacy API): the server runs Flower's legacy
 `FedAvg` inside `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
 `LegacyContext`; each node is a legacy ClientApp (a `NumPyClient`) behind
-`secaggplus_mod`. The nodes train with the same task objects as the Message-API app
-(`tasks.build_task`), keep their local state in `context.state`, and read only their own
-rows (`nodes.resolve_node` / `node_rows` / `split_rows`). Arrays travel as lists in the
-key order of `task.initial_arrays()`.
+`secaggplus_mod`. Both are adapters: a node runs the same round as the Message-API
+ClientApp (`node_round.train_round` / `evaluate_round`: its own rows, its local state,
+its checkpoints), and the server keeps the same round log and writes the same outputs
+(`strategy.round_entry`, `server_app.finish_run`). Arrays travel as lists in the key
+order of `task.initial_arrays()`.
 
 What is summed: SecAgg+ sums whatever the node returns. Here a node returns its update
 u_i = p_i - g (its new float weights minus the global weights g it received); the
@@ -80,9 +81,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -93,25 +93,20 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from harmonize.configs import ConfigError
-from harmonize.data.io import atomic_write
-from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
+from harmonize.federated.node_round import (
+    NodeSetup,
+    evaluate_round,
+    node_error,
+    node_label,
+    setup_node,
+    train_round,
+)
 from harmonize.federated.node_state import Arrays
-from harmonize.federated.nodes import (
-    node_names,
-    node_rows,
-    read_manifest,
-    resolve_node,
-    split_rows,
-)
-from harmonize.federated.server_app import (
-    one_line,
-    plot_rounds,
-    privacy_summary,
-    save_global_model,
-    write_summary,
-)
+from harmonize.federated.nodes import node_names, read_manifest, split_rows
+from harmonize.federated.server_app import finish_run
 from harmonize.federated.server_optimizer import ServerOptimizer
+from harmonize.federated.strategy import numbers, one_line, round_entry
 from harmonize.federated.tasks import build_task
 
 MODULUS = 2**32  # Flower's largest modulus_range: the masks' (and the sums') range
@@ -319,42 +314,25 @@ def node_reason(text: str) -> str:
 
 
 # --- the node ---------------------------------------------------------------------------
-def _label(context: Context) -> str:
-    return str(context.node_config.get("node",
-                                       f"partition {context.node_config.get('partition-id')}"))
-
-
 class SecAggNode(NumPyClient):
-    """One hospital: trains with the task's code on its own rows and returns the change
-    of its float arrays (float64), which `secaggplus_mod` quantizes and masks before
-    anything leaves."""
+    """One hospital: the same round as the plain ClientApp (`node_round.py`); what it
+    returns is the change of its float arrays (float64), which `secaggplus_mod`
+    quantizes and masks before anything leaves."""
 
     def __init__(self, cfg: FederatedConfig, context: Context) -> None:
         self.cfg, self.ctx = cfg, context
 
-    def _setup(self):
-        torch.set_num_threads(self.cfg.threads_per_node)
-        node, manifest = resolve_node(self.ctx.node_config, self.cfg.manifest)
-        task = build_task(self.cfg)
-        return node, manifest, task, task_layout(self.cfg, task)
-
-    def _local(self) -> Arrays | None:
-        state = self.ctx.state
-        return state["local"].to_torch_state_dict() if "local" in state.array_records else None
+    def _setup(self) -> tuple[NodeSetup, Layout]:
+        setup = setup_node(self.cfg, self.ctx)
+        return setup, task_layout(self.cfg, setup.task)
 
     def fit(self, parameters, config):
-        node = _label(self.ctx)
+        node = node_label(self.ctx)
         try:
-            node, manifest, task, layout = self._setup()
-            rows, _ = split_rows(node_rows(manifest, node))
+            setup, layout = self._setup()
+            node = setup.node
             received = layout.to_dict(parameters)
-            started = time.perf_counter()
-            arrays, local, metrics = task.train(received, self._local(), rows,
-                                                decode_settings(config))
-            metrics["compute_seconds"] = time.perf_counter() - started
-            if local:
-                self.ctx.state["local"] = ArrayRecord(local)
-            metrics = patient_dp.public_metrics(metrics, self.cfg.privacy)
+            arrays, metrics = train_round(setup, self.ctx, received, decode_settings(config))
             weight = float(metrics.pop("num-examples"))
             # sent: this round's change of the float arrays (the server adds the secure
             # mean of the changes to the weights it sent: the mean of the new weights)
@@ -362,29 +340,24 @@ class SecAggNode(NumPyClient):
             # (w/M) u + C to float32's step at C (1e-6 at C = 8), not to 2C/Q
             update = {k: arrays[k].double() - received[k].double() for k in layout.floats}
             # nothing per node beyond its weight: no update norm, no peak value
+            metrics.pop("update_norm", None)
             check_fits(update, weight, float(config["secagg.clipping-range"]),
                        float(config["secagg.max-weight"]), node)
             # what leaves: one int64 per float (masked), plus the weight factor
             metrics["bytes_sent"] = float(8 * (1 + sum(v.numel() for v in update.values())))
         except Exception as err:
-            text = " ".join(str(err).split())
-            raise RuntimeError(text if text.startswith(f"node {node}: ")
-                               else f"node {node}: {text}") from err
+            raise RuntimeError(node_error(node, err)) from err
         metrics["node"] = node
         return layout.to_list(update, layout.floats), int(weight), metrics
 
     def evaluate(self, parameters, config):
-        node = _label(self.ctx)
+        node = node_label(self.ctx)
         try:
-            node, manifest, task, layout = self._setup()
-            _, test = split_rows(node_rows(manifest, node))
-            if test.empty:
-                return 0.0, 0, {**dict.fromkeys(task.eval_keys, 0.0)}
-            metrics = task.evaluate(layout.to_dict(parameters), self._local(), test)
+            setup, layout = self._setup()
+            node = setup.node
+            metrics = evaluate_round(setup, self.ctx, layout.to_dict(parameters), config)
         except Exception as err:
-            text = " ".join(str(err).split())
-            raise RuntimeError(text if text.startswith(f"node {node}: ")
-                               else f"node {node}: {text}") from err
+            raise RuntimeError(node_error(node, err)) from err
         n = int(metrics.pop("num-examples"))
         return float(metrics.get("loss", 0.0)), n, metrics
 
@@ -418,23 +391,25 @@ def weighted_metrics(results: list[tuple[int, dict]]) -> dict:
 class SecureFedAvg(FedAvg):
     """Legacy FedAvg whose aggregate_fit takes SecAgg+'s weighted mean as it is, puts
     back the integer buffers, applies the task's server optimizer (CycleGAN) and notes
-    each round's replies; a round with any failed node is not aggregated."""
+    each round in the round log the plain app keeps (`strategy.round_entry`); a round
+    with any failed node is not aggregated."""
 
     def __init__(self, layout: Layout, initial: Arrays, required: int,
-                 optimizer: ServerOptimizer | None = None, **kwargs) -> None:
+                 optimizer: ServerOptimizer | None = None,
+                 clock=time.perf_counter, **kwargs) -> None:
         super().__init__(accept_failures=False, fit_metrics_aggregation_fn=weighted_metrics,
                          evaluate_metrics_aggregation_fn=weighted_metrics, **kwargs)
         self.layout, self.required, self.optimizer = layout, required, optimizer
         self.current = {k: v.clone() for k, v in initial.items()}
+        self.clock = clock
         self.log: dict[int, dict] = {}
 
     def aggregate_fit(self, server_round, results, failures):
-        ok = [str(r.metrics.get("node", "?")) for _, r in results]
+        ok = sorted(str(r.metrics.get("node", "?")) for _, r in results)
         epsilon = {str(r.metrics.get("node", "?")): float(r.metrics["epsilon"])
                    for _, r in results if "epsilon" in r.metrics}  # patient-dp, per node
         complete = not failures and len(results) >= self.required
-        self.log[server_round] = {"ok": ok, "at": time.perf_counter(),
-                                  "aggregated": complete, "epsilon": epsilon}
+        self.log[server_round] = round_entry(ok, [], self.clock(), complete, epsilon)
         if not complete:
             return None, {}
         # every reply carries the same unmasked weighted mean of the updates
@@ -451,12 +426,15 @@ class SecureFedAvg(FedAvg):
         metrics = weighted_metrics([(r.num_examples, {k: v for k, v in r.metrics.items()
                                                       if k != "epsilon"})
                                     for _, r in results])
+        self.log[server_round]["train_metrics"] = numbers(metrics)
         return ndarrays_to_parameters(self.layout.to_list(self.current)), metrics
 
     def aggregate_evaluate(self, server_round, results, failures):
         if not results or sum(r.num_examples for _, r in results) == 0 or failures:
             return None, {}
-        return super().aggregate_evaluate(server_round, results, failures)
+        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        self.log.setdefault(server_round, {})["eval_metrics"] = numbers(metrics)
+        return loss, metrics
 
 
 def make_secagg_server_app(cfg: FederatedConfig | None = None,
@@ -493,8 +471,10 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     settings = encode_settings(settings)
     spec = task.server_optimizer()
     optimizer = ServerOptimizer(spec, initial) if spec is not None else None
+    started = time.perf_counter()
     strategy = SecureFedAvg(
-        layout, initial, n_nodes, optimizer, fraction_fit=1.0,
+        layout, initial, n_nodes, optimizer, clock=lambda: time.perf_counter() - started,
+        fraction_fit=1.0,
         fraction_evaluate=1.0 if cfg.evaluate else 0.0, min_fit_clients=n_nodes,
         min_evaluate_clients=n_nodes, min_available_clients=n_nodes,
         on_fit_config_fn=lambda r: {**settings, "server-round": r},
@@ -508,57 +488,20 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
         quantization_range=protocol["quantization_range"],
         modulus_range=protocol["modulus_range"], timeout=protocol["timeout"]))
     errors: dict[int, list[str]] = {}  # round -> the nodes' error replies
-    started = time.perf_counter()
     workflow(RecordingGrid(grid, errors), legacy)
     seconds = time.perf_counter() - started
-    rounds = rounds_table(cfg, legacy.history, strategy.log, errors, started)
-    atomic_write(out / "rounds.csv", lambda tmp: rounds.to_csv(tmp, index=False))
-    plot_rounds(rounds, out / "rounds.png")
-    failures = [{"round": r, "reason": reason} for r, v in sorted(errors.items())
-                for reason in v]
-    skipped = [r for r in range(1, cfg.rounds + 1)
-               if not strategy.log.get(r, {}).get("aggregated", False)]
+    log = strategy.log
+    for r in range(1, cfg.rounds + 1):  # the workflow drops the reasons it halted on
+        halted = r not in log or "ok" not in log[r]
+        entry = log.setdefault(r, {})
+        if halted:
+            entry.update(round_entry([], [], None, False, {}))
+        entry["failed"] = errors.get(r) or (
+            ["secure aggregation halted (too few nodes replied)"] if halted else [])
     record = {k: protocol[k] for k in ("num_shares", "reconstruction_threshold",
                                        "clipping_range", "quantization_range", "max_weight")}
-    model_dir = None
-    if len(skipped) < cfg.rounds:
-        meta = {"federated": {"rounds": cfg.rounds, "nodes": n_nodes,
-                              "strategy": cfg.strategy, "dp": cfg.privacy.model_dump(),
-                              **privacy_summary(cfg, strategy.log), "secagg": record},
-                "training_manifest": str(cfg.manifest)}
-        model_dir = save_global_model(task, strategy.current, out, meta)
-    summary = {"model": str(model_dir) if model_dir else None, "node_models": {},
-               "rounds": cfg.rounds, "nodes": n_nodes, "seconds": seconds,
-               "failures": failures, "rounds_not_aggregated": skipped,
-               "privacy": cfg.privacy.mode, **privacy_summary(cfg, strategy.log),
-               "secagg": record}
-    write_summary(out, cfg, rounds, summary)
-    return summary
-
-
-def rounds_table(cfg: FederatedConfig, history, log: dict, errors: dict,
-                 started: float) -> pd.DataFrame:
-    """One row per round, as the plain app's rounds.csv: `seconds` from the start to
-    this round's secure aggregate being unmasked."""
-    rows = []
-    for r in range(1, cfg.rounds + 1):
-        at = log.get(r, {}).get("at")
-        row: dict = {"round": r, "seconds": None if at is None else at - started}
-        for prefix, source in (("train_", history.metrics_distributed_fit),
-                               ("eval_", history.metrics_distributed)):
-            for k, values in source.items():
-                for rr, v in values:
-                    if rr == r:
-                        row[prefix + k.removeprefix("train_")] = float(v)
-        per_node = log.get(r, {}).get("epsilon", {})
-        row["epsilon"] = max(per_node.values()) if per_node else None  # patient-dp
-        row.update({f"epsilon_{name}": v for name, v in sorted(per_node.items())})
-        row["nodes_ok"] = len(log.get(r, {}).get("ok", []))
-        row["aggregated"] = bool(log.get(r, {}).get("aggregated", False))
-        row["failed"] = " | ".join(errors.get(r, [])) or (
-            "" if r in log else "secure aggregation halted (too few nodes replied)")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return finish_run(cfg, task, log, strategy.current, n_nodes, seconds,
+                      extra={"secagg": record})
 
 
 __all__ = ["SecAggParams", "make_secagg_client_app", "make_secagg_server_app",

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord
 
 Arrays = dict[str, torch.Tensor]
 
@@ -84,19 +83,3 @@ class ServerOptimizer:
         self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
         if self.adam is not None and state["adam"] is not None:
             self.adam.load_state_dict(state["adam"])
-
-
-def with_server_optimizer(strategy, optimizer: ServerOptimizer, offset: int = 0) -> None:
-    """Make `strategy.aggregate_train` return the optimizer's step instead of the mean
-    (`offset`: rounds done before a resume, so the schedule goes on where it was)."""
-    aggregate = strategy.aggregate_train
-
-    def aggregate_train(server_round, replies):
-        replies = [m for m in replies if not m.has_error()]
-        arrays, metrics = aggregate(server_round, replies)
-        if arrays is None:
-            return None, metrics
-        new = optimizer.step(server_round + offset, arrays.to_torch_state_dict(), len(replies))
-        return ArrayRecord(new), metrics
-
-    strategy.aggregate_train = aggregate_train
