@@ -375,3 +375,37 @@ def test_cyclegan_per_image_gradients_add_up_to_the_batch_gradient(synth3):
             scale = max(float(g.abs().max()) for g in plain[part])
             for p, g in zip(params, plain[part], strict=True):  # fp32, relative to the step
                 torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_opacus_is_the_tested_range_with_the_internals_we_use():
+    """patient_dp.py goes below Opacus' public API: it sets `RDPAccountant.history`,
+    writes `p.grad_sample` and calls `DPOptimizer.pre_step`, and removes the hooks with
+    `GradSampleModule._close`. pyproject pins the Opacus range this file passes on; an
+    upgrade past it fails here first, saying what to re-check."""
+    import tomllib
+
+    import opacus
+    from opacus.accountants import RDPAccountant
+    from packaging.specifiers import SpecifierSet
+
+    pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+            ["dependencies"] if d.startswith("opacus")]
+    assert len(pins) == 1 and "<" in pins[0], "pin opacus to a tested range in pyproject"
+    assert opacus.__version__ in SpecifierSet(pins[0].removeprefix("opacus")), (
+        f"opacus {opacus.__version__} is outside the tested range {pins[0]}: run "
+        "tests/test_patient_dp.py with it, then widen the pin")
+    # the accountant with its history set equals step-by-step accounting
+    steps = RDPAccountant()
+    for _ in range(30):
+        steps.step(noise_multiplier=1.5, sample_rate=0.1)
+    assert accountant_epsilon(1.5, 0.1, 30, 1e-5) == pytest.approx(steps.get_epsilon(1e-5))
+    # per-image gradients land in p.grad_sample; afterwards the module is plain again
+    from harmonize.federated.patient_dp import private_gradients
+
+    net = torch.nn.Linear(3, 1)
+    with private_gradients(net) as wrapped:
+        wrapped(torch.randn(4, 3)).sum().backward()
+        assert net.weight.grad_sample.shape == (4, 1, 3)
+    net.weight.grad_sample = None
+    net(torch.randn(4, 3)).sum().backward()
+    assert net.weight.grad_sample is None and not net._forward_hooks and not net._backward_hooks

@@ -16,14 +16,16 @@ from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.nodes import node_names, node_rows, split_rows
 from harmonize.federated.run import run_federated
+from harmonize.federated.secagg_settings import (
+    SecAggParams,
+    protocol_settings,
+    quantization_error_bound,
+)
 from harmonize.federated.secure_aggregation import (
     Layout,
-    SecAggParams,
     check_fits,
     decode_settings,
     encode_settings,
-    protocol_settings,
-    quantization_error_bound,
 )
 from harmonize.federated.tasks import build_task
 from harmonize.synth import generate

@@ -101,9 +101,7 @@ class HistogramTask(FederatedTask):
         extra = {}
         if self.config.privacy.mode == "patient-dp":
             plan, _ = self.dp_plan(rows, str(rows["node"].iloc[0]))
-            rng = np.random.default_rng()  # OS entropy, never the run's seed
-            total = total + rng.normal(0.0, plan.noise_multiplier * plan.max_grad_norm,
-                                       size=total.shape)
+            total = patient_dp.gaussian_release(total, plan)
             extra = patient_dp.dp_metrics(plan, 1)
         mean = total / len(per_patient)
         landmarks = np.clip(np.sort(mean[: self.landmarks]), 0.0, 1.0)

@@ -1,4 +1,12 @@
-"""Patient-level DP-SGD at a node (`privacy.mode: patient-dp`), with Opacus.
+"""Patient-level DP (`privacy.mode: patient-dp`) in one place: the mechanism (DP-SGD
+with per-patient clipping at a node, with Opacus; one Gaussian release of a patient sum
+for the histogram landmarks), its calibration (the noise for a target epsilon, or the
+reason it cannot be met), and its accounting (each node's spent budget per round, the
+run's guarantee, the plans summary.json reports). The apps and tasks only call these.
+
+Opacus internals used here (`RDPAccountant.history`, `p.grad_sample`,
+`DPOptimizer.pre_step`, `GradSampleModule._close`) hold for the range pyproject.toml
+pins; `tests/test_patient_dp.py` checks them and fails first on an upgrade past it.
 
 What is protected: one patient, i.e. all images of one `patient_id` (an image is its own
 patient when the manifest has no such column). Each DP-SGD step
@@ -274,3 +282,44 @@ def public_metrics(metrics: dict, privacy) -> dict:
     if privacy.mode != "patient-dp":
         return metrics
     return {**{k: v for k, v in metrics.items() if k in PUBLIC_METRICS}, "num-examples": 1}
+
+
+def node_plans(task, train_rows: dict[str, pd.DataFrame], progress: bool = True) -> dict:
+    """Every node's calibrated DP-SGD before anything starts, as summary.json reports it
+    (a target that cannot be met is refused here, with the reason, not at round 1)."""
+    plans = {}
+    for node, train in train_rows.items():
+        planned = task.dp_plan(train, node)
+        if planned is None:  # e.g. a node whose weights never leave
+            continue
+        plan, _ = planned
+        how = patient_index(train)[1]
+        if how != "patient_id column" and progress:
+            print(f"note: node '{node}': no patient_id column, so each image counts as its "
+                  "own patient (epsilon per image); add patient_id for epsilon per patient")
+        plans[node] = {"patients": plan.patients, "patients_from": how,
+                       "sample_rate": plan.sample_rate,
+                       "expected_patients_per_step": plan.expected_patients,
+                       "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
+                       "max_grad_norm": plan.max_grad_norm, "epsilon": plan.epsilon(),
+                       "delta": plan.delta}
+    return plans
+
+
+def run_epsilon(log: dict, delta: float) -> dict:
+    """The run's patient-level guarantee from the round log: each node's spent epsilon
+    (its last report) and the largest, which is the run's."""
+    per_node: dict[str, float] = {}
+    for r in sorted(log):
+        per_node.update(log[r].get("epsilon", {}))
+    return {"epsilon": max(per_node.values()) if per_node else None,
+            "epsilon_per_node": per_node, "epsilon_unit": "patient", "delta": delta}
+
+
+def gaussian_release(total: np.ndarray, plan: PatientDPPlan) -> np.ndarray:
+    """One release of a sum over patients, each patient's term of norm at most
+    max_grad_norm: the Gaussian mechanism with the plan's noise (OS entropy, never the
+    run's seed)."""
+    rng = np.random.default_rng(_entropy_seed())
+    return total + rng.normal(0.0, plan.noise_multiplier * plan.max_grad_norm,
+                              size=total.shape)

@@ -1,18 +1,25 @@
 """What every simulated run does before it starts (plain or SecAgg+): absolute paths
-and site lists, a patient split for the nodes' evaluation, and patient-dp's plans (a
-target that cannot be met is refused here, before any node trains)."""
+and site lists, a patient split for the nodes' evaluation, and the run's plan (nodes,
+patient-dp plans, SecAgg+ settings), worked out once and handed to the apps; a design
+that cannot run (a DP target that cannot be met, SecAgg+ settings that would wrap) is
+refused here, before any node trains."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from harmonize.configs import ConfigError
 from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
+from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import fill_site_lists, node_names, node_rows, split_rows
-from harmonize.federated.patient_dp import patient_index
+from harmonize.federated.nodes import fill_site_lists, read_manifest, split_rows
+from harmonize.federated.secagg_settings import SecAggParams, protocol_settings
+from harmonize.federated.task_interface import FederatedTask
+from harmonize.federated.tasks import build_task
 
 
 def with_split(manifest: Path, out: Path, seed: int) -> Path:
@@ -39,27 +46,39 @@ def resolved_config(cfg: FederatedConfig) -> FederatedConfig:
     return fill_site_lists(cfg)
 
 
-def patient_dp_plans(cfg: FederatedConfig) -> dict:
-    """patient-dp: every node's calibrated DP-SGD before anything starts (a target that
-    cannot be met is refused here, with the reason, rather than at round 1)."""
-    from harmonize.federated.tasks import build_task
+@dataclass(frozen=True)
+class RunPlan:
+    """The run as its config and manifest imply it, made once before anything starts and
+    handed to the server app: the nodes (none listed where the server has no manifest,
+    as in a deployment: then `min_nodes` counts them), the task (built once), each
+    node's patient-dp plan (what summary.json reports) and the SecAgg+ settings."""
 
+    nodes: list[str]
+    n_nodes: int
+    task: FederatedTask
+    patient_dp: dict | None = None
+    secagg: dict | None = None
+
+
+def plan_run(cfg: FederatedConfig, secagg=None) -> RunPlan:
+    """Read the manifest (if the server has it), build the task, plan patient-dp at
+    every node and fix the SecAgg+ settings (`secagg`: its SecAggParams, None for
+    automatic); raises ConfigError where the design cannot run."""
+    manifest = (read_manifest(cfg.manifest) if cfg.manifest is not None
+                and Path(cfg.manifest).is_file() else None)
+    nodes = sorted(manifest["node"].astype(str).unique()) if manifest is not None else []
+    n_nodes = cfg.min_nodes or len(nodes)
+    if n_nodes == 0:
+        raise ConfigError("the server has no manifest to count the nodes in; give "
+                          "min-nodes (the number of SuperNodes taking part)")
     task = build_task(cfg)
-    plans = {}
-    for node in node_names(cfg.manifest):
-        train, _ = split_rows(node_rows(cfg.manifest, node))
-        planned = task.dp_plan(train, node)
-        if planned is None:  # e.g. a node whose weights never leave
-            continue
-        plan, _ = planned
-        how = patient_index(train)[1]
-        if how != "patient_id column" and cfg.progress:
-            print(f"note: node '{node}': no patient_id column, so each image counts as its "
-                  "own patient (epsilon per image); add patient_id for epsilon per patient")
-        plans[node] = {"patients": plan.patients, "patients_from": how,
-                       "sample_rate": plan.sample_rate,
-                       "expected_patients_per_step": plan.expected_patients,
-                       "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
-                       "max_grad_norm": plan.max_grad_norm, "epsilon": plan.epsilon(),
-                       "delta": plan.delta}
-    return plans
+    plans = None
+    if cfg.privacy.mode == "patient-dp" and manifest is not None:
+        by_node = manifest["node"].astype(str)
+        plans = patient_dp.node_plans(
+            task, {n: split_rows(manifest[by_node == n])[0] for n in nodes},
+            progress=cfg.progress)
+    protocol = None
+    if cfg.privacy.secagg:
+        protocol = protocol_settings(secagg or SecAggParams(), n_nodes, cfg, manifest)
+    return RunPlan(nodes, n_nodes, task, plans, protocol)

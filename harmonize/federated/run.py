@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 from harmonize.configs import ConfigError, dump_config
-from harmonize.data.io import atomic_write
 from harmonize.data.manifest import load_manifest
 from harmonize.federated.client_app import make_client_app
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import node_names
-from harmonize.federated.prepare import patient_dp_plans, resolved_config, with_split
+from harmonize.federated.prepare import plan_run, resolved_config, with_split
 from harmonize.federated.server_app import make_server_app, resumable
 from harmonize.federated.server_state import STATE_DIR, check_resumable
 from harmonize.rerun import replacing_outputs
@@ -27,14 +25,12 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
     `privacy.secagg`, Flower's SecAgg+ (its legacy API, so its own apps; `secagg`: its
     `SecAggParams`, default automatic)."""
     cfg = resolved_config(cfg)
-    if cfg.privacy.secagg:
-        from harmonize.federated import secure_aggregation as sa
-
-        sa.check_secagg_config(cfg)
     out = Path(cfg.out)
     if cfg.resume and cfg.privacy.secagg:
         raise ConfigError("--resume: SecAgg+ runs cannot resume yet; run it again")
-    if not cfg.resume:
+    if cfg.resume:  # refused here, before Ray starts, rather than inside the server
+        check_resumable(out, resumable(cfg))
+    else:
         replacing_outputs(out, "federated run (model, rounds, report)", marker="summary.json")
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # an old run's checkpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -44,17 +40,17 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
         if not (load_manifest(cfg.manifest)["split"] == "test").any() and not local_priors:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
             # (local priors keep it: the evaluation message delivers the reference prior)
-    if cfg.resume:  # refused here, before Ray starts, rather than inside the server
-        check_resumable(out, resumable(cfg))
-    nodes = node_names(cfg.manifest)
+    plan = plan_run(cfg, secagg)  # refuses a design that cannot run, before Ray starts
     if cfg.privacy.secagg:
-        secagg = secagg or sa.SecAggParams()
-        sa.protocol_settings(secagg, cfg.min_nodes or len(nodes), cfg)  # refused early
-        apps = sa.make_secagg_server_app(cfg, secagg), sa.make_secagg_client_app(cfg)
+        from harmonize.federated.secure_aggregation import (
+            make_secagg_client_app,
+            make_secagg_server_app,
+        )
+
+        apps = make_secagg_server_app(cfg, plan), make_secagg_client_app(cfg)
     else:
-        apps = make_server_app(cfg), make_client_app(cfg)
-    plans = patient_dp_plans(cfg) if cfg.privacy.mode == "patient-dp" else None
-    if plans is not None and cfg.evaluate and cfg.progress:
+        apps = make_server_app(cfg, plan), make_client_app(cfg)
+    if plan.patient_dp is not None and cfg.evaluate and cfg.progress:
         print("note: patient-dp protects what the nodes train on; their evaluation on "
               "held-out patients (sent each round) is outside it: evaluate: false sends none")
     dump_config(cfg, out / "config.yaml")
@@ -69,7 +65,7 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
         logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.perf_counter()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=apps[0], client_app=apps[1], num_supernodes=len(nodes),
+    run_simulation(server_app=apps[0], client_app=apps[1], num_supernodes=len(plan.nodes),
                    backend_config={"client_resources": {"num_cpus": 1,
                                                         "num_gpus": cfg.gpu_share()},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
@@ -79,10 +75,6 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
         raise RuntimeError(f"the federated run ended without a result in {out}; see the "
                            "log above")
     summary = json.loads((out / "summary.json").read_text())
-    if plans is not None:  # each node's DP-SGD, beside what the nodes reported
-        summary["patient_dp"] = plans
-        text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     summary["wall_seconds"] = time.perf_counter() - started
-    summary["node_names"] = nodes
+    summary["node_names"] = plan.nodes
     return summary

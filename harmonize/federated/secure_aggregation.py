@@ -44,7 +44,7 @@ rounding). With M = the largest node's num-examples and equal nodes S = n, so th
 is about 2C/Q: 1.5e-8 at C = 8, Q = 2**30 (3 nodes), below float32's own step at 1
 (nodes send their updates as float64: Flower quantizes in the arrays' dtype, and
 float32 would round at its own step near C, ~1e-6).
-Hence the defaults (`SecAggParams`): M from the task (the largest node's training rows
+Hence the defaults (`secagg_settings.SecAggParams`): M from the task (the largest node's training rows
 for the classifier, 1 for CycleGAN, local_steps for the diffusion prior), not Flower's
 1000, which would make the error ~1000 / w_i times larger; C covering the updates; Q as
 large as the 2**32 modulus allows for n (n * Q must stay below it, or the sum wraps).
@@ -92,7 +92,6 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from harmonize.configs import ConfigError
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.node_round import (
     NodeSetup,
@@ -103,103 +102,10 @@ from harmonize.federated.node_round import (
     train_round,
 )
 from harmonize.federated.node_state import Arrays
-from harmonize.federated.nodes import node_names, read_manifest, split_rows
+from harmonize.federated.prepare import RunPlan, plan_run
 from harmonize.federated.server_app import finish_run
 from harmonize.federated.server_optimizer import ServerOptimizer
 from harmonize.federated.strategy import numbers, one_line, round_entry
-from harmonize.federated.tasks import build_task
-
-MODULUS = 2**32  # Flower's largest modulus_range: the masks' (and the sums') range
-
-
-@dataclass(frozen=True)
-class SecAggParams:
-    """SecAgg+ settings; None: chosen from the number of nodes n and the task.
-
-    num_shares: neighbours each node secret-shares its keys with (itself included);
-      default every node (full SecAgg; SecAgg+'s sparse graph pays off for many nodes).
-    reconstruction_threshold: shares needed to rebuild a key; default a majority,
-      n // 2 + 1, so the server cannot get both a node's mask seed and its key shares.
-    clipping_range: C, the bound of (weight / max_weight) * update; default 8 for the
-      classifier and the diffusion prior (their per-round changes are far smaller), 128 x
-      local_steps for CycleGAN (its nodes send sums of raw gradients, ~5-15 per step).
-    quantization_range: Q levels over [-C, C]; default the largest power of two with
-      n * Q below the 2**32 modulus, at most 2**30 (Flower rounds into int32).
-    max_weight: M; default the largest num-examples a node reports (module docstring).
-    timeout: seconds the server waits for each stage's replies (None: no limit).
-    """
-
-    num_shares: int | float | None = None
-    reconstruction_threshold: int | float | None = None
-    clipping_range: float | None = None
-    quantization_range: int | None = None
-    max_weight: float | None = None
-    timeout: float | None = None
-
-
-def protocol_settings(params: SecAggParams, n_nodes: int,
-                      cfg: FederatedConfig | None = None) -> dict:
-    """The values the SecAggPlusWorkflow gets for `n_nodes` nodes (checked)."""
-    if n_nodes < 2:
-        raise ConfigError("SecAgg+ needs at least 2 nodes (with one the sum is its update)")
-    q = params.quantization_range or default_quantization_range(n_nodes)
-    if n_nodes * q >= MODULUS or q > 2**30:
-        raise ConfigError(f"SecAgg+: quantization_range {q} with {n_nodes} nodes: n x Q "
-                          "must stay below the 2**32 modulus (else the sum wraps) and Q at "
-                          "most 2**30; lower quantization_range")
-    shares, threshold = params.num_shares, params.reconstruction_threshold
-    if shares is None:
-        shares = n_nodes if n_nodes > 2 else 1.0  # Flower: an int must exceed 2
-    if threshold is None:
-        threshold = n_nodes // 2 + 1 if n_nodes > 2 else 1.0  # 2 of 2
-    clipping = params.clipping_range
-    if clipping is None:
-        clipping = default_clipping_range(cfg)
-    max_weight = params.max_weight
-    if max_weight is None:
-        max_weight = default_max_weight(cfg) if cfg is not None else 1000.0
-    return {"num_shares": shares, "reconstruction_threshold": threshold,
-            "clipping_range": float(clipping), "quantization_range": int(q),
-            "max_weight": float(max_weight), "modulus_range": MODULUS,
-            "timeout": params.timeout}
-
-
-def default_quantization_range(n_nodes: int) -> int:
-    return min(2**30, 1 << ((MODULUS - 1) // n_nodes).bit_length() - 1)
-
-
-def default_clipping_range(cfg: FederatedConfig | None) -> float:
-    if cfg is not None and cfg.task == "cyclegan":
-        return 128.0 * cfg.cyclegan.local_steps
-    return 8.0
-
-
-def default_max_weight(cfg: FederatedConfig) -> float:
-    """The largest num-examples a node of this task reports: the precision of SecAgg+'s
-    weighted sum scales with max_weight / the nodes' weights (module docstring)."""
-    if cfg.task == "cyclegan":
-        return 1.0  # every node reports 1 (each node's share is in its loss)
-    if cfg.task == "diffusion":
-        return float(cfg.diffusion.local_steps)  # every node reports its steps
-    if cfg.manifest is not None and Path(cfg.manifest).is_file():
-        train, _ = split_rows(read_manifest(cfg.manifest))
-        return float(train.groupby(train["node"].astype(str)).size().max())
-    return 1000.0  # Flower's default, when the server has no manifest
-
-
-def quantization_error_bound(weights: list[float], *, clipping_range: float,
-                             quantization_range: int, max_weight: float,
-                             max_update: float, max_value: float = 0.0) -> float:
-    """Largest per-element |SecAgg+ model - exact weighted FedAvg mean| for nodes of these
-    weights (num-examples) whose updates are at most `max_update` in magnitude (and the
-    weights at most `max_value`): stochastic rounding (< one step 2C/Q per node), the
-    weights' rounding to multiples of 1/Q, and the float32 rounding of the result (the
-    updates are sent in float64)."""
-    n, q = len(weights), quantization_range
-    total = sum(w / max_weight for w in weights) - n * 0.5 / q
-    rounding = n * (2 * clipping_range / q) / total
-    weight_rounding = n * (0.5 / q) * 2 * max_update / total
-    return rounding + weight_rounding + 2.0**-23 * max_value
 
 
 # --- layout: dict <-> list of numpy arrays ----------------------------------------------
@@ -236,19 +142,6 @@ def task_layout(cfg: FederatedConfig, task) -> Layout:
     if key not in _LAYOUTS:
         _LAYOUTS[key] = Layout.of(task.initial_arrays())
     return _LAYOUTS[key]
-
-
-def check_secagg_config(cfg: FederatedConfig) -> None:
-    if cfg.privacy.mode == "node-dp" or cfg.privacy.dp != "none":
-        raise ConfigError("SecAgg+ here runs without node-level DP (privacy.mode node-dp "
-                          "/ privacy.dp): server-side clipping needs each node's update, "
-                          "which SecAgg+ hides; patient-dp (DP-SGD at the nodes) works")
-    if cfg.task == "diffusion" and cfg.diffusion.prior == "local":
-        raise ConfigError("SecAgg+: local diffusion priors average nothing; use "
-                          "diffusion.prior shared")
-    if build_task(cfg).custom_aggregation() is not None:  # e.g. histogram landmarks
-        raise ConfigError(f"SecAgg+: task {cfg.task} sends one node's arrays, not a "
-                          "FedAvg mean; run it without privacy.secagg")
 
 
 def check_fits(update: Arrays, weight: float, clipping_range: float, max_weight: float,
@@ -437,29 +330,27 @@ class SecureFedAvg(FedAvg):
         return loss, metrics
 
 
-def make_secagg_server_app(cfg: FederatedConfig | None = None,
-                           secagg: SecAggParams | None = None,
+def make_secagg_server_app(cfg: FederatedConfig | None = None, plan: RunPlan | None = None,
                            config_from_run=None) -> ServerApp:
     """A ServerApp running FedAvg with SecAgg+ (or, under `flwr run`, reading the config
-    from the run); writes OUT/model, rounds.csv, summary.json like the plain app."""
+    from the run); `plan`: the run's (`prepare.plan_run`, whose SecAggParams fix the
+    protocol), made here when not given; writes OUT/model, rounds.csv, summary.json like
+    the plain app."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         c = cfg if cfg is not None else config_from_run(context.run_config)
-        run_secagg_server(grid, context, c, secagg or SecAggParams())
+        run_secagg_server(grid, context, c, plan or plan_run(c))
 
     return app
 
 
 def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
-                      secagg: SecAggParams) -> dict:
-    check_secagg_config(cfg)
+                      plan: RunPlan) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
-    protocol = protocol_settings(secagg, n_nodes, cfg)
-    task = build_task(cfg)
+    n_nodes, protocol, task = plan.n_nodes, plan.secagg, plan.task
     initial = task.initial_arrays()
     layout = task_layout(cfg, task)
     settings = {"seed": cfg.seed, "nodes": n_nodes,
@@ -501,8 +392,7 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FederatedConfig,
     record = {k: protocol[k] for k in ("num_shares", "reconstruction_threshold",
                                        "clipping_range", "quantization_range", "max_weight")}
     return finish_run(cfg, task, log, strategy.current, n_nodes, seconds,
-                      extra={"secagg": record})
+                      extra={"secagg": record}, patient_dp_plans=plan.patient_dp)
 
 
-__all__ = ["SecAggParams", "make_secagg_client_app", "make_secagg_server_app",
-           "protocol_settings", "quantization_error_bound"]
+__all__ = ["make_secagg_client_app", "make_secagg_server_app"]

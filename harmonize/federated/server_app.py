@@ -21,8 +21,8 @@ from harmonize.checkpoint import checkpoint_dir
 from harmonize.configs import ConfigError
 from harmonize.data.io import atomic_write
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import node_names
-from harmonize.federated.patient_dp import DP_METRICS
+from harmonize.federated.patient_dp import DP_METRICS, run_epsilon
+from harmonize.federated.prepare import RunPlan, plan_run
 from harmonize.federated.privacy import gaussian_epsilon, subsampled_gaussian_epsilon
 from harmonize.federated.report import write_rounds_report
 from harmonize.federated.server_optimizer import ServerOptimizer
@@ -32,33 +32,35 @@ from harmonize.federated.server_state import (
     save_server_state,
 )
 from harmonize.federated.strategy import FederationStrategy, build_inner_strategy
-from harmonize.federated.tasks import build_task
 from harmonize.federated.update_checks import UpdateCheck
 from harmonize.report.html import header_text, subplots
 
 SHARED_WEIGHTS = "shared_weights.safetensors"
 
 
-def make_server_app(config: FederatedConfig | None = None, config_from_run=None) -> ServerApp:
+def make_server_app(config: FederatedConfig | None = None, plan: RunPlan | None = None,
+                    config_from_run=None) -> ServerApp:
+    """The ServerApp for this config and its plan (`prepare.plan_run`; made here when not
+    given, as under `flwr run`, which reads the config from the run)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else config_from_run(context.run_config)
-        run_server(grid, cfg)
+        run_server(grid, cfg, plan)
 
     return app
 
 
-def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
+def run_server(grid: Grid, cfg: FederatedConfig, plan: RunPlan | None = None) -> dict:
     if cfg.privacy.secagg:  # never run "secure" aggregation without it
         raise ValueError("privacy.secagg: this is the plain ServerApp; a SecAgg+ run needs "
                          "harmonize.federated.app:secagg_server_app and secagg_client_app "
                          "(docs/federated.md, Secure aggregation)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_nodes = cfg.min_nodes or len(node_names(cfg.manifest))
-    task = build_task(cfg)
+    plan = plan or plan_run(cfg)
+    n_nodes, task = plan.n_nodes, plan.task
     fresh = initial = task.initial_arrays()  # fresh: the layout the nodes send
     aggregation = task.custom_aggregation()  # e.g. local priors: nothing to average
     log: dict[int, dict] = {}
@@ -104,15 +106,16 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                    and (d / "model" / "metadata.json").stat().st_mtime >= wall_start}  # now
     final = result.arrays.to_torch_state_dict() if len(result.arrays) > 0 else None
     return finish_run(cfg, task, log, final, n_nodes, time.perf_counter() - started,
-                      node_models=node_models)
+                      node_models=node_models, patient_dp_plans=plan.patient_dp)
 
 
 def finish_run(cfg: FederatedConfig, task, log: dict, final: dict | None, n_nodes: int,
                seconds: float, node_models: dict | None = None,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, patient_dp_plans: dict | None = None) -> dict:
     """What every server writes at the end (plain or SecAgg+): rounds.csv and rounds.png
     from the round log, OUT/model when some round was aggregated, summary.json and
-    report.html. `extra` (e.g. the SecAgg+ settings) goes into metadata and summary."""
+    report.html. `extra` (e.g. the SecAgg+ settings) goes into metadata and summary;
+    `patient_dp_plans` (each node's DP-SGD as planned) into the summary."""
     out = Path(cfg.out)
     rate = cfg.sampled(n_nodes) / n_nodes
     rounds = rounds_table(cfg, log, rate)
@@ -135,6 +138,8 @@ def finish_run(cfg: FederatedConfig, task, log: dict, final: dict | None, n_node
                "node_models": node_models or {}, "rounds": cfg.rounds, "nodes": n_nodes,
                "seconds": seconds, "failures": failures, "rounds_not_aggregated": skipped,
                "privacy": cfg.privacy.mode, **privacy, **extra}
+    if patient_dp_plans is not None:
+        summary["patient_dp"] = patient_dp_plans
     write_summary(out, cfg, rounds, summary)
     return summary
 
@@ -167,12 +172,7 @@ def privacy_summary(cfg: FederatedConfig, replies: dict, rate: float = 1.0) -> d
     """epsilon (node-dp: per hospital; patient-dp: per patient, the largest over nodes,
     each node's in epsilon_per_node) and delta; None without DP."""
     if cfg.privacy.mode == "patient-dp":
-        per_node: dict[str, float] = {}
-        for r in sorted(replies):
-            per_node.update(replies[r].get("epsilon", {}))
-        return {"epsilon": max(per_node.values()) if per_node else None,
-                "epsilon_per_node": per_node, "epsilon_unit": "patient",
-                "delta": cfg.privacy.delta}
+        return run_epsilon(replies, cfg.privacy.delta)
     eps = _epsilon(cfg, cfg.rounds, rate)
     return {"epsilon": eps, "epsilon_unit": "hospital" if eps is not None else None,
             "delta": cfg.privacy.delta if cfg.privacy.mode == "node-dp" else None}
