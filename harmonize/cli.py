@@ -12,14 +12,21 @@ from harmonize import __version__
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from harmonize.synth import generate
+    from harmonize.synth import cohort_sizes, generate
 
-    info = generate(args.out, sites=args.sites, per_site=args.per_site, size=args.size,
+    per_site = (cohort_sizes(args.sites, args.per_site, args.size_spread, args.seed)
+                if args.size_spread > 0 else args.per_site)
+    prevalence = args.prevalence[0] if args.prevalence and len(args.prevalence) == 1 \
+        else args.prevalence
+    info = generate(args.out, sites=args.sites, per_site=per_site, size=args.size,
                     modality=args.modality, seed=args.seed, no_shift=args.no_shift,
                     reference_site=args.reference_site, progress=not args.quiet,
-                    prevalence=args.prevalence, finding_scale=args.finding_scale)
-    print(f"wrote {info['n_images']} images of {len(info['sites'])} sites to {args.out} "
-          f"(reference site {info['reference_site']}; manifest {Path(args.out) / 'manifest.csv'})")
+                    prevalence=prevalence, finding_scale=args.finding_scale,
+                    images_per_patient=args.images_per_patient, nodes=args.nodes)
+    grouped = f" in {len(info['nodes'])} nodes" if info["nodes"] else ""
+    print(f"wrote {info['n_images']} images of {info['n_patients']} patients at "
+          f"{len(info['sites'])} sites{grouped} to {args.out} (reference site "
+          f"{info['reference_site']}; manifest {Path(args.out) / 'manifest.csv'})")
     return 0
 
 
@@ -192,11 +199,26 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 0.5,0.8") from None
 
 
+def _count_range(text: str) -> int | tuple[int, int]:
+    """"3" or "2-5"."""
+    try:
+        parts = [int(v) for v in text.split("-")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a count (3) or a range (2-5)") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"{text!r}: give a count (3) or a range (2-5)")
+
+
 def _add_synth_options(p: argparse.ArgumentParser, per_site: int, size: int = 256) -> None:
     p.add_argument("--sites", type=int, default=4,
                    help="number of sites; the first is the reference (default 4)")
     p.add_argument("--per-site", type=int, default=per_site,
-                   help=f"images per site (default {per_site})")
+                   help=f"patients per site (default {per_site}; one image each unless "
+                        "--images-per-patient)")
     p.add_argument("--size", type=int, default=size,
                    help=f"image side in pixels (default {size})")
     p.add_argument("--modality", choices=["xray", "bonescan"], default="xray",
@@ -231,9 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-site", default=None, help="default: the first site")
     p.add_argument("--prevalence", type=_fractions, default=None, metavar="P1,P2,...",
                    help="share of positives per site, e.g. 0.5,0.8,0.2,0.5 for a strong "
-                        "site-label shortcut (default: drawn in 0.2-0.5)")
+                        "site-label shortcut, or one share for all (default: drawn in 0.2-0.5)")
     p.add_argument("--finding-scale", type=float, default=1.0,
                    help="enlarge the finding by this radius factor (default 1)")
+    p.add_argument("--size-spread", type=float, default=0.0,
+                   help="unequal sites: patients per site log-normal around --per-site with "
+                        "this log-sd, e.g. 0.6 (default 0: equal)")
+    p.add_argument("--images-per-patient", type=_count_range, default=1, metavar="N|LO-HI",
+                   help="images of each patient (a count, or a range drawn per patient, "
+                        "e.g. 2-5; default 1)")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="group the sites, in order, into this many federation nodes "
+                        "(a node column)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("train", formatter_class=fmt, help="train a translator or classifier",

@@ -275,3 +275,35 @@ def test_other_reference_site(tmp_path):
         image, ref = read(tmp_path / r["path"]), read(tmp_path / r["reference_path"])
         assert np.array_equal(image, ref) == (r["site"] == "site_b")
         assert ref.max() <= 2 ** summary["acquisition"]["site_b"]["bits"] - 1
+
+
+def test_a_cohort_of_unequal_hospitals_patients_with_several_images_and_nodes(tmp_path):
+    """The shape of the real cohort, small: unequal hospitals, 2-4 images per patient
+    (the same anatomy and finding, acquired again), sites grouped into nodes."""
+    from harmonize.synth import cohort_sizes
+
+    sizes = cohort_sizes(12, 6, spread=0.6, seed=1)
+    assert len(sizes) == 12 and min(sizes) >= 3 and max(sizes) > 1.5 * min(sizes)
+    assert cohort_sizes(12, 6, spread=0.6, seed=1) == sizes  # seeded
+    info = generate(tmp_path, sites=12, per_site=sizes, size=32, seed=1, progress=False,
+                    prevalence=0.25, images_per_patient=(2, 4), nodes=3)
+    rows = manifest(tmp_path)
+    assert list(rows[0]) == [*COLUMNS, "node"]
+    assert info["n_patients"] == sum(sizes) and info["n_images"] == len(rows)
+    per_patient: dict[str, list[dict]] = {}
+    for r in rows:
+        per_patient.setdefault(r["patient_id"], []).append(r)
+    assert len(per_patient) == sum(sizes)
+    assert all(2 <= len(v) <= 4 for v in per_patient.values())
+    assert all(len({r["site"] for r in v}) == 1 and len({r["label"] for r in v}) == 1
+               for v in per_patient.values())
+    # image 2 of a patient: the same finding, another acquisition
+    first, second = next(v for v in per_patient.values() if v[0]["label"] == "finding")[:2]
+    assert np.array_equal(read(tmp_path / first["finding_mask"]),
+                          read(tmp_path / second["finding_mask"]))
+    assert not np.array_equal(read(tmp_path / first["path"]), read(tmp_path / second["path"]))
+    # four sites per node, in order; about a quarter of the patients positive
+    assert info["nodes"] == {f"node_{n + 1}": [f"site_{c}" for c in "abcdefghijkl"[4 * n:4 * n + 4]]
+                             for n in range(3)}
+    positives = sum(v[0]["label"] == "finding" for v in per_patient.values())
+    assert abs(positives / len(per_patient) - 0.25) < 0.08

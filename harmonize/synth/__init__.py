@@ -7,7 +7,8 @@ with body ROI and finding masks, a manifest and a synth.json summary. Building b
 """
 
 from harmonize.synth.acquisition import SiteAcquisition, default_sites, render
-from harmonize.synth.benchmark import generate
+from harmonize.synth.benchmark import cohort_sizes, generate
 from harmonize.synth.phantom import Phantom, make_phantom
 
-__all__ = ["Phantom", "SiteAcquisition", "default_sites", "generate", "make_phantom", "render"]
+__all__ = ["Phantom", "SiteAcquisition", "cohort_sizes", "default_sites", "generate",
+           "make_phantom", "render"]

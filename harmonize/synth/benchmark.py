@@ -7,6 +7,7 @@ Layout under ``OUT`` (all paths in the manifest are relative to ``OUT``)::
     masks/<site>/<label>/<id>.png       uint8 0/255 body ROI (radiomics ROI)
     findings/<site>/<label>/<id>.png    uint8 0/255 finding mask (empty for normals)
     manifest.csv                        path,site,label,patient_id,mask,finding_mask,reference_path
+                                        (+ node, when sites are grouped into nodes)
     synth.json                          parameters, per-site acquisition, prevalence, version
 
 Reference renderings are real acquisitions with their own quantum noise: each image's
@@ -16,6 +17,11 @@ the reference site the image is rendered from that same stream, so image and ref
 are identical. Every random draw comes from a stream keyed on (seed, purpose, site,
 index), so a rerun with the same arguments writes the same bytes, and ``no_shift=True``
 keeps the same patients and labels as the shifted benchmark (only the style changes).
+
+A cohort shaped like a real multi-hospital study: hospitals of unequal sizes
+(``per_site`` a list, e.g. from `cohort_sizes`), several images per patient (the same
+anatomy and finding acquired again with its own noise, ``images_per_patient``), and
+hospitals grouped into federation nodes (``nodes``: a ``node`` column).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ MANIFEST_COLUMNS = (
 )
 PREVALENCE_RANGE = (0.2, 0.5)
 # Purposes of the independent random streams: np.random.default_rng([seed, purpose, ...]).
-_SITES, _LABELS, _PHANTOM, _SITE_NOISE, _REF_NOISE = range(5)
+_SITES, _LABELS, _PHANTOM, _SITE_NOISE, _REF_NOISE, _COHORT = range(6)
 
 
 def site_names(n: int) -> list[str]:
@@ -67,27 +73,42 @@ def generate(
     no_shift: bool = False,
     reference_site: str | None = None,
     progress: bool = True,
-    prevalence: list[float] | None = None,
+    prevalence: list[float] | float | None = None,
     finding_scale: float = 1.0,
+    images_per_patient: int | tuple[int, int] = 1,
+    nodes: int | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic multi-site benchmark to ``out`` and return its synth.json summary.
 
-    ``sites`` sites of ``per_site`` patients each, ``size`` x ``size`` pixels, ``modality``
+    ``sites`` sites of ``per_site`` patients each (or a list: one count per site),
+    ``size`` x ``size`` pixels, ``modality``
     "xray" (chest, nodule) or "bonescan" (whole body, metastases). Each site has its own
     acquisition style and label prevalence (drawn in 0.2-0.5); ``no_shift`` gives every
     site the reference style (negative control). ``reference_site`` defaults to ``site_a``,
     whose style is the clean 16-bit one. ``prevalence`` (one fraction per site) sets each
     site's share of positives instead, e.g. [0.5, 0.8, 0.2, 0.5] for a strong site-label
-    shortcut. ``finding_scale`` enlarges the finding (radius factor), so that classifiers
-    trained at low resolution on a CPU budget can see it.
+    shortcut; one number gives every site that share. ``finding_scale`` enlarges the
+    finding (radius factor), so that classifiers trained at low resolution on a CPU budget
+    can see it. ``images_per_patient`` (a count, or (lo, hi) drawn per patient) acquires
+    each patient several times; ``nodes`` groups the sites, in order, into that many
+    federation nodes of near-equal numbers of sites (column ``node``: node_1, node_2, ...).
     """
     modality = {"bone_scan": "bonescan", "bone": "bonescan", "x-ray": "xray"}.get(
         modality, modality
     )
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
-    if sites < 1 or per_site < 1:
-        raise ValueError(f"need sites >= 1 and per_site >= 1, got {sites} and {per_site}")
+    counts = [per_site] * sites if isinstance(per_site, int) else [int(c) for c in per_site]
+    if sites < 1 or len(counts) != sites or min(counts) < 1:
+        raise ValueError(f"need sites >= 1 and per_site >= 1 (one count, or one per site), "
+                         f"got {sites} and {per_site}")
+    lo, hi = ((images_per_patient, images_per_patient) if isinstance(images_per_patient, int)
+              else tuple(int(v) for v in images_per_patient))
+    if not 1 <= lo <= hi:
+        raise ValueError(f"images_per_patient {images_per_patient}: give a count >= 1 or "
+                         "(lo, hi) with 1 <= lo <= hi")
+    if nodes is not None and not 1 <= nodes <= sites:
+        raise ValueError(f"nodes {nodes}: between 1 and the number of sites ({sites})")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     names = site_names(sites)
@@ -100,44 +121,58 @@ def generate(
     if no_shift:
         acqs = [acqs[ref_idx]] * sites
     ref_acq = acqs[ref_idx]
+    if isinstance(prevalence, (int, float)):
+        prevalence = [float(prevalence)] * sites
     if prevalence is not None and (len(prevalence) != sites
                                    or not all(0.0 <= p <= 1.0 for p in prevalence)):
         raise ValueError(f"prevalence {prevalence}: give one fraction in [0, 1] per site "
-                         f"({sites} sites)")
-    labels = _draw_labels(sites, per_site, seed, prevalence)
+                         f"({sites} sites), or one for all")
+    labels = _draw_labels(counts, seed, prevalence)
+    node_of = node_groups(names, nodes) if nodes is not None else {}
 
     out = Path(out)
     rows = []
-    bar = tqdm(total=sites * per_site, desc=f"synth {modality}", unit="img", disable=not progress)
+    repeats = [[1 if hi == 1 else int(np.random.default_rng([seed, _COHORT, k, i])
+                                      .integers(lo, hi + 1)) for i in range(counts[k])]
+               for k in range(sites)]
+    bar = tqdm(total=sum(map(sum, repeats)), desc=f"synth {modality}", unit="img",
+               disable=not progress)
     for k, (site, acq) in enumerate(zip(names, acqs, strict=True)):
         for i, positive in enumerate(labels[k]):
             phantom = make_phantom(modality, size, bool(positive),
                                    np.random.default_rng([seed, _PHANTOM, k, i]), finding_scale)
-            ref_rng = np.random.default_rng([seed, _REF_NOISE, k, i])
-            reference = render(phantom.ideal, phantom.finding, ref_acq, ref_rng)
-            if k == ref_idx:
-                image = reference
-            else:
-                site_rng = np.random.default_rng([seed, _SITE_NOISE, k, i])
-                image = render(phantom.ideal, phantom.finding, acq, site_rng)
-
             patient_id = f"{site}_{i:04d}"
-            rel = f"{site}/{LABELS[int(positive)]}/{patient_id}.png"
-            row = {
-                "path": rel, "site": site, "label": LABELS[int(positive)],
-                "patient_id": patient_id, "mask": f"masks/{rel}",
-                "finding_mask": f"findings/{rel}", "reference_path": f"reference/{rel}",
-            }
-            write_png(out / row["path"], image)
-            write_png(out / row["reference_path"], reference)
-            write_png(out / row["mask"], phantom.roi.astype(np.uint8) * 255)
-            write_png(out / row["finding_mask"], phantom.finding.astype(np.uint8) * 255)
-            rows.append(row)
-            bar.update()
+            for j in range(repeats[k][i]):
+                # image j of the patient: the same anatomy acquired again (j = 0 keeps the
+                # streams of a one-image-per-patient benchmark)
+                stream = [k, i] if j == 0 else [k, i, j]
+                ref_rng = np.random.default_rng([seed, _REF_NOISE, *stream])
+                reference = render(phantom.ideal, phantom.finding, ref_acq, ref_rng)
+                if k == ref_idx:
+                    image = reference
+                else:
+                    site_rng = np.random.default_rng([seed, _SITE_NOISE, *stream])
+                    image = render(phantom.ideal, phantom.finding, acq, site_rng)
+                name = patient_id if repeats[k][i] == 1 else f"{patient_id}_{j + 1}"
+                rel = f"{site}/{LABELS[int(positive)]}/{name}.png"
+                row = {
+                    "path": rel, "site": site, "label": LABELS[int(positive)],
+                    "patient_id": patient_id, "mask": f"masks/{rel}",
+                    "finding_mask": f"findings/{rel}", "reference_path": f"reference/{rel}",
+                }
+                if node_of:
+                    row["node"] = node_of[site]
+                write_png(out / row["path"], image)
+                write_png(out / row["reference_path"], reference)
+                write_png(out / row["mask"], phantom.roi.astype(np.uint8) * 255)
+                write_png(out / row["finding_mask"], phantom.finding.astype(np.uint8) * 255)
+                rows.append(row)
+                bar.update()
     bar.close()
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    columns = MANIFEST_COLUMNS + (("node",) if node_of else ())
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _remove_stale(out, rows)
@@ -150,10 +185,15 @@ def generate(
         "no_shift": no_shift,
         "sites": names,
         "reference_site": reference_site,
-        "per_site": per_site,
+        "per_site": per_site if isinstance(per_site, int) else counts,
+        "images_per_patient": [lo, hi],
+        "n_patients": sum(counts),
+        "nodes": {n: [s for s in names if node_of[s] == n]
+                  for n in dict.fromkeys(node_of.values())} if node_of else None,
         "acquisition": {name: acq.to_dict() for name, acq in zip(names, acqs, strict=True)},
         "finding_scale": finding_scale,
-        "prevalence": {name: float(np.mean(lab)) for name, lab in zip(names, labels, strict=True)},
+        "prevalence": {name: float(np.mean(lab)) if len(lab) else 0.0
+                       for name, lab in zip(names, labels, strict=True)},
         "n_images": len(rows),
         "labels": list(LABELS),
         "reference_noise": "independent seeded draw per image; identical to the image "
@@ -164,21 +204,38 @@ def generate(
     return summary
 
 
-def _draw_labels(sites: int, per_site: int, seed: int,
+def _draw_labels(counts: list[int], seed: int,
                  prevalence: list[float] | None = None) -> list[np.ndarray]:
-    """Per-site labels with a site-specific prevalence, as in pooled real data.
+    """Per-site labels (of patients) with a site-specific prevalence, as in pooled real data.
 
-    Exactly ``round(p * per_site)`` positives per site, shuffled, so the prevalence in
+    Exactly ``round(p * count)`` positives per site, shuffled, so the prevalence in
     synth.json is the realized one.
     """
     rng = np.random.default_rng([seed, _LABELS])
-    drawn = rng.uniform(*PREVALENCE_RANGE, sites)
+    drawn = rng.uniform(*PREVALENCE_RANGE, len(counts))
     labels = []
-    for p in (drawn if prevalence is None else prevalence):
-        lab = np.zeros(per_site, dtype=bool)
-        lab[: int(round(p * per_site))] = True
+    for count, p in zip(counts, drawn if prevalence is None else prevalence, strict=True):
+        lab = np.zeros(count, dtype=bool)
+        lab[: int(round(p * count))] = True
         labels.append(rng.permutation(lab))
     return labels
+
+
+def cohort_sizes(sites: int, mean_patients: float, spread: float = 0.6, seed: int = 0,
+                 minimum: int = 3) -> list[int]:
+    """Patients per hospital, unequal as in a real cohort: log-normal around
+    `mean_patients` with log-sd `spread` (0.6: the largest hospitals about 5x the
+    smallest in 72), at least `minimum`; the same seed, the same sizes."""
+    rng = np.random.default_rng([seed, _COHORT])
+    sizes = mean_patients * np.exp(spread * rng.standard_normal(sites) - spread**2 / 2)
+    return [max(minimum, int(round(s))) for s in sizes]
+
+
+def node_groups(sites: list[str], nodes: int) -> dict[str, str]:
+    """The sites, in order, split into `nodes` contiguous groups of near-equal size."""
+    bounds = np.linspace(0, len(sites), nodes + 1).round().astype(int)
+    return {s: f"node_{n + 1}" for n in range(nodes)
+            for s in sites[bounds[n]:bounds[n + 1]]}
 
 
 def _remove_stale(out: Path, rows: list[dict[str, str]]) -> None:
