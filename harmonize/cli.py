@@ -127,6 +127,18 @@ def _shift_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from harmonize.configs import with_overrides
+    from harmonize.study.config import load_study_config
+    from harmonize.study.run import run_study
+
+    overrides = {"out": args.out, "progress": False if args.quiet else None}
+    out = run_study(load_study_config(args.config, with_overrides(overrides, args.overrides)))
+    print(f"arms: {out / 'arms.csv'}\ndifferences: {out / 'differences.csv'}\n"
+          f"report: {out / 'report.html'}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from harmonize.configs import with_overrides
     from harmonize.evaluation.config import load_eval_config
@@ -359,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (out)")
     _add_set_option(p, "seeds=[0,1]")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "study", formatter_class=fmt, parents=[common],
+        help="one study, four answers: site shift, central harmonization vs augmentation, "
+             "federated vs central, under DP (docs/study.md)",
+        epilog="example:\n  harmonize study --config configs/study/femur72_quick.yaml "
+               "--out runs/study")
+    p.add_argument("--config", required=True, help="YAML, e.g. configs/study/femur72.yaml")
+    p.add_argument("--out", default=None, help="output folder (out)")
+    _add_set_option(p, "federated.rounds=5")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser(
         "federated", formatter_class=fmt, parents=[common],

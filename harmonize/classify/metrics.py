@@ -232,6 +232,59 @@ def bootstrap_metrics(y_true: ArrayLike, p: ArrayLike, threshold: float = 0.5,
     return out
 
 
+def _average_precision_rows(pos_scores: np.ndarray, neg_scores: np.ndarray) -> np.ndarray:
+    """Average precision of each row (one resample: its positives' and negatives'
+    scores): the mean, over the positives in descending score order, of the precision
+    at each (ties: negatives first, the conservative order)."""
+    scores = np.concatenate([pos_scores, neg_scores], axis=1)
+    is_pos = np.concatenate([np.ones_like(pos_scores, dtype=bool),
+                             np.zeros_like(neg_scores, dtype=bool)], axis=1)
+    # descending score; among equal scores negatives first (lexsort: last key primary)
+    order = np.lexsort((is_pos, -scores), axis=1)
+    ranked = np.take_along_axis(is_pos, order, axis=1)
+    hits = np.cumsum(ranked, axis=1)
+    precision = hits / np.arange(1, scores.shape[1] + 1)
+    return (precision * ranked).sum(axis=1) / max(pos_scores.shape[1], 1)
+
+
+def _sensitivity_at_rows(pos_scores: np.ndarray, neg_scores: np.ndarray,
+                         specificity: float) -> np.ndarray:
+    """Per row: the share of positives above the threshold that keeps `specificity` of
+    the negatives at or below it."""
+    threshold = np.quantile(neg_scores, specificity, axis=1, method="higher")
+    return (pos_scores > threshold[:, None]).mean(axis=1)
+
+
+def rare_class_metrics(y_true: ArrayLike, p: ArrayLike, specificity: float = 0.9,
+                       n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """What matters beside AUC when positives are rare (about 20% here): average
+    precision (`ap`; chance level is the prevalence) and sensitivity at `specificity`
+    (`sens_at_spec`), each with a stratified percentile-bootstrap CI (`_lo`, `_hi`),
+    all resamples at once."""
+    y = _check_labels(y_true)
+    s = _check_scores(p, y.size)
+    _check_boot(n_boot, level)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if not pos.size or not neg.size:
+        nan = float("nan")
+        return {k: nan for k in ("ap", "ap_lo", "ap_hi", "sens_at_spec", "sens_at_spec_lo",
+                                 "sens_at_spec_hi")} | {"specificity_target": specificity}
+    out = {"ap": float(_average_precision_rows(s[pos][None], s[neg][None])[0]),
+           "sens_at_spec": float(_sensitivity_at_rows(s[pos][None], s[neg][None],
+                                                      specificity)[0])}
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[np.ndarray]] = {"ap": [], "sens_at_spec": []}
+    chunk = _chunk_size(n_boot, 4 * y.size)
+    for start in range(0, n_boot, chunk):
+        ip, ineg = _stratified_indices(rng, pos, neg, min(chunk, n_boot - start))
+        boots["ap"].append(_average_precision_rows(s[ip], s[ineg]))
+        boots["sens_at_spec"].append(_sensitivity_at_rows(s[ip], s[ineg], specificity))
+    for k, values in boots.items():
+        out[f"{k}_lo"], out[f"{k}_hi"] = _percentile_ci(np.concatenate(values), level)
+    out["specificity_target"] = specificity
+    return out
+
+
 def paired_bootstrap_difference(y_true: ArrayLike, p_a: ArrayLike, p_b: ArrayLike,
                                 metric: str = "auc", n_boot: int = 2000,
                                 level: float = 0.95, seed: int = 0) -> dict:

@@ -1,0 +1,1 @@
+"""`harmonize study`: one run answering the users' four-part question (docs/study.md)."""

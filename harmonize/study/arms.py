@@ -1,0 +1,103 @@
+"""The study's arms as typed values: which images (raw, or harmonized by a central or a
+federated harmonizer, with or without DP), which classifier training (central, or Flower
+with FedAvg / FedProx / FedBN), plain augmentation or not, patient-level DP, SecAgg+.
+
+Each arm trains one classifier and scores it on the external node's images (harmonized
+the same way as its training images: a hospital translates its own images at home
+before it uses the classifier); FedBN models, whose normalization layers stayed at the
+training nodes, use the external node's own BatchNorm statistics (AdaBN, unlabelled)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Images = Literal["raw", "central", "federated"]
+Training = Literal["central", "fedavg", "fedprox", "fedbn"]
+
+IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
+               "federated": "federated histogram matching"}
+TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
+                 "fedbn": "FedBN"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    images: Images = "raw"
+    training: Training = "central"
+    augment: bool = False
+    epsilon: float = math.inf  # the classifier's patient-level DP target (inf: none)
+    harmonizer_epsilon: float = math.inf  # the landmarks' patient-level DP target
+    secagg: bool = False
+    norm: Literal["batch", "group"] = "batch"
+
+    @property
+    def federated(self) -> bool:
+        return self.training != "central"
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def name(self) -> str:
+        parts = [self.images if self.images == "raw" else f"hm-{self.images}",
+                 self.training]
+        if self.augment:
+            parts.append("augment")
+        if self.norm == "group":
+            parts.append("gn")
+        if math.isfinite(self.harmonizer_epsilon):
+            parts.append(f"hm-eps{self.harmonizer_epsilon:g}")
+        if self.private:
+            parts.append(f"eps{self.epsilon:g}")
+        if self.secagg:
+            parts.append("secagg")
+        return "_".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The arm in words, for tables and plots."""
+        text = f"{TRAINING_TEXT[self.training]} on {IMAGES_TEXT[self.images]}"
+        if math.isfinite(self.harmonizer_epsilon):
+            text += f" (landmarks at epsilon {self.harmonizer_epsilon:g})"
+        if self.augment:
+            text += " + augmentation"
+        if self.private:
+            text += f", DP-SGD epsilon {self.epsilon:g}"
+        if self.secagg:
+            text += ", SecAgg+"
+        return text
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()}
+
+
+def central_arms() -> list[Arm]:
+    """Part 2: central harmonization against augmentation, all central."""
+    return [Arm("raw"), Arm("raw", augment=True), Arm("central"),
+            Arm("central", augment=True)]
+
+
+def federated_arms() -> list[Arm]:
+    """Part 3: the 2 x 2 of central/federated harmonization x central/federated
+    classifier, augmentation under each classifier, personalization (FedBN, and FedProx
+    beside FedAvg) and the hybrid of harmonization and personalization."""
+    return [Arm("central", "central"), Arm("federated", "central"),
+            Arm("central", "fedavg"), Arm("federated", "fedavg"),
+            Arm("raw", "central", augment=True), Arm("raw", "fedavg", augment=True),
+            Arm("raw", "fedavg"), Arm("raw", "fedprox"), Arm("raw", "fedbn"),
+            Arm("federated", "fedbn")]
+
+
+def privacy_arms(epsilons: list[float], secagg: bool) -> list[Arm]:
+    """Part 4: the federated pipeline (federated landmarks, FedAvg) with patient-level DP
+    for the landmarks and the classifier at each target (the same GroupNorm CNN without
+    class weights at every level, as DP-SGD needs), and with SecAgg+."""
+    arms = [Arm("federated", "fedavg", epsilon=e, harmonizer_epsilon=e, norm="group")
+            for e in epsilons]
+    if secagg:
+        arms.append(Arm("federated", "fedavg", secagg=True))
+    return arms

@@ -1,0 +1,97 @@
+"""What `harmonize study` runs: one design, four answers (docs/study.md).
+
+The unit of the federation is the node (a group of hospitals, the manifest's `node`
+column); one node is held out entirely as the unseen hospitals every classifier is
+tested on. The harmonizer is histogram matching to the reference hospital, trained
+centrally or with the federated histogram task; classifiers are trained centrally on the
+pooled training nodes or with Flower over them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from harmonize.classify.config import ModelConfig
+from harmonize.configs import Section, load_yaml_config
+
+
+class CohortSynth(Section):
+    """A synthetic cohort shaped like the real one (`harmonize synth`)."""
+    sites: int = Field(72, ge=3, description="hospitals")
+    patients_per_site: float = Field(17, gt=0, description="mean patients per hospital")
+    size_spread: float = Field(0.6, ge=0, description="log-sd of hospital sizes (0: equal)")
+    images_per_patient: tuple[int, int] = (2, 5)
+    nodes: int = Field(6, ge=2, description="federation nodes (hospitals grouped in order)")
+    prevalence: float = Field(0.2, gt=0, lt=1, description="share of positive patients")
+    size: int = Field(128, ge=32, description="image side in pixels")
+    finding_scale: float = Field(2.5, gt=0)
+    seed: int = 0
+
+
+class StudyData(Section):
+    manifest: Path | None = Field(None, description="manifest CSV with a node column")
+    synth: CohortSynth | None = Field(None, description="or: generate a synthetic cohort")
+    reference_site: str | None = Field(None, description="the hospital whose style is the "
+                                       "target (default: synth's reference, site_a)")
+    external_node: str | None = Field(None, description="the node held out as unseen "
+                                      "hospitals (default: the last node)")
+    image_size: int = Field(64, ge=16, description="classifier input size")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudyData:
+        if (self.manifest is None) == (self.synth is None):
+            raise ValueError("data: give exactly one of manifest or synth")
+        return self
+
+
+class CentralTraining(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class FederatedTraining(Section):
+    rounds: int = Field(10, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    proximal_mu: float = Field(0.01, ge=0)
+    parallel_nodes: int = Field(2, ge=1)
+
+
+class PrivacyAxis(Section):
+    """Part 4: patient-level DP at these targets (inf: none) for the classifier and for
+    the harmonizer's landmarks, and SecAgg+ on and off."""
+    epsilons: list[float] = Field(default_factory=lambda: [math.inf, 10.0, 3.0])
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    secagg: bool = Field(True, description="also run the federated pipeline with SecAgg+")
+
+    @field_validator("epsilons")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if not values or any(v <= 0 for v in values):
+            raise ValueError("privacy.epsilons: positive numbers (inf: no DP)")
+        return values
+
+
+class StudyConfig(Section):
+    out: Path | None = None
+    data: StudyData
+    classifier: ModelConfig = Field(default_factory=ModelConfig)
+    central: CentralTraining = Field(default_factory=CentralTraining)
+    federated: FederatedTraining = Field(default_factory=FederatedTraining)
+    privacy: PrivacyAxis = Field(default_factory=PrivacyAxis)
+    parts: list[Literal["shift", "central", "federated", "privacy"]] = Field(
+        default_factory=lambda: ["shift", "central", "federated", "privacy"])
+    seed: int = 0
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for CIs")
+    progress: bool = True
+
+
+def load_study_config(path: str | Path | None, overrides: dict | None = None) -> StudyConfig:
+    return load_yaml_config(StudyConfig, path, overrides)

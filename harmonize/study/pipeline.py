@@ -1,0 +1,159 @@
+"""Training and scoring the study's arms, each a cached stage (`cache.py`): the
+harmonized copies of the cohort (central or federated landmarks, with or without DP),
+then one classifier per arm, scored on the external node."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harmonize.classify.config import TrainConfig
+from harmonize.classify.train import (
+    adapt_batchnorm,
+    fit_classifier,
+    load_classifier,
+    load_images,
+    predict,
+)
+from harmonize.data.manifest import load_manifest
+from harmonize.federated.config import FederatedConfig, load_federated_config
+from harmonize.study.arms import Arm
+from harmonize.study.cache import StageCache
+from harmonize.study.config import StudyConfig
+from harmonize.study.design import Design
+
+HISTOGRAM_LANDMARKS = 8  # docs/federated.md: under DP 8 kept more of the gain than 16
+
+
+def _eps_key(epsilon: float) -> str:
+    return "inf" if not math.isfinite(epsilon) else f"{epsilon:g}"
+
+
+class Pipeline:
+    def __init__(self, config: StudyConfig, design: Design, cache: StageCache) -> None:
+        self.config, self.design, self.cache = config, design, cache
+        self._images: dict[str, torch.Tensor] = {}
+
+    # --- harmonized copies ---------------------------------------------------------------
+    def harmonizer_config(self, manifest: Path, out: Path, epsilon: float) -> FederatedConfig:
+        private = math.isfinite(epsilon)
+        return load_federated_config(None, {
+            "task": "histogram", "rounds": 1, "seed": self.config.seed, "evaluate": False,
+            "threads_per_node": 1, "progress": False, "manifest": str(manifest),
+            "out": str(out), "reference_site": self.design.reference_site,
+            "histogram.landmarks": HISTOGRAM_LANDMARKS,
+            "privacy.mode": "patient-dp" if private else "none",
+            "privacy.epsilon": epsilon if private else None,
+            "privacy.delta": self.config.privacy.delta})
+
+    def harmonized(self, images: str, epsilon: float = math.inf) -> str:
+        """The cohort's manifest with every image harmonized (each hospital maps its own
+        images): `images` central (landmarks fitted on the reference hospital's images)
+        or federated (released by the reference hospital's node, optionally under DP)."""
+        if images == "raw":
+            return str(self.design.manifest)
+        name = f"harmonize_{images}_eps{_eps_key(epsilon)}"
+        inputs = {"images": images, "epsilon": _eps_key(epsilon),
+                  "manifest": str(self.design.manifest), "seed": self.config.seed,
+                  "reference": self.design.reference_site, "landmarks": HISTOGRAM_LANDMARKS}
+        return self.cache.run(name, inputs, lambda folder: self._harmonize(
+            images, epsilon, folder))["manifest"]
+
+    def _harmonize(self, images: str, epsilon: float, folder: Path) -> dict:
+        from harmonize.evaluation.config import TranslatorSpec
+        from harmonize.evaluation.harmonized_sets import harmonize_dataset
+
+        if images == "central":
+            spec = TranslatorSpec(name="histogram-matching",
+                                  params={"n_quantiles": HISTOGRAM_LANDMARKS})
+        else:
+            from harmonize.federated.run import run_federated
+
+            train = self.design.training_manifest(self.design.df, folder / "train.csv")
+            summary = run_federated(self.harmonizer_config(train, folder / "run", epsilon))
+            spec = TranslatorSpec(name="histogram-matching", checkpoint=summary["model"])
+        hs = harmonize_dataset(spec, self.design.manifest, self.design.df,
+                               self.design.reference_site, folder, progress=False)
+        return {"manifest": str(folder / "manifest.csv"), "seconds": hs.seconds}
+
+    # --- classifiers ---------------------------------------------------------------------
+    def images(self, manifest: str) -> torch.Tensor:
+        if manifest not in self._images:
+            paths = load_manifest(manifest)["path"].tolist()
+            self._images[manifest] = load_images(paths, self.config.data.image_size,
+                                                 progress=False)
+        return self._images[manifest]
+
+    def classifier_config(self, arm: Arm, manifest: Path, out: Path) -> FederatedConfig:
+        f, c = self.config.federated, self.config.classifier
+        return load_federated_config(None, {
+            "task": "classifier", "rounds": f.rounds,
+            "strategy": "fedprox" if arm.training == "fedprox" else "fedavg",
+            "proximal_mu": f.proximal_mu, "seed": self.config.seed, "evaluate": False,
+            "progress": False, "threads_per_node": 1, "parallel_nodes": f.parallel_nodes,
+            "manifest": str(manifest), "out": str(out),
+            "classifier.model.arch": c.arch, "classifier.model.width": c.width,
+            "classifier.model.norm": arm.norm, "classifier.image_size":
+                self.config.data.image_size, "classifier.local_epochs": f.local_epochs,
+            "classifier.batch_size": f.batch_size, "classifier.lr": f.lr,
+            "classifier.augment": arm.augment, "classifier.local_bn": arm.training == "fedbn",
+            "classifier.keep_optimizer": True,
+            "classifier.balance": "none" if arm.norm == "group" else "weighted-loss",
+            "privacy.mode": "patient-dp" if arm.private else "none",
+            "privacy.epsilon": arm.epsilon if arm.private else None,
+            "privacy.delta": self.config.privacy.delta,
+            "privacy.max_grad_norm": self.config.privacy.max_grad_norm,
+            "privacy.secagg": arm.secagg})
+
+    def predictions(self, arm: Arm) -> dict:
+        """The arm's scores on the external node's images (and its cost)."""
+        manifest = self.harmonized(arm.images, arm.harmonizer_epsilon)
+        inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": self.config.seed,
+                  "classifier": self.config.classifier.model_dump(mode="json"),
+                  "training": (self.config.federated if arm.federated
+                               else self.config.central).model_dump(mode="json"),
+                  "image_size": self.config.data.image_size,
+                  "privacy": self.config.privacy.model_dump(mode="json")}
+        return self.cache.run(f"classifier_{arm.name}", inputs,
+                              lambda folder: self._train_and_score(arm, manifest, folder))
+
+    def _train_and_score(self, arm: Arm, manifest: str, folder: Path) -> dict:
+        d = self.design
+        x = self.images(manifest)
+        test = x[d.test_rows]
+        cost: dict = {}
+        if not arm.federated:
+            tc = TrainConfig(epochs=self.config.central.epochs,
+                             batch_size=self.config.central.batch_size,
+                             lr=self.config.central.lr, seed=self.config.seed,
+                             augment="plain" if arm.augment else "none", progress=False)
+            model = fit_classifier(x[d.train_rows], d.labels[d.train_rows],
+                                   self.config.classifier, tc)
+        else:
+            from harmonize.federated.run import run_federated
+
+            frame = load_manifest(manifest)
+            train = d.training_manifest(frame, folder / "train.csv")
+            summary = run_federated(self.classifier_config(arm, train, folder / "run"))
+            model, _, _ = load_classifier(summary["model"])
+            if arm.training == "fedbn":  # its BatchNorm stayed at the nodes: the
+                model = adapt_batchnorm(model, test)  # unseen hospitals use their own
+            cost = round_cost(folder / "run" / "rounds.csv", summary)
+        p = predict(model, test)
+        return {"p": [float(v) for v in p], "cost": cost}
+
+
+def round_cost(rounds_csv: Path, summary: dict) -> dict:
+    """Seconds per round and bytes each node sent per round (its mean over nodes, the
+    number rounds.csv averages), and the run's epsilon."""
+    rounds = pd.read_csv(rounds_csv)
+    seconds = np.diff(np.concatenate([[0.0], rounds["seconds"].to_numpy(float)]))
+    out = {"seconds_per_round": float(np.median(seconds)),
+           "rounds": int(len(rounds)), "epsilon": summary.get("epsilon")}
+    if "train_bytes_sent" in rounds:
+        out["bytes_per_node_round"] = float(rounds["train_bytes_sent"].mean())
+    return out

@@ -1,0 +1,182 @@
+"""`harmonize study`: one run, four answers (docs/study.md).
+
+1. How different are the hospitals' images (radiomics, before and after harmonization)?
+2. Does central harmonization make the classifier better on unseen hospitals than plain
+   augmentation does?
+3. How does federated harmonization (and a federated classifier) change that, compared
+   with central?
+4. How big is the central/federated difference under patient-level DP and SecAgg+?
+
+Every stage is cached (`cache.py`): a rerun reuses what its inputs did not change.
+A design that cannot run is refused before anything trains (`design.py`, and the DP
+plans of every private arm here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harmonize.classify.metrics import (
+    bootstrap_metrics,
+    paired_bootstrap_difference,
+    rare_class_metrics,
+)
+from harmonize.configs import ConfigError, dump_config
+from harmonize.data.io import atomic_write
+from harmonize.rerun import replacing_outputs
+from harmonize.study.arms import Arm, central_arms, federated_arms, privacy_arms
+from harmonize.study.cache import StageCache
+from harmonize.study.config import StudyConfig
+from harmonize.study.design import Design, make_design
+from harmonize.study.pipeline import Pipeline
+
+CENTRAL_PIPELINE = Arm("central", "central")  # what every federated/private arm is held to
+AUGMENTATION = Arm("raw", "central", augment=True)
+
+
+def planned_arms(config: StudyConfig) -> dict[str, list[Arm]]:
+    parts = {}
+    if "central" in config.parts:
+        parts["central"] = central_arms()
+    if "federated" in config.parts:
+        parts["federated"] = federated_arms()
+    if "privacy" in config.parts:
+        parts["privacy"] = privacy_arms(config.privacy.epsilons, config.privacy.secagg)
+    return parts
+
+
+def comparisons(parts: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
+    """(part, arm, baseline): each paired AUC difference the report states."""
+    pairs = []
+    for arm in parts.get("central", []):
+        if arm != AUGMENTATION:
+            pairs.append(("central", arm, AUGMENTATION))
+    for arm in parts.get("federated", []):
+        if arm != CENTRAL_PIPELINE:
+            pairs.append(("federated", arm, CENTRAL_PIPELINE))
+    for arm in parts.get("privacy", []):
+        pairs.append(("privacy", arm, CENTRAL_PIPELINE))
+        if arm.secagg:
+            pairs.append(("privacy", arm, Arm("federated", "fedavg")))
+    return pairs
+
+
+def check_privacy_design(pipeline: Pipeline, arms: list[Arm], folder: Path) -> None:
+    """Plan patient-level DP at every training node for every private arm (classifier
+    and landmarks) before anything trains: a target the budget cannot meet stops here."""
+    from harmonize.federated.prepare import plan_run
+
+    d = pipeline.design
+    folder.mkdir(parents=True, exist_ok=True)
+    train = d.training_manifest(d.df, folder / "train.csv")
+    for arm in arms:
+        try:
+            if arm.private:
+                plan_run(pipeline.classifier_config(arm, train, folder / "plan"))
+            if math.isfinite(arm.harmonizer_epsilon):
+                plan_run(pipeline.harmonizer_config(train, folder / "plan",
+                                                    arm.harmonizer_epsilon))
+        except (ConfigError, ValueError) as err:
+            raise ConfigError(f"privacy arm '{arm.label}': {err}") from None
+
+
+def score_arms(design: Design, preds: dict[Arm, dict], n_boot: int, seed: int) -> pd.DataFrame:
+    y = design.labels[design.test_rows]
+    rows = []
+    for arm, result in preds.items():
+        p = np.asarray(result["p"])
+        m = bootstrap_metrics(y, p, n_boot=n_boot, seed=seed)
+        r = rare_class_metrics(y, p, n_boot=n_boot, seed=seed)
+        rows.append({"arm": arm.name, "label": arm.label, **arm.as_dict(),
+                     "n": m["n"], "n_positive": m["n_positive"],
+                     **{k: m[k] for k in ("auc", "auc_lo", "auc_hi")},
+                     **{k: r[k] for k in ("ap", "ap_lo", "ap_hi", "sens_at_spec",
+                                          "sens_at_spec_lo", "sens_at_spec_hi")},
+                     **{f"cost_{k}": v for k, v in result.get("cost", {}).items()}})
+    return pd.DataFrame(rows)
+
+
+def paired_differences(design: Design, preds: dict[Arm, dict],
+                       pairs: list[tuple[str, Arm, Arm]], n_boot: int,
+                       seed: int) -> pd.DataFrame:
+    y = design.labels[design.test_rows]
+    rows = []
+    for part, arm, base in pairs:
+        d = paired_bootstrap_difference(y, np.asarray(preds[arm]["p"]),
+                                        np.asarray(preds[base]["p"]), n_boot=n_boot,
+                                        seed=seed)
+        rows.append({"part": part, "arm": arm.name, "label": arm.label,
+                     "baseline": base.name, "baseline_label": base.label,
+                     "auc_difference": d["diff"], "lo": d["diff_lo"], "hi": d["diff_hi"],
+                     "p_value": d["p_value"]})
+    return pd.DataFrame(rows)
+
+
+def run_study(config: StudyConfig) -> Path:
+    if config.out is None:
+        raise ConfigError("out is required (--out DIR)")
+    out = Path(config.out)
+    replacing_outputs(out, "study (tables and report)", marker="report.html")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    design = make_design(config, out)
+    cache = StageCache(out / "stages", config.progress)
+    pipeline = Pipeline(config, design, cache)
+    parts = planned_arms(config)
+    arms = list(dict.fromkeys(a for group in parts.values() for a in group))
+    pairs = comparisons(parts)
+    arms += [b for _, _, b in pairs if b not in arms]  # baselines outside the parts
+    check_privacy_design(pipeline, arms, out / "stages" / "design")
+    dump_config(config, out / "config.yaml")
+    seconds = {"design": time.perf_counter() - started}
+    shift = None
+    if "shift" in config.parts:
+        from harmonize.study.shift import run_shift
+
+        t = time.perf_counter()
+        harmonized = {"central": pipeline.harmonized("central"),
+                      "federated": pipeline.harmonized("federated")}
+        shift = cache.run("part1_shift", {"harmonized": harmonized, "seed": config.seed,
+                                          "bootstrap": config.bootstrap},
+                          lambda folder: run_shift(design, harmonized, folder,
+                                                   config.bootstrap, config.seed,
+                                                   config.progress))
+        seconds["part 1: site shift"] = time.perf_counter() - t
+    preds = {}
+    for part, group in parts.items():
+        t = time.perf_counter()
+        for arm in group:
+            if arm not in preds:
+                preds[arm] = pipeline.predictions(arm)
+        seconds[f"part: {part}"] = time.perf_counter() - t
+    for arm in arms:  # baselines not trained by their own part
+        if arm not in preds:
+            preds[arm] = pipeline.predictions(arm)
+    table = score_arms(design, preds, config.bootstrap, config.seed)
+    diffs = paired_differences(design, preds, pairs, config.bootstrap, config.seed)
+    atomic_write(out / "arms.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(out / "differences.csv", lambda tmp: diffs.to_csv(tmp, index=False))
+    seconds["total"] = time.perf_counter() - started
+    summary = {"design": {"manifest": str(design.manifest), "images": len(design.df),
+                          "patients": int(design.df["patient_id"].nunique()),
+                          "hospitals": int(design.df["site"].nunique()),
+                          "training_nodes": design.training_nodes,
+                          "external_node": design.external_node,
+                          "external_images": len(design.test_rows),
+                          "reference_site": design.reference_site,
+                          "positive": design.positive},
+               "shift": shift, "arms": str(out / "arms.csv"),
+               "differences": str(out / "differences.csv"), "seconds": seconds,
+               "stage_seconds": cache.seconds, "reused_stages": cache.reused}
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
+    from harmonize.study.report import write_study_report
+
+    write_study_report(out, config, design, summary, table, diffs)
+    return out
