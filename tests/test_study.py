@@ -1,0 +1,143 @@
+"""`harmonize study`: the quick femur72 design end to end (four parts, one report, CSVs),
+a rerun that reuses every stage, and designs refused before anything trains."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from report_checks import assert_reads_cleanly_in_a_browser
+
+from harmonize.cli import main
+from harmonize.configs import ConfigError
+from harmonize.study.arms import Arm, central_arms, federated_arms, privacy_arms
+from harmonize.study.config import load_study_config
+from harmonize.study.run import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "configs/study/femur72_quick.yaml"
+# the quick design, lighter still for the suite (the shipped config is what CI's
+# 6-minute budget was set for; this keeps every part and arm)
+LIGHTER = ["federated.rounds=3", "central.epochs=8", "bootstrap=200"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "run"
+    sets = [arg for kv in LIGHTER for arg in ("--set", kv)]
+    assert main(["study", "-q", "--config", str(QUICK), "--out", str(out), *sets]) == 0
+    return out
+
+
+def test_quick_study_answers_all_four_parts(quick_run):
+    out = quick_run
+    arms = pd.read_csv(out / "arms.csv")
+    expected = {a.name for a in central_arms() + federated_arms()
+                + privacy_arms([math.inf, 10.0], secagg=False)}
+    assert set(arms["arm"]) == expected
+    # every arm scored on the same external node, AUC / AP / sensitivity with CIs
+    assert arms["n"].nunique() == 1 and (arms["n_positive"] > 0).all()
+    for metric in ("auc", "ap", "sens_at_spec"):
+        assert ((arms[f"{metric}_lo"] <= arms[metric] + 1e-9)
+                & (arms[metric] <= arms[f"{metric}_hi"] + 1e-9)).all()
+    # federated arms report their cost; the DP arm its epsilon, within the target
+    fed = arms[arms["training"] != "central"]
+    assert (fed["cost_seconds_per_round"] > 0).all()
+    assert (fed["cost_bytes_per_node_round"] > 0).all()
+    private = arms[arms["epsilon"].astype(str) == "10.0"]
+    assert len(private) == 1 and 0 < private["cost_epsilon"].iloc[0] <= 10.0
+    diffs = pd.read_csv(out / "differences.csv")
+    assert set(diffs["part"]) == {"central", "federated", "privacy"}
+    assert ((diffs["lo"] <= diffs["auc_difference"] + 1e-9)
+            & (diffs["auc_difference"] <= diffs["hi"] + 1e-9)).all()
+    # part 1: every hospital but the reference ranked, before and after both harmonizers
+    hospitals = pd.read_csv(out / "stages/part1_shift/hospitals.csv")
+    assert len(hospitals) == 11 and "site_a" not in set(hospitals["site"])
+    assert hospitals["distance"].is_monotonic_decreasing
+    assert hospitals["after_central"].mean() < hospitals["distance"].mean()
+    assert {"after_federated", "proposed_group", "node"} <= set(hospitals.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["design"]["external_node"] == "node_6"
+    assert summary["design"]["patients"] < summary["design"]["images"]  # several per patient
+    result = assert_reads_cleanly_in_a_browser(out / "report.html", "study_femur72_quick")
+    assert result["images"] >= 6  # ranking, heat map, examples, three forest plots
+
+
+def test_a_rerun_reuses_every_stage(quick_run, capsys):
+    config = load_study_config(QUICK, {"out": str(quick_run), "progress": False,
+                                       "federated.rounds": 3, "central.epochs": 8,
+                                       "bootstrap": 200})
+    before = pd.read_csv(quick_run / "arms.csv")
+    run_study(config)
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert set(summary["reused_stages"]) == set(summary["stage_seconds"])
+    assert summary["seconds"]["total"] < 60  # nothing trained again
+    pd.testing.assert_frame_equal(pd.read_csv(quick_run / "arms.csv"), before)
+
+
+def _refused(tmp_path, **overrides) -> str:
+    config = load_study_config(QUICK, {"out": str(tmp_path / "run"), "progress": False,
+                                       **overrides})
+    with pytest.raises(ConfigError) as err:
+        run_study(config)
+    assert not list((tmp_path / "run" / "stages").glob("classifier_*")), "trained first"
+    return str(err.value)
+
+
+def test_designs_that_cannot_run_are_refused_before_training(tmp_path):
+    assert "is in the external node" in _refused(
+        tmp_path, **{"data.external_node": "node_1"})
+    assert "not a node" in _refused(tmp_path, **{"data.external_node": "node_9"})
+    # a DP target the budget cannot meet, named with the arm and the fix
+    message = _refused(tmp_path, **{"privacy.epsilons": [0.05]})
+    assert "DP-SGD epsilon 0.05" in message and "cannot be met" in message
+
+
+def test_a_node_without_positives_is_refused(tmp_path):
+    from harmonize.data.manifest import load_manifest, save_manifest
+    from harmonize.synth import generate
+
+    generate(tmp_path / "data", sites=4, per_site=6, size=32, seed=0, progress=False,
+             prevalence=[0.5, 0.5, 0.0, 0.5], nodes=4)
+    config = load_study_config(None, {"out": str(tmp_path / "run"), "progress": False,
+                                      "data.manifest": str(tmp_path / "data/manifest.csv"),
+                                      "data.reference_site": "site_a"})
+    with pytest.raises(ConfigError, match="training node 'node_3' has no positives"):
+        run_study(config)
+    # a patient at two nodes
+    df = load_manifest(tmp_path / "data/manifest.csv")
+    df.loc[df.index[0], "patient_id"] = df["patient_id"].iloc[-1]
+    save_manifest(df, tmp_path / "data/two.csv")
+    config.data.manifest = tmp_path / "data/two.csv"
+    with pytest.raises(ConfigError, match="appear at two nodes"):
+        run_study(config)
+
+
+def test_arms_are_typed_values_with_stable_names():
+    arm = Arm("federated", "fedavg", epsilon=3.0, harmonizer_epsilon=3.0, norm="group")
+    assert arm.name == "hm-federated_fedavg_gn_hm-eps3_eps3" and arm.private
+    assert "DP-SGD epsilon 3" in arm.label and "landmarks at epsilon 3" in arm.label
+    assert Arm() == Arm("raw", "central") and len({*central_arms(), *federated_arms()}) == 12
+
+
+def test_rare_class_metrics_match_sklearn_and_cover_it():
+    from sklearn.metrics import average_precision_score
+
+    from harmonize.classify.metrics import rare_class_metrics
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.2).astype(int)
+    p = rng.random(300) + 0.6 * y
+    m = rare_class_metrics(y, p, n_boot=500)
+    assert m["ap"] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    threshold = np.quantile(p[y == 0], 0.9, method="higher")
+    assert (p[y == 0] <= threshold).mean() >= 0.9
+    assert m["sens_at_spec"] == pytest.approx((p[y == 1] > threshold).mean())
+    assert m["ap_lo"] < m["ap"] < m["ap_hi"] and m["sens_at_spec_lo"] < m["sens_at_spec_hi"]
+    # a perfect ranking: AP 1 and every positive found at 90% specificity
+    perfect = rare_class_metrics(y, y + 0.01 * rng.random(300), n_boot=200)
+    assert perfect["ap"] == 1.0 and perfect["sens_at_spec"] == 1.0
