@@ -81,7 +81,7 @@ def test_synth_and_demo_options_are_explained(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
-        assert "images per site" in text and "image side in pixels" in text
+        assert "patients per site" in text and "image side in pixels" in text
 
 
 def test_reruns_say_what_they_replace(synth, tmp_path, capsys):

@@ -168,17 +168,14 @@ def two_sites(tmp_path) -> Path:
     return data / "manifest.csv"
 
 
-def test_superlink_and_supernodes_on_loopback_run_a_job(tmp_path, two_sites):
+def test_superlink_and_supernodes_on_loopback_run_translator_jobs(tmp_path, two_sites):
+    """The translators in a deployment (the classifier runs in the TLS test below):
+    CycleGAN (site_b's node and the reference node), DDIB with local priors (each node
+    keeps its own translator)."""
     with deployment(tmp_path) as link:
         link.start_superlink()
         for i in range(2):
             link.start_supernode(f"node{i}", i, 2)
-        summary = link.submit(classifier_config(tmp_path / "fed.yaml"), two_sites,
-                              tmp_path / "classifier")
-        model, cfg, meta = load_classifier(Path(summary["model"]))
-        assert meta["federated"]["rounds"] == 2
-        # the translators run in the same deployment: CycleGAN (site_b's node and the
-        # reference node), DDIB with local priors (each node keeps its own translator)
         summary = link.submit(translator_config(tmp_path / "cg.yaml", "cyclegan"), two_sites,
                               tmp_path / "cyclegan")
         assert load_translator(summary["model"]).kind == "cyclegan"
