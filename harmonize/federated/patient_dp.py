@@ -96,7 +96,9 @@ def accountant_epsilon(sigma: float, sample_rate: float, steps: int, delta: floa
         return 0.0
     acc = RDPAccountant()
     acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta))
+    with warnings.catch_warnings():  # opacus' note on its own order range, per call
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta))
 
 
 def plan_patient_dp(patients: int, steps: int, privacy, patients_per_step: int,
