@@ -60,6 +60,9 @@ class Arm:
     def label(self) -> str:
         """The arm in words, for tables and plots."""
         text = f"{TRAINING_TEXT[self.training]} on {IMAGES_TEXT[self.images]}"
+        if self.norm == "group":
+            text = text.replace(TRAINING_TEXT[self.training],
+                                f"{TRAINING_TEXT[self.training]} (GroupNorm CNN)", 1)
         if math.isfinite(self.harmonizer_epsilon):
             text += f" (landmarks at epsilon {self.harmonizer_epsilon:g})"
         if self.augment:
@@ -94,10 +97,15 @@ def federated_arms() -> list[Arm]:
 
 def privacy_arms(epsilons: list[float], secagg: bool) -> list[Arm]:
     """Part 4: the federated pipeline (federated landmarks, FedAvg) with patient-level DP
-    for the landmarks and the classifier at each target (the same GroupNorm CNN without
-    class weights at every level, as DP-SGD needs), and with SecAgg+."""
-    arms = [Arm("federated", "fedavg", epsilon=e, harmonizer_epsilon=e, norm="group")
-            for e in epsilons]
+    at each target (the same GroupNorm CNN without class weights at every level, as
+    DP-SGD needs): on the landmarks and the classifier together, and on each alone (which
+    part costs); and with SecAgg+."""
+    arms = []
+    for e in epsilons:
+        arms.append(Arm("federated", "fedavg", epsilon=e, harmonizer_epsilon=e, norm="group"))
+        if math.isfinite(e):
+            arms += [Arm("federated", "fedavg", epsilon=e, norm="group"),
+                     Arm("federated", "fedavg", harmonizer_epsilon=e, norm="group")]
     if secagg:
         arms.append(Arm("federated", "fedavg", secagg=True))
     return arms
