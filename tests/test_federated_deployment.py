@@ -168,6 +168,8 @@ def two_sites(tmp_path) -> Path:
     return data / "manifest.csv"
 
 
+@pytest.mark.slow  # 65 s; the deployment itself is tested by the TLS test below, the
+# translator apps by the simulation tests (the same ClientApp / ServerApp)
 def test_superlink_and_supernodes_on_loopback_run_translator_jobs(tmp_path, two_sites):
     """The translators in a deployment (the classifier runs in the TLS test below):
     CycleGAN (site_b's node and the reference node), DDIB with local priors (each node

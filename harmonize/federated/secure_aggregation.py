@@ -44,8 +44,8 @@ rounding). With M = the largest node's num-examples and equal nodes S = n, so th
 is about 2C/Q: 1.5e-8 at C = 8, Q = 2**30 (3 nodes), below float32's own step at 1
 (nodes send their updates as float64: Flower quantizes in the arrays' dtype, and
 float32 would round at its own step near C, ~1e-6).
-Hence the defaults (`secagg_settings.SecAggParams`): M from the task (the largest node's training rows
-for the classifier, 1 for CycleGAN, local_steps for the diffusion prior), not Flower's
+Hence the defaults (`secagg_settings.SecAggParams`): M from the task (the largest node's
+training rows for the classifier, 1 for CycleGAN, local_steps for the diffusion prior), not Flower's
 1000, which would make the error ~1000 / w_i times larger; C covering the updates; Q as
 large as the 2**32 modulus allows for n (n * Q must stay below it, or the sum wraps).
 A node whose weighted update leaves [-C, C] (Flower would clip it silently: a wrong

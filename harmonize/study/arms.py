@@ -95,7 +95,7 @@ def federated_arms() -> list[Arm]:
             Arm("federated", "fedbn")]
 
 
-def privacy_arms(epsilons: list[float], secagg: bool) -> list[Arm]:
+def privacy_arms(epsilons: list[float], secagg: bool, separate: bool = True) -> list[Arm]:
     """Part 4: the federated pipeline (federated landmarks, FedAvg) with patient-level DP
     at each target (the same GroupNorm CNN without class weights at every level, as
     DP-SGD needs): on the landmarks and the classifier together, and on each alone (which
@@ -103,7 +103,7 @@ def privacy_arms(epsilons: list[float], secagg: bool) -> list[Arm]:
     arms = []
     for e in epsilons:
         arms.append(Arm("federated", "fedavg", epsilon=e, harmonizer_epsilon=e, norm="group"))
-        if math.isfinite(e):
+        if math.isfinite(e) and separate:
             arms += [Arm("federated", "fedavg", epsilon=e, norm="group"),
                      Arm("federated", "fedavg", harmonizer_epsilon=e, norm="group")]
     if secagg:

@@ -70,6 +70,8 @@ class PrivacyAxis(Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     secagg: bool = Field(True, description="also run the federated pipeline with SecAgg+")
+    separate: bool = Field(True, description="also DP on the landmarks alone and on the "
+                           "classifier alone at each target (which part costs)")
 
     @field_validator("epsilons")
     @classmethod

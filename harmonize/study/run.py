@@ -47,7 +47,8 @@ def planned_arms(config: StudyConfig) -> dict[str, list[Arm]]:
     if "federated" in config.parts:
         parts["federated"] = federated_arms()
     if "privacy" in config.parts:
-        parts["privacy"] = privacy_arms(config.privacy.epsilons, config.privacy.secagg)
+        p = config.privacy
+        parts["privacy"] = privacy_arms(p.epsilons, p.secagg, p.separate)
     return parts
 
 
