@@ -122,6 +122,13 @@ def test_arms_are_typed_values_with_stable_names():
     assert arm.name == "hm-federated_fedavg_gn_hm-eps3_eps3" and arm.private
     assert "DP-SGD epsilon 3" in arm.label and "landmarks at epsilon 3" in arm.label
     assert Arm() == Arm("raw", "central") and len({*central_arms(), *federated_arms()}) == 12
+    # part 2 for a second architecture: its own augmentation baseline
+    from harmonize.study.arms import augmentation_baseline
+
+    vit = [a for a in central_arms(["vit"]) if a.arch == "vit"]
+    assert len(vit) == 4 and augmentation_baseline(vit[2]) == Arm("raw", augment=True,
+                                                                  arch="vit")
+    assert vit[2].name == "hm-central_central_vit" and "ViT" in vit[2].label
     # DP on each part alone and on both, at every finite target; one arm at inf
     arms = privacy_arms([math.inf, 10.0, 3.0], secagg=True)
     assert len(arms) == 1 + 3 + 3 + 1 and {a.epsilon for a in arms if a.private} == {10, 3}

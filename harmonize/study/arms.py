@@ -18,6 +18,8 @@ Training = Literal["central", "fedavg", "fedprox", "fedbn"]
 
 IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
                "federated": "federated histogram matching"}
+ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18",
+             "densenet121": "DenseNet-121"}
 TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
                  "fedbn": "FedBN"}
 
@@ -31,6 +33,7 @@ class Arm:
     harmonizer_epsilon: float = math.inf  # the landmarks' patient-level DP target
     secagg: bool = False
     norm: Literal["batch", "group"] = "batch"
+    arch: str | None = None  # another architecture than the study's classifier (part 2)
 
     @property
     def federated(self) -> bool:
@@ -44,6 +47,8 @@ class Arm:
     def name(self) -> str:
         parts = [self.images if self.images == "raw" else f"hm-{self.images}",
                  self.training]
+        if self.arch:
+            parts.append(self.arch)
         if self.augment:
             parts.append("augment")
         if self.norm == "group":
@@ -60,6 +65,8 @@ class Arm:
     def label(self) -> str:
         """The arm in words, for tables and plots."""
         text = f"{TRAINING_TEXT[self.training]} on {IMAGES_TEXT[self.images]}"
+        if self.arch:
+            text = text.replace("classifier", ARCH_TEXT.get(self.arch, self.arch), 1)
         if self.norm == "group":
             text = text.replace(TRAINING_TEXT[self.training],
                                 f"{TRAINING_TEXT[self.training]} (GroupNorm CNN)", 1)
@@ -78,10 +85,17 @@ class Arm:
                 for k, v in asdict(self).items()}
 
 
-def central_arms() -> list[Arm]:
-    """Part 2: central harmonization against augmentation, all central."""
-    return [Arm("raw"), Arm("raw", augment=True), Arm("central"),
-            Arm("central", augment=True)]
+def central_arms(other_archs: list[str] | tuple = ()) -> list[Arm]:
+    """Part 2: central harmonization against augmentation, all central; for the study's
+    classifier and for each of `other_archs` (e.g. a ViT beside the CNN)."""
+    return [arm for arch in (None, *other_archs)
+            for arm in (Arm("raw", arch=arch), Arm("raw", augment=True, arch=arch),
+                        Arm("central", arch=arch), Arm("central", augment=True, arch=arch))]
+
+
+def augmentation_baseline(arm: Arm) -> Arm:
+    """What part 2 holds an arm to: the same classifier on raw images with augmentation."""
+    return Arm("raw", "central", augment=True, arch=arm.arch)
 
 
 def federated_arms() -> list[Arm]:

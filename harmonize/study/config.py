@@ -52,6 +52,20 @@ class CentralTraining(Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
+    other_classifiers: list[str] = Field(default_factory=list, description="part 2 also "
+                                         "with these architectures (e.g. [vit]), beside "
+                                         "the study's classifier")
+
+    @field_validator("other_classifiers")
+    @classmethod
+    def _known(cls, archs: list[str]) -> list[str]:
+        from harmonize.classify.networks import ARCHITECTURES
+
+        unknown = [a for a in archs if a not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"central.other_classifiers: {unknown} unknown; choose from "
+                             f"{', '.join(ARCHITECTURES)}")
+        return archs
 
 
 class FederatedTraining(Section):

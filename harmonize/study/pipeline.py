@@ -114,8 +114,9 @@ class Pipeline:
         manifest = self.harmonized(arm.images, arm.harmonizer_epsilon)
         inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": self.config.seed,
                   "classifier": self.config.classifier.model_dump(mode="json"),
-                  "training": (self.config.federated if arm.federated
-                               else self.config.central).model_dump(mode="json"),
+                  "training": (self.config.federated.model_dump(mode="json") if arm.federated
+                               else self.config.central.model_dump(
+                                   mode="json", exclude={"other_classifiers"})),
                   "image_size": self.config.data.image_size,
                   "privacy": self.config.privacy.model_dump(mode="json")}
         return self.cache.run(f"classifier_{arm.name}", inputs,
@@ -131,8 +132,10 @@ class Pipeline:
                              batch_size=self.config.central.batch_size,
                              lr=self.config.central.lr, seed=self.config.seed,
                              augment="plain" if arm.augment else "none", progress=False)
-            model = fit_classifier(x[d.train_rows], d.labels[d.train_rows],
-                                   self.config.classifier, tc)
+            model_cfg = self.config.classifier
+            if arm.arch:
+                model_cfg = model_cfg.model_copy(update={"arch": arm.arch})
+            model = fit_classifier(x[d.train_rows], d.labels[d.train_rows], model_cfg, tc)
         else:
             from harmonize.federated.run import run_federated
 

@@ -153,8 +153,8 @@ def _arm_table(table: pd.DataFrame, diffs: pd.DataFrame, part: str) -> pd.DataFr
 def _part2(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame, n_external: str
            ) -> None:
     page.heading("2. Does central harmonization beat augmentation on unseen hospitals?")
-    t = table[table["arm"].isin(diffs.loc[diffs["part"] == "central", "arm"].tolist()
-                                + ["raw_central_augment"])]
+    part = diffs[diffs["part"] == "central"]
+    t = table[table["arm"].isin(set(part["arm"]) | set(part["baseline"]))]
     hm, aug = _row(t, "hm-central_central"), _row(t, "raw_central_augment")
     raw = _row(t, "raw_central")
     if hm is not None and aug is not None:
@@ -165,9 +165,22 @@ def _part2(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame, n_externa
             f"; difference {_difference(diffs, 'hm-central_central', 'raw_central_augment')} "
             "(paired bootstrap over the same images)"
             + (f"; with neither, {_ci(raw['auc'], raw['auc_lo'], raw['auc_hi'])}."
-               if raw is not None else "."))
+               if raw is not None else ".") + _other_archs(t, diffs))
     page.table(_arm_table(t, diffs, "central"))
     page.figure(forest(t, "Central training"), "")
+
+
+def _other_archs(table: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    """The same comparison for each further architecture of part 2, one sentence each."""
+    text = ""
+    for arch in sorted(table["arch"].dropna().unique()):
+        hm, aug = f"hm-central_central_{arch}", f"raw_central_{arch}_augment"
+        r = _row(table, hm)
+        if r is not None:
+            text += (f" The {arch} on harmonized images: "
+                     f"{_ci(r['auc'], r['auc_lo'], r['auc_hi'])}, against its augmentation "
+                     f"{_difference(diffs, hm, aug)}.")
+    return text
 
 
 def _part3(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame) -> None:

@@ -30,20 +30,25 @@ from harmonize.classify.metrics import (
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
 from harmonize.rerun import replacing_outputs
-from harmonize.study.arms import Arm, central_arms, federated_arms, privacy_arms
+from harmonize.study.arms import (
+    Arm,
+    augmentation_baseline,
+    central_arms,
+    federated_arms,
+    privacy_arms,
+)
 from harmonize.study.cache import StageCache
 from harmonize.study.config import StudyConfig
 from harmonize.study.design import Design, make_design
 from harmonize.study.pipeline import Pipeline
 
 CENTRAL_PIPELINE = Arm("central", "central")  # what every federated/private arm is held to
-AUGMENTATION = Arm("raw", "central", augment=True)
 
 
 def planned_arms(config: StudyConfig) -> dict[str, list[Arm]]:
     parts = {}
     if "central" in config.parts:
-        parts["central"] = central_arms()
+        parts["central"] = central_arms(config.central.other_classifiers)
     if "federated" in config.parts:
         parts["federated"] = federated_arms()
     if "privacy" in config.parts:
@@ -56,8 +61,8 @@ def comparisons(parts: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
     """(part, arm, baseline): each paired AUC difference the report states."""
     pairs = []
     for arm in parts.get("central", []):
-        if arm != AUGMENTATION:
-            pairs.append(("central", arm, AUGMENTATION))
+        if arm != augmentation_baseline(arm):
+            pairs.append(("central", arm, augmentation_baseline(arm)))
     for arm in parts.get("federated", []):
         if arm != CENTRAL_PIPELINE:
             pairs.append(("federated", arm, CENTRAL_PIPELINE))
