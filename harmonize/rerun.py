@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from harmonize.configs import ConfigError
+
 
 def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
@@ -42,3 +44,14 @@ def replacing_outputs(out: Path, what: str, marker: str | None = None) -> None:
     if n:
         note(f"{out} already holds {n} file(s); {what} with the same names are replaced "
              "(--resume keeps them)")
+
+
+def output_folder(out, what: str, marker: str) -> Path:
+    """The folder a command writes to (`--out`, required), created; an earlier run's
+    `marker` there is noted as replaced."""
+    if out is None:
+        raise ConfigError("out is required (--out DIR)")
+    out = Path(out)
+    replacing_outputs(out, what, marker=marker)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -40,7 +40,7 @@ from harmonize.data.manifest import binary_targets, load_manifest, positive_labe
 from harmonize.data.splits import patient_split
 from harmonize.evaluation.config import AUGMENTED, TEST_TIME_MODEL, EvalConfig, Protocol
 from harmonize.evaluation.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
-from harmonize.rerun import replacing_outputs
+from harmonize.rerun import output_folder
 
 # the augmentation each regime trains with (TrainConfig.augment)
 AUGMENTATION_OF = {"raw": "none", "augment": "plain", "acquisition": "acquisition",
@@ -193,11 +193,7 @@ class Stages:
 
 def run_evaluation(config: EvalConfig) -> Path:
     """Run the matrix; returns OUT (results.csv, results.md, report.html, ...)."""
-    if config.out is None:
-        raise ConfigError("out is required (--out DIR)")
-    out = Path(config.out)
-    replacing_outputs(out, "evaluation (results and report)", marker="report.html")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config.out, "evaluation (results and report)", marker="report.html")
     check_specs(config.translators)
     dump_config(config, out / "config.yaml")
     timings: dict[str, float] = {}

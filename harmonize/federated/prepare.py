@@ -16,7 +16,13 @@ from harmonize.data.manifest import load_manifest, save_manifest
 from harmonize.data.splits import patient_split
 from harmonize.federated import patient_dp
 from harmonize.federated.config import FederatedConfig
-from harmonize.federated.nodes import fill_site_lists, read_manifest, split_rows
+from harmonize.federated.nodes import (
+    fill_site_lists,
+    node_names,
+    node_rows,
+    read_manifest,
+    split_rows,
+)
 from harmonize.federated.secagg_settings import SecAggParams, protocol_settings
 from harmonize.federated.task_interface import FederatedTask
 from harmonize.federated.tasks import build_task
@@ -66,7 +72,7 @@ def plan_run(cfg: FederatedConfig, secagg=None) -> RunPlan:
     automatic); raises ConfigError where the design cannot run."""
     manifest = (read_manifest(cfg.manifest) if cfg.manifest is not None
                 and Path(cfg.manifest).is_file() else None)
-    nodes = sorted(manifest["node"].astype(str).unique()) if manifest is not None else []
+    nodes = node_names(cfg.manifest) if manifest is not None else []
     n_nodes = cfg.min_nodes or len(nodes)
     if n_nodes == 0:
         raise ConfigError("the server has no manifest to count the nodes in; give "
@@ -74,9 +80,8 @@ def plan_run(cfg: FederatedConfig, secagg=None) -> RunPlan:
     task = build_task(cfg)
     plans = None
     if cfg.privacy.mode == "patient-dp" and manifest is not None:
-        by_node = manifest["node"].astype(str)
         plans = patient_dp.node_plans(
-            task, {n: split_rows(manifest[by_node == n])[0] for n in nodes},
+            task, {n: split_rows(node_rows(cfg.manifest, n))[0] for n in nodes},
             progress=cfg.progress)
     protocol = None
     if cfg.privacy.secagg:

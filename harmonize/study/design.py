@@ -70,7 +70,7 @@ def make_design(config: StudyConfig, out: Path) -> Design:
     reference = config.data.reference_site or synth_reference
     if reference is None:
         raise ConfigError("data.reference_site: name the hospital whose style is the target")
-    nodes = sorted(df["node"].astype(str).unique(), key=_natural)
+    nodes = sorted(df["node"].astype(str).unique(), key=natural_key)
     external = config.data.external_node or nodes[-1]
     problems = []
     if len(nodes) < 3:
@@ -109,7 +109,7 @@ def make_design(config: StudyConfig, out: Path) -> Design:
     return Design(manifest, df, labels, positive, reference, external, training)
 
 
-def _natural(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
     """site_b < site_j < site_aa, node_2 < node_10: names in the order people count."""
     stem = name.rstrip("0123456789")
     digits = name[len(stem):]

@@ -11,9 +11,10 @@ import pandas as pd
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.radiomics.extract import available_cpus
 from harmonize.report.html import HtmlReport, image_grid, subplots
 from harmonize.study.config import StudyConfig
-from harmonize.study.design import Design
+from harmonize.study.design import Design, natural_key
 
 
 def _ci(value: float, lo: float, hi: float) -> str:
@@ -74,7 +75,7 @@ def _part1(page: HtmlReport, out: Path, design: Design, shift: dict) -> None:
                 "crosses: after central histogram matching.")
     page.figure(_heatmap(table), "Distance per feature family (rows in ranking order).")
     groups = table.groupby("proposed_group")["site"].apply(
-        lambda s: ", ".join(sorted(s, key=lambda n: (len(n), n)))).reset_index()
+        lambda s: ", ".join(sorted(s, key=natural_key))).reset_index()
     groups.columns = ["proposed group", "hospitals"]
     page.heading("Hospitals that look alike: a proposal of node groups", 3)
     page.paragraph(f"Ward clustering of the hospitals' mean features into as many groups as "
@@ -268,15 +269,9 @@ def write_study_report(out: Path, config: StudyConfig, design: Design, summary: 
     times = pd.DataFrame({"stage": list(summary["stage_seconds"]),
                           "seconds": list(summary["stage_seconds"].values())})
     page.paragraph(f"Machine: {platform.processor() or platform.machine()}, "
-                   f"{_cpus()} CPU(s). Reused from an earlier run: "
+                   f"{available_cpus()} CPU(s). Reused from an earlier run: "
                    f"{', '.join(summary['reused_stages']) or 'none'}.", "note")
     page.table(times.round(1))
     page.link("arms.csv", "every arm's scores (CSV)")
     page.link("differences.csv", "the paired differences (CSV)")
     return page.save(out / "report.html")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -29,7 +29,7 @@ from harmonize.classify.metrics import (
 )
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
-from harmonize.rerun import replacing_outputs
+from harmonize.rerun import output_folder
 from harmonize.study.arms import (
     Arm,
     augmentation_baseline,
@@ -125,11 +125,7 @@ def paired_differences(design: Design, preds: dict[Arm, dict],
 
 
 def run_study(config: StudyConfig) -> Path:
-    if config.out is None:
-        raise ConfigError("out is required (--out DIR)")
-    out = Path(config.out)
-    replacing_outputs(out, "study (tables and report)", marker="report.html")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config.out, "study (tables and report)", marker="report.html")
     started = time.perf_counter()
     design = make_design(config, out)
     cache = StageCache(out / "stages", config.progress)

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harmonize.data.manifest import load_manifest
 from harmonize.radiomics.distance import pooled_scale
 from harmonize.radiomics.extract import extract_features, feature_columns
 from harmonize.radiomics.settings import RadiomicsSettings
 from harmonize.radiomics.shift_report import freeze_auto_masks
 from harmonize.radiomics.stats import feature_family
-from harmonize.study.design import Design, _natural
+from harmonize.study.design import Design, natural_key
 
 
 def features_of(frame: pd.DataFrame, settings: RadiomicsSettings, cache: Path,
@@ -52,7 +53,7 @@ def hospital_distances(features: pd.DataFrame, reference: str, scale=None,
     rng = np.random.default_rng(seed)
     ref_boot = ref[rng.integers(0, len(ref), (n_boot, len(ref)))].mean(axis=1)
     rows = []
-    for name in sorted(set(site) - {reference}, key=_natural):
+    for name in sorted(set(site) - {reference}, key=natural_key):
         own = z[site == name]
         diff = np.abs(own.mean(0) - ref.mean(0))
         boot = np.abs(own[rng.integers(0, len(own), (n_boot, len(own)))].mean(axis=1)
@@ -96,8 +97,6 @@ def run_shift(design: Design, harmonized: dict[str, str], folder: Path, n_boot: 
     node_of = df.drop_duplicates("site").set_index("site")["node"].astype(str)
     table.insert(1, "node", table["site"].map(node_of))
     for name, manifest in harmonized.items():
-        from harmonize.data.manifest import load_manifest
-
         h = load_manifest(manifest)
         h_frame = frame.copy()
         h_frame["path"] = h["path"].to_numpy()
