@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from harmonize.classify.networks import ARCHITECTURES
+from harmonize.classify.networks import ARCHITECTURES, PRETRAINABLE
 from harmonize.configs import ConfigError, Section, load_yaml_config
 
 __all__ = ["ClassifierConfig", "ConfigError", "load_config"]
@@ -31,7 +31,12 @@ class ModelConfig(Section):
     width: int = Field(16, ge=4, description="cnn channels of the first block / vit width")
     norm: Literal["batch", "group"] = Field(
         "batch", description="cnn normalization: group (GroupNorm) suits federated training")
-    weights: Path | None = Field(None, description="local safetensors to start from")
+    weights: Path | None = Field(None, description="a harmonize classifier's safetensors "
+                                 "to start from")
+    pretrained: Path | None = Field(
+        None, description="local ImageNet weights in torchvision's format (.pth or "
+        ".safetensors) to start resnet18 / resnet50 / densenet121 from; the head starts "
+        "fresh")
 
     @field_validator("arch")
     @classmethod
@@ -39,6 +44,13 @@ class ModelConfig(Section):
         if arch not in ARCHITECTURES:
             raise ValueError(f"'{arch}' is not a classifier; choose one of {ARCHITECTURES}")
         return arch
+
+    @model_validator(mode="after")
+    def _pretrainable(self) -> ModelConfig:
+        if self.pretrained is not None and self.arch not in PRETRAINABLE:
+            raise ValueError(f"pretrained: ImageNet weights start {', '.join(PRETRAINABLE)} "
+                             f"only; arch '{self.arch}' trains from scratch")
+        return self
 
 
 class TrainConfig(Section):

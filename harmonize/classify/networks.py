@@ -1,8 +1,10 @@
-"""The classifier zoo: a small CNN baseline, MONAI's ResNet18 / DenseNet121, a small ViT.
+"""The classifier zoo: a small CNN baseline, MONAI's ResNet18 / ResNet50 / DenseNet121,
+a small ViT.
 
 All take (B, 1, S, S) images in model space and return one logit per image (B,)
-(binary: finding vs normal). Everything trains from scratch; `load_weights` takes a
-local safetensors file the user provides (nothing is downloaded).
+(binary: finding vs normal). They train from scratch, or the ResNets and the DenseNet
+start from a local ImageNet file in torchvision's format (`classify/pretrained.py`);
+`load_weights` takes a harmonize classifier's safetensors (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-ARCHITECTURES = ("cnn", "resnet18", "densenet121", "vit")
+ARCHITECTURES = ("cnn", "resnet18", "resnet50", "densenet121", "vit")
+PRETRAINABLE = ("resnet18", "resnet50", "densenet121")  # torchvision has ImageNet weights
+# ImageNet's grey statistics (the means of its RGB means and stds, timm's convention for
+# one channel): a backbone started from ImageNet weights sees inputs scaled like those
+IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
 
 
 class SmallCNN(nn.Module):
@@ -49,21 +55,27 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class Classifier(nn.Module):
     """Wraps a backbone so every architecture returns (B,) logits."""
 
-    def __init__(self, arch: str, image_size: int, width: int = 16, norm: str = "batch") -> None:
+    def __init__(self, arch: str, image_size: int, width: int = 16, norm: str = "batch",
+                 imagenet_input: bool = False) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown classifier '{arch}'; choose one of {ARCHITECTURES}")
         self.arch = arch
         self.norm = norm
+        self.imagenet_input = imagenet_input  # normalize as ImageNet weights expect
         if arch == "cnn":
             self.net = SmallCNN(width, norm)
             return
         # imported here: MONAI's networks package loads its data and transform stacks
         # (~2 s), which every federated node process and CLI call would otherwise pay
-        from monai.networks.nets import DenseNet121, ViT, resnet18
+        from monai.networks.nets import DenseNet121, ViT, resnet18, resnet50
 
-        if arch == "resnet18":
-            self.net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
+        if arch in ("resnet18", "resnet50"):
+            # torchvision's layout (stride-2 stem, no bias in the shortcut convolution),
+            # so that ImageNet weights load name for name
+            make = resnet18 if arch == "resnet18" else resnet50
+            self.net = make(spatial_dims=2, n_input_channels=1, num_classes=1,
+                            conv1_t_stride=2, bias_downsample=False)
         elif arch == "densenet121":
             self.net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
         else:
@@ -78,6 +90,8 @@ class Classifier(nn.Module):
                            spatial_dims=2, post_activation=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.imagenet_input:
+            x = (x - IMAGENET_GREY_MEAN) / IMAGENET_GREY_STD
         out = self.net(x)
         if isinstance(out, tuple):  # MONAI ViT returns (logits, hidden states)
             out = out[0]
@@ -85,7 +99,7 @@ class Classifier(nn.Module):
 
     def gradcam_layer(self) -> str:
         """Name of the last convolutional stage (for Grad-CAM); '' for the ViT."""
-        return {"cnn": "net.features.14", "resnet18": "net.layer4",
+        return {"cnn": "net.features.14", "resnet18": "net.layer4", "resnet50": "net.layer4",
                 "densenet121": "net.features.denseblock4", "vit": ""}[self.arch]
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from harmonize.checkpoint import load_checkpoint, save_checkpoint
 from harmonize.classify.config import ClassifierConfig, ModelConfig, TrainConfig
 from harmonize.classify.networks import Classifier, load_weights
+from harmonize.classify.pretrained import load_imagenet_weights
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.datasets import load_image_tensor
 from harmonize.data.intensity import IntensityPolicy
@@ -133,6 +134,19 @@ def run_epochs(model: torch.nn.Module, loader, loss_fn, opt, epochs: int, sched=
     return history
 
 
+def new_classifier(model_cfg: ModelConfig, image_size: int) -> Classifier:
+    """A classifier as its config starts it: from a harmonize classifier's weights
+    (model.weights), from ImageNet weights in torchvision's format (model.pretrained), or
+    from scratch."""
+    model = Classifier(model_cfg.arch, image_size, model_cfg.width, model_cfg.norm,
+                       imagenet_input=model_cfg.pretrained is not None)
+    if model_cfg.pretrained is not None:
+        load_imagenet_weights(model, model_cfg.pretrained)
+    if model_cfg.weights is not None:
+        load_weights(model, model_cfg.weights)
+    return model
+
+
 def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelConfig,
                    train_cfg: TrainConfig, desc: str = "train classifier",
                    log: list[dict] | None = None) -> Classifier:
@@ -144,9 +158,7 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     torch.manual_seed(tc.seed)
     accelerator = make_accelerator(mixed_precision=training_precision(tc.mixed_precision,
                                                                      cpu_bf16=False))
-    model = Classifier(model_cfg.arch, images.shape[-1], model_cfg.width, model_cfg.norm)
-    if model_cfg.weights is not None:
-        load_weights(model, model_cfg.weights)
+    model = new_classifier(model_cfg, images.shape[-1])
     loader = make_loader(images, labels, tc)
     loss_fn = make_loss(labels, tc.balance)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -239,6 +251,7 @@ def train_classifier(config: ClassifierConfig) -> Path:
 def save_classifier(model: Classifier, directory: Path, config: ClassifierConfig,
                     metadata: dict) -> Path:
     arch = {"arch": model.arch, "width": config.model.width, "norm": model.norm,
+            "imagenet_input": model.imagenet_input,
             "image_size": config.data.image_size, "intensity": config.data.intensity}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return save_checkpoint(directory, KIND, state, arch, metadata)
@@ -251,6 +264,6 @@ def load_classifier(directory: str | Path) -> tuple[Classifier, dict, dict]:
         raise ValueError(f"{directory}: a '{ckpt.kind}' checkpoint, not a classifier")
     cfg = ckpt.config
     model = Classifier(cfg["arch"], int(cfg["image_size"]), int(cfg["width"]),
-                       cfg.get("norm", "batch"))
+                       cfg.get("norm", "batch"), bool(cfg.get("imagenet_input", False)))
     model.load_state_dict(ckpt.tensors)
     return model.eval(), cfg, ckpt.metadata

@@ -17,6 +17,7 @@ import torch
 from harmonize.classify.config import ClassifierConfig, TrainConfig
 from harmonize.classify.metrics import binary_metrics
 from harmonize.classify.networks import Classifier
+from harmonize.classify.pretrained import load_imagenet_weights
 from harmonize.classify.train import (
     check_labels,
     make_loader,
@@ -56,7 +57,8 @@ class ClassifierTask(FederatedTask):
 
     def build(self) -> Classifier:
         m = self.cc.model
-        return Classifier(m.arch, self.cc.image_size, m.width, self.norm)
+        return Classifier(m.arch, self.cc.image_size, m.width, self.norm,
+                          imagenet_input=m.pretrained is not None)
 
     def steps_per_round(self, patients: int, per_step: int) -> int:
         """DP-SGD steps of one round: local_epochs passes in expectation."""
@@ -69,14 +71,17 @@ class ClassifierTask(FederatedTask):
                              "gradients, a sampler replaces DP-SGD's patient sampling)")
         if self.cc.model.arch != "cnn":
             raise ValueError(f"patient-dp: classifier.model.arch {self.cc.model.arch} is not "
-                             "supported (resnet18 / densenet121 keep BatchNorm, the ViT has "
+                             "supported (the ResNets and DenseNet keep BatchNorm, the ViT has "
                              "parameters Opacus cannot give per-image gradients); use cnn")
         return patient_dp.node_plan(self.config.privacy, rows, self.config.rounds,
                                     self.steps_per_round, self.cc.batch_size, node=node)
 
     def initial_arrays(self) -> Arrays:
         torch.manual_seed(self.config.seed)
-        return dict(self.build().state_dict())
+        model = self.build()
+        if self.cc.model.pretrained is not None:  # the server starts every node from it
+            load_imagenet_weights(model, self.cc.model.pretrained)
+        return dict(model.state_dict())
 
     def _local_keys(self, model: Classifier) -> list[str]:
         if not self.cc.local_bn:

@@ -18,7 +18,7 @@ Training = Literal["central", "fedavg", "fedprox", "fedbn"]
 
 IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
                "federated": "federated histogram matching"}
-ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18",
+ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
              "densenet121": "DenseNet-121"}
 TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
                  "fedbn": "FedBN"}

@@ -55,6 +55,9 @@ class CentralTraining(Section):
     other_classifiers: list[str] = Field(default_factory=list, description="part 2 also "
                                          "with these architectures (e.g. [vit]), beside "
                                          "the study's classifier")
+    pretrained: dict[str, Path] = Field(
+        default_factory=dict, description="ImageNet weights in torchvision's format for "
+        "other_classifiers, by architecture (e.g. {densenet121: densenet121.pth})")
 
     @field_validator("other_classifiers")
     @classmethod
@@ -66,6 +69,22 @@ class CentralTraining(Section):
             raise ValueError(f"central.other_classifiers: {unknown} unknown; choose from "
                              f"{', '.join(ARCHITECTURES)}")
         return archs
+
+    @model_validator(mode="after")
+    def _pretrained_for_listed(self) -> CentralTraining:
+        from harmonize.classify.networks import PRETRAINABLE
+
+        for arch, path in self.pretrained.items():
+            if arch not in self.other_classifiers:
+                raise ValueError(f"central.pretrained: {arch} is not in other_classifiers "
+                                 f"({self.other_classifiers}); list it there too")
+            if arch not in PRETRAINABLE:
+                raise ValueError(f"central.pretrained: {arch} trains from scratch; ImageNet "
+                                 f"weights start {', '.join(PRETRAINABLE)}")
+            if not path.is_file():
+                raise ValueError(f"central.pretrained: {path} not found (a local "
+                                 f"torchvision {arch} weights file)")
+        return self
 
 
 class FederatedTraining(Section):

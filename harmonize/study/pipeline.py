@@ -97,6 +97,7 @@ class Pipeline:
             "progress": False, "threads_per_node": 1, "parallel_nodes": f.parallel_nodes,
             "manifest": str(manifest), "out": str(out),
             "classifier.model.arch": c.arch, "classifier.model.width": c.width,
+            "classifier.model.pretrained": c.pretrained,
             "classifier.model.norm": arm.norm, "classifier.image_size":
                 self.config.data.image_size, "classifier.local_epochs": f.local_epochs,
             "classifier.batch_size": f.batch_size, "classifier.lr": f.lr,
@@ -116,11 +117,18 @@ class Pipeline:
                   "classifier": self.config.classifier.model_dump(mode="json"),
                   "training": (self.config.federated.model_dump(mode="json") if arm.federated
                                else self.config.central.model_dump(
-                                   mode="json", exclude={"other_classifiers"})),
+                                   mode="json", exclude={"other_classifiers", "pretrained"})),
+                  "pretrained": self.pretrained_file(arm),
                   "image_size": self.config.data.image_size,
                   "privacy": self.config.privacy.model_dump(mode="json")}
         return self.cache.run(f"classifier_{arm.name}", inputs,
                               lambda folder: self._train_and_score(arm, manifest, folder))
+
+    def pretrained_file(self, arm: Arm) -> dict | None:
+        """The ImageNet file an arm starts from, named by path and size (in its cache key)."""
+        path = (self.config.central.pretrained.get(arm.arch) if arm.arch
+                else self.config.classifier.pretrained)
+        return None if path is None else {"path": str(path), "bytes": path.stat().st_size}
 
     def _train_and_score(self, arm: Arm, manifest: str, folder: Path) -> dict:
         d = self.design
@@ -134,7 +142,8 @@ class Pipeline:
                              augment="plain" if arm.augment else "none", progress=False)
             model_cfg = self.config.classifier
             if arm.arch:
-                model_cfg = model_cfg.model_copy(update={"arch": arm.arch})
+                model_cfg = model_cfg.model_copy(update={
+                    "arch": arm.arch, "pretrained": self.config.central.pretrained.get(arm.arch)})
             model = fit_classifier(x[d.train_rows], d.labels[d.train_rows], model_cfg, tc)
         else:
             from harmonize.federated.run import run_federated
