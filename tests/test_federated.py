@@ -83,6 +83,32 @@ def test_federated_classifier_with_fedprox_fedbn_and_dp(synth3, tmp_path, capsys
     assert set(split.groupby("node")["split"].apply(lambda s: (s == "test").any())) == {True}
 
 
+def test_fedper_keeps_each_nodes_head_and_shares_the_body(synth3):
+    """FedPer: the head a node trained is the one it starts the next round with; the body
+    comes from the server; the server's average head is what an unseen hospital gets."""
+    from harmonize.federated.classifier_task import ClassifierTask
+    from harmonize.federated.config import load_federated_config
+
+    config = load_federated_config(None, {
+        "task": "classifier", "classifier.model.arch": "cnn", "classifier.model.width": 4,
+        "classifier.image_size": 32, "classifier.batch_size": 8,
+        "classifier.local_head": True})
+    task = ClassifierTask(config)
+    rows = pd.read_csv(synth3 / "manifest.csv")
+    rows = rows[rows["site"] == "site_b"].assign(
+        path=lambda d: [str(synth3 / p) for p in d["path"]], node="site_b")
+    start = task.initial_arrays()
+    trained, own, _ = task.train(start, None, rows, {"server-round": 1})
+    assert sorted(own) == ["net.head.bias", "net.head.weight"]
+    assert not torch.equal(own["net.head.weight"], start["net.head.weight"])
+    shared = {k: v + 0.01 for k, v in start.items()}  # the next round's global model
+    model = task._model(shared, own)
+    state = model.state_dict()
+    assert torch.equal(state["net.head.weight"], own["net.head.weight"])  # its own head
+    assert torch.equal(state["net.features.0.weight"], shared["net.features.0.weight"])
+    assert "net.head.weight" in trained  # still sent: the average serves unseen hospitals
+
+
 def test_a_broken_node_is_named_by_the_server(synth3, tmp_path, capsys):
     df = pd.read_csv(synth3 / "manifest.csv")
     broken = tmp_path / "broken"

@@ -97,6 +97,12 @@ class Classifier(nn.Module):
             out = out[0]
         return out.reshape(-1)
 
+    def head_name(self) -> str:
+        """The last (classification) layer: what FedPer keeps at each node."""
+        return {"cnn": "net.head", "resnet18": "net.fc", "resnet50": "net.fc",
+                "densenet121": "net.class_layers.out",
+                "vit": "net.classification_head"}[self.arch]
+
     def gradcam_layer(self) -> str:
         """Name of the last convolutional stage (for Grad-CAM); '' for the ViT."""
         return {"cnn": "net.features.14", "resnet18": "net.layer4", "resnet50": "net.layer4",

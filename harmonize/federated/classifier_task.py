@@ -84,12 +84,16 @@ class ClassifierTask(FederatedTask):
         return dict(model.state_dict())
 
     def _local_keys(self, model: Classifier) -> list[str]:
-        if not self.cc.local_bn:
-            return []
-        norm_modules = {name for name, m in model.named_modules()
-                        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm,
-                                          torch.nn.GroupNorm))}
-        return [k for k in model.state_dict() if k.rsplit(".", 1)[0] in norm_modules]
+        """What stays at the node: normalization layers (FedBN) and/or the head (FedPer).
+        The server still averages them, which is what an unseen hospital gets."""
+        local = set()
+        if self.cc.local_bn:
+            local |= {name for name, m in model.named_modules()
+                      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm,
+                                        torch.nn.GroupNorm))}
+        if self.cc.local_head:
+            local.add(model.head_name())
+        return [k for k in model.state_dict() if k.rsplit(".", 1)[0] in local]
 
     def _data(self, rows: pd.DataFrame) -> tuple[torch.Tensor, np.ndarray]:
         return (cached_images(rows["path"].astype(str).tolist(), self.cc.image_size),

@@ -69,6 +69,9 @@ class ClassifierTaskConfig(Section):
     augment: bool = False
     balance: Literal["weighted-loss", "sampler", "none"] = "weighted-loss"
     local_bn: bool = Field(False, description="FedBN: normalization layers stay local")
+    local_head: bool = Field(False, description="FedPer: the last (classification) layer "
+                             "stays at each node, the body is averaged; the saved model "
+                             "carries the nodes' mean head, for hospitals that have none")
 
 
 class CycleGANTaskConfig(Section):

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Images = Literal["raw", "central", "federated"]
-Training = Literal["central", "fedavg", "fedprox", "fedbn"]
+Training = Literal["central", "fedavg", "fedprox", "fedbn", "fedper"]
 
 IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
                "federated": "federated histogram matching"}
 ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
              "densenet121": "DenseNet-121"}
 TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
-                 "fedbn": "FedBN"}
+                 "fedbn": "FedBN", "fedper": "FedPer"}
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,13 @@ def augmentation_baseline(arm: Arm) -> Arm:
 
 def federated_arms() -> list[Arm]:
     """Part 3: the 2 x 2 of central/federated harmonization x central/federated
-    classifier, augmentation under each classifier, personalization (FedBN, and FedProx
-    beside FedAvg) and the hybrid of harmonization and personalization."""
+    classifier, augmentation under each classifier, personalization (FedBN, FedPer;
+    FedProx beside FedAvg) and the hybrids of harmonization and personalization."""
     return [Arm("central", "central"), Arm("federated", "central"),
             Arm("central", "fedavg"), Arm("federated", "fedavg"),
             Arm("raw", "central", augment=True), Arm("raw", "fedavg", augment=True),
             Arm("raw", "fedavg"), Arm("raw", "fedprox"), Arm("raw", "fedbn"),
-            Arm("federated", "fedbn")]
+            Arm("raw", "fedper"), Arm("federated", "fedbn"), Arm("federated", "fedper")]
 
 
 def privacy_arms(epsilons: list[float], secagg: bool, separate: bool = True) -> list[Arm]:

@@ -102,6 +102,7 @@ class Pipeline:
                 self.config.data.image_size, "classifier.local_epochs": f.local_epochs,
             "classifier.batch_size": f.batch_size, "classifier.lr": f.lr,
             "classifier.augment": arm.augment, "classifier.local_bn": arm.training == "fedbn",
+            "classifier.local_head": arm.training == "fedper",
             "classifier.keep_optimizer": True,
             "classifier.balance": "none" if arm.norm == "group" else "weighted-loss",
             "privacy.mode": "patient-dp" if arm.private else "none",

@@ -216,8 +216,9 @@ def _part3(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame) -> None:
     page.paragraph("Every arm against the central pipeline (central harmonization, central "
                    "classifier), paired over the same external images; augmentation under "
                    "each classifier, personalization (FedBN: normalization layers stay at "
-                   "the nodes; the unseen node uses its own statistics), FedProx, and the "
-                   "hybrid (FedBN on harmonized images).")
+                   "the nodes, the unseen node uses its own statistics; FedPer: each node "
+                   "keeps its own classification layer, the unseen node gets the nodes' "
+                   "mean), FedProx, and the hybrids (FedBN, FedPer on harmonized images).")
     page.table(_arm_table(t, diffs, "federated"))
     page.figure(forest(t, "Central and federated"), "")
 
