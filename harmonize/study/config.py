@@ -55,6 +55,9 @@ class CentralTraining(Section):
     other_classifiers: list[str] = Field(default_factory=list, description="part 2 also "
                                          "with these architectures (e.g. [vit]), beside "
                                          "the study's classifier")
+    leave_one_node_out: bool = Field(False, description="part 2 also leaves each "
+                                     "training node out in turn (the study's classifier; "
+                                     "one training per node and arm)")
     pretrained: dict[str, Path] = Field(
         default_factory=dict, description="ImageNet weights in torchvision's format for "
         "other_classifiers, by architecture (e.g. {densenet121: densenet121.pth})")

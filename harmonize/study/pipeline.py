@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from harmonize.classify.config import TrainConfig
+from harmonize.classify.networks import Classifier
 from harmonize.classify.train import (
     adapt_batchnorm,
     fit_classifier,
@@ -118,12 +119,50 @@ class Pipeline:
                   "classifier": self.config.classifier.model_dump(mode="json"),
                   "training": (self.config.federated.model_dump(mode="json") if arm.federated
                                else self.config.central.model_dump(
-                                   mode="json", exclude={"other_classifiers", "pretrained"})),
+                                   mode="json", exclude={"other_classifiers", "pretrained",
+                                                         "leave_one_node_out"})),
                   "pretrained": self.pretrained_file(arm),
                   "image_size": self.config.data.image_size,
                   "privacy": self.config.privacy.model_dump(mode="json")}
         return self.cache.run(f"classifier_{arm.name}", inputs,
                               lambda folder: self._train_and_score(arm, manifest, folder))
+
+    def left_out_predictions(self, arm: Arm) -> dict:
+        """Leave one training node out (central arms): each training node's images scored
+        by the arm trained on the other training nodes, in `design.train_rows` order."""
+        manifest = self.harmonized(arm.images, arm.harmonizer_epsilon)
+        inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": self.config.seed,
+                  "classifier": self.config.classifier.model_dump(mode="json"),
+                  "training": self.config.central.model_dump(
+                      mode="json", exclude={"other_classifiers", "pretrained",
+                                            "leave_one_node_out"}),
+                  "pretrained": self.pretrained_file(arm),
+                  "image_size": self.config.data.image_size,
+                  "nodes": self.design.training_nodes}
+        return self.cache.run(f"left-out_{arm.name}", inputs,
+                              lambda folder: self._score_left_out(arm, manifest))
+
+    def _score_left_out(self, arm: Arm, manifest: str) -> dict:
+        d = self.design
+        x = self.images(manifest)
+        node = d.df["node"].to_numpy()[d.train_rows]
+        p = np.zeros(len(d.train_rows))
+        for held in d.training_nodes:
+            fit = d.train_rows[node != held]
+            model = self._fit_central(arm, x[fit], d.labels[fit])
+            p[node == held] = predict(model, x[d.train_rows[node == held]])
+        return {"p": [float(v) for v in p]}
+
+    def _fit_central(self, arm: Arm, x, y) -> Classifier:
+        tc = TrainConfig(epochs=self.config.central.epochs,
+                         batch_size=self.config.central.batch_size,
+                         lr=self.config.central.lr, seed=self.config.seed,
+                         augment="plain" if arm.augment else "none", progress=False)
+        model_cfg = self.config.classifier
+        if arm.arch:
+            model_cfg = model_cfg.model_copy(update={
+                "arch": arm.arch, "pretrained": self.config.central.pretrained.get(arm.arch)})
+        return fit_classifier(x, y, model_cfg, tc)
 
     def pretrained_file(self, arm: Arm) -> dict | None:
         """The ImageNet file an arm starts from, named by path and size (in its cache key)."""
@@ -137,15 +176,7 @@ class Pipeline:
         test = x[d.test_rows]
         cost: dict = {}
         if not arm.federated:
-            tc = TrainConfig(epochs=self.config.central.epochs,
-                             batch_size=self.config.central.batch_size,
-                             lr=self.config.central.lr, seed=self.config.seed,
-                             augment="plain" if arm.augment else "none", progress=False)
-            model_cfg = self.config.classifier
-            if arm.arch:
-                model_cfg = model_cfg.model_copy(update={
-                    "arch": arm.arch, "pretrained": self.config.central.pretrained.get(arm.arch)})
-            model = fit_classifier(x[d.train_rows], d.labels[d.train_rows], model_cfg, tc)
+            model = self._fit_central(arm, x[d.train_rows], d.labels[d.train_rows])
         else:
             from harmonize.federated.run import run_federated
 

@@ -171,6 +171,23 @@ def _part2(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame, n_externa
     page.figure(forest(t, "Central training"), "")
 
 
+def _part2_left_out(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
+                    nodes: list[str]) -> None:
+    page.heading("Leave one training node out", 3)
+    hm, aug = _row(table, "hm-central_central"), _row(table, "raw_central_augment")
+    if hm is not None and aug is not None:
+        page.answer(
+            f"Each of the {len(nodes)} training nodes scored by classifiers trained on the "
+            f"other {len(nodes) - 1} ({int(hm['n'])} images pooled): harmonized "
+            f"{_ci(hm['auc'], hm['auc_lo'], hm['auc_hi'])} against augmentation "
+            f"{_ci(aug['auc'], aug['auc_lo'], aug['auc_hi'])}; difference "
+            f"{_difference(diffs, 'hm-central_central', 'raw_central_augment')}.")
+    page.paragraph("The harmonizer is the same in every fold: the reference hospital's "
+                   "landmarks need no labels, so the fold that leaves the reference's node "
+                   "out still maps onto its style (as a deployed harmonizer would).", "note")
+    page.table(_arm_table(table, diffs, "central"))
+
+
 def _other_archs(table: pd.DataFrame, diffs: pd.DataFrame) -> str:
     """The same comparison for each further architecture of part 2, one sentence each."""
     text = ""
@@ -249,7 +266,8 @@ def _part4(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
 
 
 def write_study_report(out: Path, config: StudyConfig, design: Design, summary: dict,
-                       table: pd.DataFrame, diffs: pd.DataFrame) -> Path:
+                       table: pd.DataFrame, diffs: pd.DataFrame,
+                       left_out: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
     page = HtmlReport("harmonize study: four answers")
     s = summary["design"]
     page.paragraph(
@@ -262,6 +280,8 @@ def write_study_report(out: Path, config: StudyConfig, design: Design, summary: 
         _part1(page, out, design, summary["shift"])
     if "central" in config.parts:
         _part2(page, table, diffs, s["external_node"])
+        if left_out is not None:
+            _part2_left_out(page, *left_out, s["training_nodes"])
     if "federated" in config.parts:
         _part3(page, table, diffs)
     if "privacy" in config.parts:
@@ -275,4 +295,8 @@ def write_study_report(out: Path, config: StudyConfig, design: Design, summary: 
     page.table(times.round(1))
     page.link("arms.csv", "every arm's scores (CSV)")
     page.link("differences.csv", "the paired differences (CSV)")
+    if left_out is not None:
+        page.link("arms_leave_one_node_out.csv", "leave one node out: every arm (CSV)")
+        page.link("differences_leave_one_node_out.csv",
+                  "leave one node out: the paired differences (CSV)")
     return page.save(out / "report.html")

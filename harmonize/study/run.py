@@ -39,7 +39,7 @@ from harmonize.study.arms import (
 )
 from harmonize.study.cache import StageCache
 from harmonize.study.config import StudyConfig
-from harmonize.study.design import Design, make_design
+from harmonize.study.design import make_design
 from harmonize.study.pipeline import Pipeline
 
 CENTRAL_PIPELINE = Arm("central", "central")  # what every federated/private arm is held to
@@ -92,8 +92,9 @@ def check_privacy_design(pipeline: Pipeline, arms: list[Arm], folder: Path) -> N
             raise ConfigError(f"privacy arm '{arm.label}': {err}") from None
 
 
-def score_arms(design: Design, preds: dict[Arm, dict], n_boot: int, seed: int) -> pd.DataFrame:
-    y = design.labels[design.test_rows]
+def score_arms(y: np.ndarray, preds: dict[Arm, dict], n_boot: int, seed: int) -> pd.DataFrame:
+    """Every arm's AUC, average precision and sensitivity at 90% specificity (CIs) on the
+    images whose labels are `y` (the external node's, or the left-out nodes')."""
     rows = []
     for arm, result in preds.items():
         p = np.asarray(result["p"])
@@ -108,10 +109,9 @@ def score_arms(design: Design, preds: dict[Arm, dict], n_boot: int, seed: int) -
     return pd.DataFrame(rows)
 
 
-def paired_differences(design: Design, preds: dict[Arm, dict],
+def paired_differences(y: np.ndarray, preds: dict[Arm, dict],
                        pairs: list[tuple[str, Arm, Arm]], n_boot: int,
                        seed: int) -> pd.DataFrame:
-    y = design.labels[design.test_rows]
     rows = []
     for part, arm, base in pairs:
         d = paired_bootstrap_difference(y, np.asarray(preds[arm]["p"]),
@@ -160,10 +160,18 @@ def run_study(config: StudyConfig) -> Path:
     for arm in arms:  # baselines not trained by their own part
         if arm not in preds:
             preds[arm] = pipeline.predictions(arm)
-    table = score_arms(design, preds, config.bootstrap, config.seed)
-    diffs = paired_differences(design, preds, pairs, config.bootstrap, config.seed)
-    atomic_write(out / "arms.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(out / "differences.csv", lambda tmp: diffs.to_csv(tmp, index=False))
+    y = design.labels[design.test_rows]
+    table = score_arms(y, preds, config.bootstrap, config.seed)
+    diffs = paired_differences(y, preds, pairs, config.bootstrap, config.seed)
+    write_csv(table, out / "arms.csv")
+    write_csv(diffs, out / "differences.csv")
+    left_out = None
+    if "central" in parts and config.central.leave_one_node_out:
+        t = time.perf_counter()
+        left_out = score_left_out(pipeline, parts["central"], config)
+        write_csv(left_out[0], out / LEFT_OUT_ARMS)
+        write_csv(left_out[1], out / LEFT_OUT_DIFFERENCES)
+        seconds["part 2: leave one node out"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     summary = {"design": {"manifest": str(design.manifest), "images": len(design.df),
                           "patients": int(design.df["patient_id"].nunique()),
@@ -180,5 +188,26 @@ def run_study(config: StudyConfig) -> Path:
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     from harmonize.study.report import write_study_report
 
-    write_study_report(out, config, design, summary, table, diffs)
+    write_study_report(out, config, design, summary, table, diffs, left_out)
     return out
+
+
+LEFT_OUT_ARMS = "arms_leave_one_node_out.csv"
+LEFT_OUT_DIFFERENCES = "differences_leave_one_node_out.csv"
+
+
+def score_left_out(pipeline: Pipeline, central: list[Arm], config: StudyConfig
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Part 2 under leave-one-node-out, for the study's classifier: every training node's
+    images scored by the arm trained on the other training nodes, pooled."""
+    arms = [a for a in central if a.arch is None]
+    preds = {arm: pipeline.left_out_predictions(arm) for arm in arms}
+    pairs = [("central", a, augmentation_baseline(a)) for a in arms
+             if a != augmentation_baseline(a)]
+    y = pipeline.design.labels[pipeline.design.train_rows]
+    return (score_arms(y, preds, config.bootstrap, config.seed),
+            paired_differences(y, preds, pairs, config.bootstrap, config.seed))
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
