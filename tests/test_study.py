@@ -37,7 +37,7 @@ def test_quick_study_answers_all_four_parts(quick_run):
     out = quick_run
     arms = pd.read_csv(out / "arms.csv")
     expected = {a.name for a in central_arms() + federated_arms()
-                + privacy_arms([math.inf, 10.0], secagg=False, separate=False)}
+                + privacy_arms([math.inf, 10.0], secagg=False, separate=False, public=True)}
     assert set(arms["arm"]) == expected
     # every arm scored on the same external node, AUC / AP / sensitivity with CIs
     assert arms["n"].nunique() == 1 and (arms["n_positive"] > 0).all()
@@ -49,8 +49,15 @@ def test_quick_study_answers_all_four_parts(quick_run):
     assert (fed["cost_seconds_per_round"] > 0).all()
     assert (fed["cost_bytes_per_node_round"] > 0).all()
     private = arms[arms["epsilon"].astype(str) == "10.0"]
-    assert len(private) == 1 and 0 < private["cost_epsilon"].iloc[0] <= 10.0
+    assert len(private) == 2 and private["cost_epsilon"].between(0, 10.0).all()
     diffs = pd.read_csv(out / "differences.csv")
+    # the public-reference design: landmarks fitted on the public images generated beside
+    # the cohort, held to the private reference at the same target
+    stage = json.loads((out / "stages/harmonize_public_epsinf/stage.json").read_text())
+    assert stage["inputs"]["reference"] == str(out / "data/public/manifest.csv")
+    held_to = diffs.loc[diffs["arm"] == "hm-public_fedavg_gn_eps10", "baseline"]
+    assert set(held_to) == {"hm-central_central", "hm-federated_fedavg_gn_hm-eps10_eps10"}
+    assert "public-reference design" in (out / "report.html").read_text()
     assert set(diffs["part"]) == {"central", "federated", "privacy"}
     assert ((diffs["lo"] <= diffs["auc_difference"] + 1e-9)
             & (diffs["auc_difference"] <= diffs["hi"] + 1e-9)).all()
@@ -174,3 +181,4 @@ def test_part2_leaves_each_training_node_out(tmp_path):
     folds = json.loads((out / "stages/left-out_hm-central_central/stage.json").read_text())
     assert folds["inputs"]["nodes"] == ["node_1", "node_2", "node_3"]
     assert "Leave one training node out" in (out / "report.html").read_text()
+

@@ -147,6 +147,15 @@ def new_classifier(model_cfg: ModelConfig, image_size: int) -> Classifier:
     return model
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total: int):
+    """One-cycle schedule with a 10% warm-up of at least two steps; a constant rate for
+    runs too short to have one (torch's OneCycleLR divides by zero on them)."""
+    if total < 6:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                               pct_start=max(0.1, 2.5 / total))
+
+
 def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelConfig,
                    train_cfg: TrainConfig, desc: str = "train classifier",
                    log: list[dict] | None = None) -> Classifier:
@@ -163,8 +172,7 @@ def fit_classifier(images: torch.Tensor, labels: np.ndarray, model_cfg: ModelCon
     loss_fn = make_loss(labels, tc.balance)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total = tc.epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total,
-                                                pct_start=0.1)
+    sched = one_cycle(opt, tc.lr, total)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     loss_fn = loss_fn.to(accelerator.device)
     bar = tqdm(total=total, desc=desc, unit="step", leave=False,

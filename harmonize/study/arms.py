@@ -13,11 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Images = Literal["raw", "central", "federated"]
+Images = Literal["raw", "central", "federated", "public"]
 Training = Literal["central", "fedavg", "fedprox", "fedbn", "fedper"]
 
 IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
-               "federated": "federated histogram matching"}
+               "federated": "federated histogram matching",
+               "public": "histogram matching to a public reference"}
 ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
              "densenet121": "DenseNet-121"}
 TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
@@ -109,17 +110,32 @@ def federated_arms() -> list[Arm]:
             Arm("raw", "fedper"), Arm("federated", "fedbn"), Arm("federated", "fedper")]
 
 
-def privacy_arms(epsilons: list[float], secagg: bool, separate: bool = True) -> list[Arm]:
+def privacy_arms(epsilons: list[float], secagg: bool, separate: bool = True,
+                 public: bool = False) -> list[Arm]:
     """Part 4: the federated pipeline (federated landmarks, FedAvg) with patient-level DP
     at each target (the same GroupNorm CNN without class weights at every level, as
     DP-SGD needs): on the landmarks and the classifier together, and on each alone (which
-    part costs); and with SecAgg+."""
+    part costs); with SecAgg+; and, `public`, the public-reference design (landmarks of a
+    public data set: DP on the classifier only)."""
     arms = []
     for e in epsilons:
         arms.append(Arm("federated", "fedavg", epsilon=e, harmonizer_epsilon=e, norm="group"))
         if math.isfinite(e) and separate:
             arms += [Arm("federated", "fedavg", epsilon=e, norm="group"),
                      Arm("federated", "fedavg", harmonizer_epsilon=e, norm="group")]
+        if public:
+            arms.append(public_reference_arm(e))
     if secagg:
         arms.append(Arm("federated", "fedavg", secagg=True))
     return arms
+
+
+def public_reference_arm(epsilon: float) -> Arm:
+    """The public-reference design at a DP target: only the classifier spends budget."""
+    return Arm("public", "fedavg", epsilon=epsilon, norm="group")
+
+
+def private_reference_arm(epsilon: float) -> Arm:
+    """What the public-reference design is held to: the same target, the reference
+    hospital's landmarks released under it."""
+    return Arm("federated", "fedavg", epsilon=epsilon, harmonizer_epsilon=epsilon, norm="group")

@@ -29,6 +29,9 @@ class CohortSynth(Section):
     prevalence: float = Field(0.2, gt=0, lt=1, description="share of positive patients")
     size: int = Field(128, ge=32, description="image side in pixels")
     finding_scale: float = Field(2.5, gt=0)
+    public_images: int = Field(0, ge=0, description="also generate a public reference data "
+                               "set of this many images (other patients, acquired like the "
+                               "reference hospital): the public-reference design of part 4")
     seed: int = 0
 
 
@@ -40,11 +43,21 @@ class StudyData(Section):
     external_node: str | None = Field(None, description="the node held out as unseen "
                                       "hospitals (default: the last node)")
     image_size: int = Field(64, ge=16, description="classifier input size")
+    split_nodes: dict[str, int] = Field(
+        default_factory=dict, description="split a hospital into this many "
+        "patient-disjoint nodes (stratified by label), e.g. {shenzhen: 2}: a two-hospital "
+        "cohort then has two training nodes and an external one")
+    public_reference: Path | None = Field(
+        None, description="manifest of a public data set whose style is the target of the "
+        "public-reference design (no privacy budget on the harmonizer: its landmarks come "
+        "from public images, each node maps its own); with synth: synth.public_images")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudyData:
         if (self.manifest is None) == (self.synth is None):
             raise ValueError("data: give exactly one of manifest or synth")
+        if self.public_reference is not None and self.synth is not None:
+            raise ValueError("data.public_reference: with synth, set synth.public_images")
         return self
 
 

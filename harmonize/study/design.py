@@ -25,6 +25,7 @@ class Design:
     reference_site: str
     external_node: str
     training_nodes: list[str]
+    public_manifest: Path | None = None  # the public-reference design's reference images
 
     @property
     def train_rows(self) -> np.ndarray:
@@ -59,13 +60,51 @@ def make_cohort(config: StudyConfig, out: Path) -> tuple[Path, str | None]:
                  prevalence=s.prevalence, finding_scale=s.finding_scale,
                  images_per_patient=s.images_per_patient, nodes=s.nodes,
                  progress=config.progress)
+        if s.public_images:  # other patients (another seed), the reference's acquisition
+            generate(folder / "public", sites=1, per_site=s.public_images, size=s.size,
+                     seed=s.seed + 1_000_003, prevalence=s.prevalence,
+                     finding_scale=s.finding_scale, progress=False)
         saved.write_text(json.dumps(wanted))
     return folder / "manifest.csv", json.loads((folder / "synth.json").read_text())[
         "reference_site"]
 
 
+def public_manifest(config: StudyConfig, out: Path) -> Path | None:
+    if config.data.synth is not None:
+        return out / "data" / "public" / "manifest.csv" if config.data.synth.public_images \
+            else None
+    path = config.data.public_reference
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"data.public_reference: {path} not found (a manifest of the "
+                          "public reference images)")
+    return path
+
+
+def split_nodes(manifest: Path, splits: dict[str, int], out: Path, seed: int) -> Path:
+    """The manifest with hospitals split into patient-disjoint nodes `{site}_1..n`,
+    each with about the same share of positive patients; written to OUT/data."""
+    df = load_manifest(manifest)
+    unknown = sorted(set(splits) - set(df["site"].astype(str)))
+    if unknown:
+        raise ConfigError(f"data.split_nodes: {unknown} not hospitals of {manifest}")
+    rng = np.random.default_rng(seed)
+    for site, n in splits.items():
+        rows = df["site"] == site
+        patients = df[rows].groupby("patient_id")["label"].first()
+        order = patients.sample(frac=1.0, random_state=rng.integers(2**31)).sort_values(
+            kind="stable")  # shuffled, then grouped by label: round-robin stratifies
+        node = {p: f"{site}_{i % n + 1}" for i, p in enumerate(order.index)}
+        df.loc[rows, "node"] = df.loc[rows, "patient_id"].map(node)
+    path = out / "data" / "manifest_nodes.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_manifest(df, path)
+    return path
+
+
 def make_design(config: StudyConfig, out: Path) -> Design:
     manifest, synth_reference = make_cohort(config, out)
+    if config.data.split_nodes:
+        manifest = split_nodes(manifest, config.data.split_nodes, out, config.seed)
     df = load_manifest(manifest).reset_index(drop=True)
     reference = config.data.reference_site or synth_reference
     if reference is None:
@@ -106,7 +145,8 @@ def make_design(config: StudyConfig, out: Path) -> Design:
             raise ConfigError(f"{role} '{node}' has no {what}: a classifier cannot be "
                               f"{'scored' if node == external else 'trained'} there; "
                               "group its hospitals with another node's")
-    return Design(manifest, df, labels, positive, reference, external, training)
+    return Design(manifest, df, labels, positive, reference, external, training,
+                  public_manifest(config, out))
 
 
 def natural_key(name: str) -> tuple:

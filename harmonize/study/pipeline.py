@@ -61,6 +61,8 @@ class Pipeline:
         inputs = {"images": images, "epsilon": _eps_key(epsilon),
                   "manifest": str(self.design.manifest), "seed": self.config.seed,
                   "reference": self.design.reference_site, "landmarks": HISTOGRAM_LANDMARKS}
+        if images == "public":
+            inputs["reference"] = str(self.design.public_manifest)
         return self.cache.run(name, inputs, lambda folder: self._harmonize(
             images, epsilon, folder))["manifest"]
 
@@ -68,17 +70,28 @@ class Pipeline:
         from harmonize.evaluation.config import TranslatorSpec
         from harmonize.evaluation.harmonized_sets import harmonize_dataset
 
+        reference = self.design.reference_site
         if images == "central":
             spec = TranslatorSpec(name="histogram-matching",
                                   params={"n_quantiles": HISTOGRAM_LANDMARKS})
+        elif images == "public":  # fitted on the public images: nothing private travels
+            from harmonize.fit import fit_and_save
+            from harmonize.translators import TRANSLATORS
+
+            reference = "public"  # all its images, whatever hospitals they came from
+            public = load_manifest(self.design.public_manifest).assign(site=reference)
+            model = fit_and_save(TRANSLATORS["histogram-matching"](
+                n_quantiles=HISTOGRAM_LANDMARKS), public, self.design.public_manifest,
+                reference, folder / "public_model", progress=False)
+            spec = TranslatorSpec(name="histogram-matching", checkpoint=model)
         else:
             from harmonize.federated.run import run_federated
 
             train = self.design.training_manifest(self.design.df, folder / "train.csv")
             summary = run_federated(self.harmonizer_config(train, folder / "run", epsilon))
             spec = TranslatorSpec(name="histogram-matching", checkpoint=summary["model"])
-        hs = harmonize_dataset(spec, self.design.manifest, self.design.df,
-                               self.design.reference_site, folder, progress=False)
+        hs = harmonize_dataset(spec, self.design.manifest, self.design.df, reference,
+                               folder, progress=False)
         return {"manifest": str(folder / "manifest.csv"), "seconds": hs.seconds}
 
     # --- classifiers ---------------------------------------------------------------------

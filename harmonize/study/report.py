@@ -251,6 +251,16 @@ def _part4(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
                          f"[{r['lo']:+.3f}, {r['hi']:+.3f}]")
     page.answer("AUC difference to the central pipeline on the unseen node: "
                 + "; ".join(sentences) + ".")
+    public = diffs[(diffs["part"] == "privacy") & diffs["arm"].str.startswith("hm-public_")
+                   & (diffs["baseline"] != "hm-central_central")]
+    if len(public):
+        page.paragraph(
+            "The public-reference design (landmarks from a public data set: no privacy "
+            "budget on the harmonizer, only public numbers travel to the nodes, each maps "
+            "its own images) against the private reference at the same target (the "
+            "reference hospital's node releases its landmarks under DP): "
+            + "; ".join(f"{r['label']}: {r['auc_difference']:+.3f} [{r['lo']:+.3f}, "
+                        f"{r['hi']:+.3f}]" for _, r in public.iterrows()) + ".")
     t = table[table["arm"].isin(d["arm"])]
     cols = [c for c in t.columns if c.startswith("cost_")]
     shown = _arm_table(t, diffs, "privacy")

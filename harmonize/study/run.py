@@ -36,6 +36,7 @@ from harmonize.study.arms import (
     central_arms,
     federated_arms,
     privacy_arms,
+    private_reference_arm,
 )
 from harmonize.study.cache import StageCache
 from harmonize.study.config import StudyConfig
@@ -45,7 +46,9 @@ from harmonize.study.pipeline import Pipeline
 CENTRAL_PIPELINE = Arm("central", "central")  # what every federated/private arm is held to
 
 
-def planned_arms(config: StudyConfig) -> dict[str, list[Arm]]:
+def planned_arms(config: StudyConfig, public: Path | None = None) -> dict[str, list[Arm]]:
+    """The arms of each part; `public`: the public reference's manifest (part 4 then
+    runs the public-reference design too)."""
     parts = {}
     if "central" in config.parts:
         parts["central"] = central_arms(config.central.other_classifiers)
@@ -53,7 +56,8 @@ def planned_arms(config: StudyConfig) -> dict[str, list[Arm]]:
         parts["federated"] = federated_arms()
     if "privacy" in config.parts:
         p = config.privacy
-        parts["privacy"] = privacy_arms(p.epsilons, p.secagg, p.separate)
+        parts["privacy"] = privacy_arms(p.epsilons, p.secagg, p.separate,
+                                        public=public is not None)
     return parts
 
 
@@ -70,6 +74,8 @@ def comparisons(parts: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
         pairs.append(("privacy", arm, CENTRAL_PIPELINE))
         if arm.secagg:
             pairs.append(("privacy", arm, Arm("federated", "fedavg")))
+        if arm.images == "public":
+            pairs.append(("privacy", arm, private_reference_arm(arm.epsilon)))
     return pairs
 
 
@@ -130,7 +136,7 @@ def run_study(config: StudyConfig) -> Path:
     design = make_design(config, out)
     cache = StageCache(out / "stages", config.progress)
     pipeline = Pipeline(config, design, cache)
-    parts = planned_arms(config)
+    parts = planned_arms(config, design.public_manifest)
     arms = list(dict.fromkeys(a for group in parts.values() for a in group))
     pairs = comparisons(parts)
     arms += [b for _, _, b in pairs if b not in arms]  # baselines outside the parts
