@@ -14,8 +14,10 @@
 - `--task classifier`: the federated CNN (GroupNorm, as DP-SGD needs) over 3 sites' nodes;
   AUC on their held-out patients and on the unseen 4th site.
 
-CIs: 95% bootstrap over images of the seed-mean score (SSIM) or of the mean over seeds of
-the AUC computed on the same resample. delta 1e-5 (below 1 / patients at every node).
+CIs: 95% bootstrap over images of the seed-mean score (SSIM) or of the seed-mean AUC
+(`classify.metrics.bootstrap_mean_auc`: stratified, every seed's model scored on each
+resample); each seed's own interval in results.csv. delta 1e-5 (below 1 / patients at
+every node).
 
     python eval/federated_privacy.py --task ddib --seeds 0,1,2 --runs eval_out/fed_ddib/runs
     python eval/federated_privacy.py --task classifier --seeds 0,1,2
@@ -43,11 +45,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from harmonize.classify.metrics import bootstrap_mean_auc, bootstrap_metrics  # noqa: E402
 from harmonize.classify.train import load_classifier, load_images, predict  # noqa: E402
 from harmonize.data.manifest import binary_targets, load_manifest, save_manifest  # noqa: E402
 from harmonize.data.splits import patient_split  # noqa: E402
+from harmonize.evaluation.federated_benchmark import (  # noqa: E402
+    Benchmark,
+    Scores,
+    cyclegan_federated,
+    ddib_federated,
+    translate_at_nodes,
+)
 from harmonize.evaluation.report import markdown_table  # noqa: E402
 from harmonize.federated.config import load_federated_config  # noqa: E402
 from harmonize.federated.run import run_federated  # noqa: E402
@@ -70,17 +79,6 @@ def label(eps: float) -> str:
 
 # --- translators (synthetic benchmark, paired truth) ----------------------------------------
 def run_translator(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "eval"))
-    from federated_translators import (
-        Benchmark,
-        Scores,
-        cyclegan_federated,
-        ddib_federated,
-        translate_at_nodes,
-    )
-
     bench = Benchmark(out, args.per_site, 64)
     scores = Scores(bench)
     method = {"ddib": "federated DDIB, local priors", "cyclegan": "federated CycleGAN K=1",
@@ -103,13 +101,14 @@ def run_translator(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     def ddib(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
         summary, extra = ddib_federated(
-            bench, run, seed, args.steps, "local", args,
+            bench, run, seed, args.steps, "local", rounds=args.rounds,
+            parallel_nodes=args.parallel_nodes,
             privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
         return translate_at_nodes(bench, summary["node_models"]), summary, extra
 
     def cyclegan(run: Path, seed: int, eps: float) -> tuple[list, dict, dict]:
         t, extra, summary = cyclegan_federated(
-            bench, run, seed, args.steps, 2, 1, args,
+            bench, run, seed, args.steps, 2, 1, parallel_nodes=args.parallel_nodes,
             privacy=privacy(eps, {"patients_per_step": args.patients_per_step}))
         if "patient_dp" not in summary and (run / "summary.json").is_file():
             summary = json.loads((run / "summary.json").read_text())
@@ -175,8 +174,7 @@ def run_classifier(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"unseen site ({unseen_site})": (load_images(unseen["path"].tolist(), size,
                                                          progress=False),
                                              binary_targets(unseen))}
-    probs: dict = {}
-    rows = []
+    rows, probs = [], {}
     for seed in args.seeds:
         for eps in args.epsilons:
             run = out / "runs" / f"eps{label(eps)}_s{seed}"
@@ -193,29 +191,24 @@ def run_classifier(args, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             for name, (x, y) in sets.items():
                 p = predict(model.eval(), x)
                 probs[(label(eps), seed, name)] = p
+                m = bootstrap_metrics(y, p, seed=0)
                 rows.append({"epsilon": label(eps), "seed": seed, "test": name,
-                             "auc": roc_auc_score(y, p),
+                             "auc": m["auc"], "auc_lo": m["auc_lo"], "auc_hi": m["auc_hi"],
                              "spent_epsilon": summary.get("epsilon"),
                              "seconds": summary.get("seconds")})
             print(rows[-2], rows[-1], flush=True)
+    results = pd.DataFrame(rows)
     table = []
-    rng = np.random.default_rng(0)
     for name, (_, y) in sets.items():
-        boots = [rng.integers(0, len(y), len(y)) for _ in range(1000)]
         for eps in args.epsilons:
-            ps = [probs[(label(eps), s, name)] for s in args.seeds]
-            mean = float(np.mean([roc_auc_score(y, p) for p in ps]))
-            vals = [np.mean([roc_auc_score(y[i], p[i]) for p in ps]) for i in boots
-                    if 0 < y[i].sum() < len(i)]
-            r = pd.DataFrame(rows)
-            r = r[(r["epsilon"] == label(eps)) & (r["test"] == name)]
+            r = results[(results["epsilon"] == label(eps)) & (results["test"] == name)]
+            m = bootstrap_mean_auc(y, [probs[(label(eps), s, name)] for s in args.seeds])
             table.append({"method": "federated CNN (GroupNorm)", "test": name,
-                          "epsilon": label(eps), "auc": mean,
-                          "auc_lo": float(np.percentile(vals, 2.5)),
-                          "auc_hi": float(np.percentile(vals, 97.5)),
+                          "epsilon": label(eps), "auc": m["auc"],
+                          "auc_lo": m["auc_lo"], "auc_hi": m["auc_hi"],
                           "auc_per_seed": " / ".join(f"{v:.3f}" for v in r["auc"]),
                           "seconds": r["seconds"].mean()})
-    return pd.DataFrame(rows), pd.DataFrame(table)
+    return results, pd.DataFrame(table)
 
 
 def plot(table: pd.DataFrame, task: str, path: Path) -> None:

@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federated_translators import (  # noqa: E402
+from harmonize.data.manifest import load_manifest
+from harmonize.data.splits import patient_split
+from harmonize.evaluation.federated_benchmark import (
     CG_SET,
     Federation,
     cyclegan_central,
@@ -45,12 +45,9 @@ from federated_translators import (  # noqa: E402
     ddib_federated,
     translate_at_nodes,
 )
-
-from harmonize.data.manifest import load_manifest  # noqa: E402
-from harmonize.data.splits import patient_split  # noqa: E402
-from harmonize.evaluation.report import markdown_table  # noqa: E402
-from harmonize.memorization import memorization_report  # noqa: E402
-from harmonize.metrics import bootstrap_mean_ci, ssim  # noqa: E402
+from harmonize.evaluation.report import markdown_table
+from harmonize.memorization import memorization_report
+from harmonize.metrics import bootstrap_mean_ci, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tb_cxr_2site" / "manifest.csv"
@@ -77,9 +74,6 @@ def main() -> None:
     h = Federation(out, patient_split(load_manifest(Path(args.data)), test_size=0.25,
                                       seed=args.seed), args.reference_site)
     sites = list(h.test["site"])
-    # the federated functions read these from argparse
-    args.local_lr = args.server_lr_scale = None
-    args.rounds = 1
     cg_set = {**CG_SET, "data.image_size": args.size}
 
     outputs = {"identity": h.inputs}
@@ -87,12 +81,13 @@ def main() -> None:
                             cg_set)
     outputs["cyclegan central"] = t.transform(h.inputs, sites)
     t, _, _ = cyclegan_federated(h, runs / "cyclegan_federated_k1", args.seed,
-                                 args.cyclegan_steps, 2, 1, args, cg_set)
+                                 args.cyclegan_steps, 2, 1, parallel_nodes=args.parallel_nodes,
+                                 cg_set=cg_set)
     outputs["cyclegan federated K=1"] = t.transform(h.inputs, sites)
     t, _ = ddib_central(h, runs / "ddib_central", args.seed, args.ddib_steps)
     outputs["ddib central"] = t.transform(h.inputs, sites)
     summary, _ = ddib_federated(h, runs / "ddib_local", args.seed, args.ddib_steps, "local",
-                                args)
+                                parallel_nodes=args.parallel_nodes)
     outputs["ddib federated local priors"] = translate_at_nodes(h, summary["node_models"])
 
     # style: a site classifier trained on raw training images of both hospitals

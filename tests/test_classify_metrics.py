@@ -231,3 +231,19 @@ def test_mean_over_seeds_by_hand():
     assert list(single["site"]) == ["A", "B", "C"]
     with pytest.raises(ValueError, match="missing_col"):
         mean_over_seeds(df, "site", "missing_col")
+
+
+def test_bootstrap_mean_auc_over_seeds_matches_sklearn_and_narrows():
+    from harmonize.classify.metrics import bootstrap_mean_auc
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(40), np.zeros(160)].astype(int)  # 20% positives
+    ps = [y * 0.8 + rng.normal(0, 0.6, y.size) for _ in range(3)]
+    m = bootstrap_mean_auc(y, ps, n_boot=1000)
+    assert m["auc"] == pytest.approx(np.mean([roc_auc_score(y, p) for p in ps]))
+    assert m["auc_lo"] < m["auc"] < m["auc_hi"] and m["n_models"] == 3
+    one = bootstrap_mean_auc(y, ps[:1], n_boot=1000)
+    # averaging seeds removes their own noise: the interval of the mean is no wider
+    assert (m["auc_hi"] - m["auc_lo"]) <= (one["auc_hi"] - one["auc_lo"]) + 0.01
+    with pytest.raises(ValueError, match="both classes"):
+        bootstrap_mean_auc(np.ones(5, int), [np.arange(5.0)])

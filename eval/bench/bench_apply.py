@@ -32,17 +32,20 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cyclegan import forward_speed  # noqa: E402
-from common import loglog_slope, machine, verdict, write_json  # noqa: E402
-
-from harmonize.apply import apply_translator  # noqa: E402
-from harmonize.data.io import read_image  # noqa: E402
-from harmonize.metrics import ssim  # noqa: E402
-from harmonize.synth import make_phantom  # noqa: E402
-from harmonize.training.device import resolve_precision  # noqa: E402
-from harmonize.translators import CycleGANTranslator, load_translator  # noqa: E402
-from harmonize.translators.cyclegan.networks import ResnetGenerator  # noqa: E402
+from harmonize.apply import apply_translator
+from harmonize.data.io import read_image
+from harmonize.evaluation.bench_support import (
+    forward_speed,
+    loglog_slope,
+    machine,
+    verdict,
+    write_json,
+)
+from harmonize.metrics import ssim
+from harmonize.synth import make_phantom
+from harmonize.training.device import resolve_precision
+from harmonize.translators import CycleGANTranslator, load_translator
+from harmonize.translators.cyclegan.networks import ResnetGenerator
 
 TILE = 256
 CHILD = """

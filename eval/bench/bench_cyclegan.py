@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -35,16 +34,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from harmonize.apply import apply_translator
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.evaluation.bench_support import (
+    ROOT,
+    forward_speed,
+    step_seconds,
+    train_cyclegan_log,
+)
 from harmonize.metrics import ssim
 from harmonize.synth import generate
 from harmonize.translators import IdentityTranslator, load_translator
 from harmonize.translators.cyclegan import CycleGANTranslator, load_config
 from harmonize.translators.cyclegan.networks import ResnetGenerator
 from harmonize.translators.tiling import tile_starts
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_cyclegan import run, step_seconds  # noqa: E402
 
 SIZE = 256
 
@@ -112,8 +113,9 @@ def io_speed(data: Path, out: Path, n: int) -> float:
 
 def train_speed(config, data: Path, out: Path, steps: int) -> float:
     """Steps/s of `train_cyclegan` on whole 256 px images, batch 1, the config's precision."""
-    log = run(config, data, out, steps=steps, precision=config.train.mixed_precision, seed=0,
-              crop=SIZE, load_size=None, log_every=1)
+    log = train_cyclegan_log(config, data, out, steps=steps,
+                             precision=config.train.mixed_precision, seed=0, crop=SIZE,
+                             load_size=None, log_every=1)
     return 1.0 / step_seconds(log)
 
 
@@ -121,19 +123,6 @@ def flops(g: torch.nn.Module, side: int) -> int:
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         g(torch.zeros(1, 1, side, side))
     return counter.get_total_flops()
-
-
-def forward_speed(g: torch.nn.Module, n: int, batch: int, precision: str) -> float:
-    x = torch.rand(batch, 1, SIZE, SIZE) * 2 - 1
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                enabled=precision == "bf16"):
-        g(x)  # warm-up (the kernels for this batch shape)
-        started = time.perf_counter()
-        done = 0
-        while done < n:
-            g(x[: min(batch, n - done)])
-            done += min(batch, n - done)
-    return n / (time.perf_counter() - started)
 
 
 def apply_speed(translator, data: Path, out: Path, n: int) -> float:

@@ -18,24 +18,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench/bench_diff
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_json  # noqa: E402
-
-from harmonize.data.intensity import IntensityPolicy  # noqa: E402
-from harmonize.data.io import read_image  # noqa: E402
-from harmonize.data.manifest import load_manifest, save_manifest  # noqa: E402
-from harmonize.data.splits import patient_split  # noqa: E402
-from harmonize.metrics import ssim  # noqa: E402
-from harmonize.synth import generate  # noqa: E402
-from harmonize.translators import load_translator  # noqa: E402
-from harmonize.translators.diffusion import load_config, train_diffusion  # noqa: E402
+from harmonize.data.intensity import IntensityPolicy
+from harmonize.data.io import read_image
+from harmonize.data.manifest import load_manifest, save_manifest
+from harmonize.data.splits import patient_split
+from harmonize.evaluation.bench_support import ROOT, machine, write_json
+from harmonize.metrics import ssim
+from harmonize.synth import generate
+from harmonize.translators import load_translator
+from harmonize.translators.diffusion import load_config, train_diffusion
 
 STEPS = (5, 10, 20, 50)
 POLICY = IntensityPolicy()

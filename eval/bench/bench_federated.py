@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +28,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, linear_fit, machine, verdict, write_json  # noqa: E402
-
-from harmonize.data.manifest import load_manifest, save_manifest  # noqa: E402
-from harmonize.federated.config import load_federated_config  # noqa: E402
-from harmonize.federated.nodes import node_rows, split_rows  # noqa: E402
-from harmonize.federated.run import run_federated  # noqa: E402
-from harmonize.federated.tasks import build_task  # noqa: E402
-from harmonize.synth import generate  # noqa: E402
+from harmonize.data.manifest import load_manifest, save_manifest
+from harmonize.evaluation.bench_support import ROOT, linear_fit, machine, verdict, write_json
+from harmonize.federated.config import load_federated_config
+from harmonize.federated.nodes import node_rows, split_rows
+from harmonize.federated.run import run_federated
+from harmonize.federated.tasks import build_task
+from harmonize.synth import generate
 
 
 def central_equivalent(cfg, manifest: Path) -> float:

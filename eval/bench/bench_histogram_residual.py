@@ -19,20 +19,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench/bench_diff
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_json  # noqa: E402
-
-from harmonize.synth import generate  # noqa: E402
-from harmonize.translators import HistogramMatching, HistogramResidualTranslator  # noqa: E402
-from harmonize.translators.cyclegan import load_config, train_cyclegan  # noqa: E402
-from harmonize.translators.cyclegan.networks import init_weights  # noqa: E402
+from harmonize.evaluation.bench_support import ROOT, machine, write_json
+from harmonize.synth import generate
+from harmonize.translators import HistogramMatching, HistogramResidualTranslator
+from harmonize.translators.cyclegan import load_config, train_cyclegan
+from harmonize.translators.cyclegan.networks import init_weights
 
 CONFIGS = {"histogram-residual": ROOT / "configs/histogram_residual/quick.yaml",
            "cyclegan": ROOT / "configs/cyclegan/quick.yaml"}

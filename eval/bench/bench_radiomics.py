@@ -26,12 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import linear_fit, loglog_slope, verdict, write_json  # noqa: E402
-
-from harmonize.data.manifest import load_manifest  # noqa: E402
-from harmonize.radiomics import RadiomicsSettings, extract_features  # noqa: E402
-from harmonize.radiomics.extract import available_cpus, feature_columns  # noqa: E402
+from harmonize.data.manifest import load_manifest
+from harmonize.evaluation.bench_support import linear_fit, loglog_slope, verdict, write_json
+from harmonize.radiomics import RadiomicsSettings, extract_features
+from harmonize.radiomics.extract import available_cpus, feature_columns
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tb_cxr_2site"
 

@@ -15,19 +15,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine  # noqa: E402
-
-from harmonize.federated.config import load_federated_config  # noqa: E402
-from harmonize.federated.run import run_federated  # noqa: E402
-from harmonize.synth import generate  # noqa: E402
+from harmonize.evaluation.bench_support import ROOT, machine
+from harmonize.federated.config import load_federated_config
+from harmonize.federated.run import run_federated
+from harmonize.synth import generate
 
 
 def one_run(mode: str, args, manifest: Path, out: Path) -> dict:

@@ -21,44 +21,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench/bench_diffusion.py
 
 import argparse
-import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, verdict, write_json  # noqa: E402
-
-from harmonize.synth import generate  # noqa: E402
-from harmonize.translators.cyclegan import load_config, train_cyclegan  # noqa: E402
+from harmonize.evaluation.bench_support import (
+    ROOT,
+    machine,
+    step_seconds,
+    train_cyclegan_log,
+    verdict,
+    write_json,
+)
+from harmonize.synth import generate
+from harmonize.translators.cyclegan import load_config
 
 CURVE_LOSSES = ("G_gan", "F_gan", "cycle", "idt", "D_B", "D_A")
-
-
-def run(config, data: Path, out: Path, *, steps: int, precision: str, seed: int,
-        crop: int, load_size: int | None, log_every: int) -> pd.DataFrame:
-    shutil.rmtree(out, ignore_errors=True)
-    config = config.model_copy(deep=True)
-    config.data.manifest = data / "manifest.csv"
-    config.data.reference_site = "site_a"
-    config.data.load_size = load_size
-    config.data.image_size = crop
-    config.data.num_workers = 0
-    t = config.train
-    t.out, t.steps, t.decay_steps, t.batch_size, t.seed = out, steps, 0, 1, seed
-    t.mixed_precision = precision
-    t.log_every = log_every
-    t.sample_every = t.checkpoint_every = 10**9
-    t.progress = False
-    train_cyclegan(config)
-    return pd.read_csv(out / "train_log.csv")
-
-
-def step_seconds(log: pd.DataFrame) -> float:
-    """Median seconds per step between log rows (the first row, with the warm-up, is
-    only a start; the median shrugs off a step slowed by a busy neighbour)."""
-    return float((log["seconds"].diff() / log["step"].diff()).dropna().median())
 
 
 def curve_distance(a: pd.DataFrame, b: pd.DataFrame, loss: str, skip: int) -> float:
@@ -79,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     timing = {}
     for precision in ("no", "bf16"):
-        log = run(config, work / "data256", work / f"time_{precision}", steps=args.timed_steps,
-                  precision=precision, seed=0, crop=256, load_size=None, log_every=1)
+        log = train_cyclegan_log(config, work / "data256", work / f"time_{precision}",
+                                 steps=args.timed_steps, precision=precision, seed=0, crop=256,
+                                 load_size=None, log_every=1)
         timing[precision] = step_seconds(log)
         print(f"256 px step, mixed_precision={precision}: {timing[precision]:.2f} s")
     ratio = timing["bf16"] / timing["no"]
@@ -103,9 +82,9 @@ def loss_curves(config, work: Path, out: Path, steps: int) -> dict:
     curves = {}
     for name, precision, seed in (("fp32_seed0", "no", 0), ("fp32_seed1", "no", 1),
                                   ("bf16_seed0", "bf16", 0)):
-        curves[name] = run(config, work / "data128", work / f"curve_{name}", steps=steps,
-                           precision=precision, seed=seed, crop=64, load_size=None,
-                           log_every=10)
+        curves[name] = train_cyclegan_log(config, work / "data128", work / f"curve_{name}",
+                                          steps=steps, precision=precision, seed=seed, crop=64,
+                                          load_size=None, log_every=10)
         print(f"curve {name}: {step_seconds(curves[name]):.2f} s/step at 64 px")
     table = pd.concat([c.assign(run=name) for name, c in curves.items()])
     table.to_csv(out / "train_cyclegan_curves.csv", index=False)

@@ -383,6 +383,35 @@ def paired_bootstrap_mean_auc_difference(y_true: ArrayLike, p_a: Sequence[ArrayL
             "n_boot": int(n_boot), "level": float(level)}
 
 
+def bootstrap_mean_auc(y_true: ArrayLike, ps: Sequence[ArrayLike], n_boot: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> dict:
+    """The mean AUC of several models scored on the same test images (e.g. one per
+    training seed) with a stratified bootstrap CI: each resample of test images scores
+    every model on it. Returns auc, auc_lo, auc_hi, n_models, n_boot, level."""
+    if not len(ps):
+        raise ValueError("need at least one model's scores")
+    y = _check_labels(y_true)
+    _check_boot(n_boot, level)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUC needs both classes in y_true, found only one")
+    coded = []
+    for k, p in enumerate(ps):
+        u, c = np.unique(_check_scores(p, y.size, f"ps[{k}]"), return_inverse=True)
+        coded.append((c, u.size))
+    full = float(np.mean([_resampled_auc(c, n, pos[None, :], neg[None, :])[0]
+                          for c, n in coded]))
+    rng = np.random.default_rng(seed)
+    chunk = _chunk_size(n_boot, y.size + max(n for _, n in coded))
+    means = []
+    for start in range(0, n_boot, chunk):
+        ip, ineg = _stratified_indices(rng, pos, neg, min(chunk, n_boot - start))
+        means.append(np.mean([_resampled_auc(c, n, ip, ineg) for c, n in coded], axis=0))
+    lo, hi = _percentile_ci(np.concatenate(means), level)
+    return {"auc": full, "auc_lo": lo, "auc_hi": hi, "n_models": len(ps),
+            "n_boot": int(n_boot), "level": float(level)}
+
+
 def roc_points(y_true: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """ROC curve (fpr, tpr) from sklearn's ``roc_curve``; needs both classes."""
     y = _check_labels(y_true)
