@@ -247,3 +247,19 @@ def test_bootstrap_mean_auc_over_seeds_matches_sklearn_and_narrows():
     assert (m["auc_hi"] - m["auc_lo"]) <= (one["auc_hi"] - one["auc_lo"]) + 0.01
     with pytest.raises(ValueError, match="both classes"):
         bootstrap_mean_auc(np.ones(5, int), [np.arange(5.0)])
+
+
+def test_rare_class_metrics_of_several_seeds_are_their_mean():
+    from sklearn.metrics import average_precision_score
+
+    from harmonize.classify.metrics import rare_class_metrics
+
+    rng = np.random.default_rng(4)
+    y = np.r_[np.ones(30), np.zeros(120)].astype(int)
+    ps = np.stack([y * 0.9 + rng.normal(0, 0.5, y.size) for _ in range(3)])
+    m = rare_class_metrics(y, ps, n_boot=500)
+    assert m["ap"] == pytest.approx(np.mean([average_precision_score(y, p) for p in ps]))
+    singles = [rare_class_metrics(y, p, n_boot=500) for p in ps]
+    assert m["sens_at_spec"] == pytest.approx(np.mean([r["sens_at_spec"] for r in singles]))
+    assert m["ap_lo"] < m["ap"] < m["ap_hi"]
+    assert rare_class_metrics(y, ps[:1], n_boot=500) == singles[0]  # one row: one model

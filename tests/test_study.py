@@ -182,3 +182,24 @@ def test_part2_leaves_each_training_node_out(tmp_path):
     assert folds["inputs"]["nodes"] == ["node_1", "node_2", "node_3"]
     assert "Leave one training node out" in (out / "report.html").read_text()
 
+
+
+def test_several_seeds_give_seed_means(tmp_path):
+    """seeds: every arm trained once per seed; the table gives the seed mean (per seed
+    beside it), the differences pair seed with seed."""
+    from harmonize.synth import generate
+
+    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=2, progress=False,
+             prevalence=0.5, nodes=4)
+    config = load_study_config(None, {
+        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
+        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
+        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
+        "seeds": [0, 1], "bootstrap": 100})
+    out = run_study(config)
+    arms = pd.read_csv(out / "arms.csv").set_index("arm")
+    assert (arms["seeds"] == 2).all()
+    per_seed = arms["auc_per_seed"].str.split(" / ").map(lambda v: [float(x) for x in v])
+    assert np.allclose(arms["auc"], per_seed.map(np.mean), atol=1e-3)
+    assert (out / "stages/classifier_raw_central_seed1/stage.json").is_file()
+    assert "seeds 0, 1" in (out / "report.html").read_text()

@@ -260,8 +260,14 @@ def rare_class_metrics(y_true: ArrayLike, p: ArrayLike, specificity: float = 0.9
     """What matters beside AUC when positives are rare (about 20% here): average
     precision (`ap`; chance level is the prevalence) and sensitivity at `specificity`
     (`sens_at_spec`), each with a stratified percentile-bootstrap CI (`_lo`, `_hi`),
-    all resamples at once."""
+    all resamples at once. `p` of shape (models, n), e.g. one row per training seed:
+    the mean over the models, each resample scoring every model."""
     y = _check_labels(y_true)
+    if np.ndim(p) == 2:
+        if len(p) == 1:
+            return rare_class_metrics(y, np.asarray(p)[0], specificity, n_boot, level, seed)
+        models = [_check_scores(row, y.size) for row in np.asarray(p)]
+        return _mean_over_models(y, models, specificity, n_boot, level, seed)
     s = _check_scores(p, y.size)
     _check_boot(n_boot, level)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
@@ -279,6 +285,33 @@ def rare_class_metrics(y_true: ArrayLike, p: ArrayLike, specificity: float = 0.9
         ip, ineg = _stratified_indices(rng, pos, neg, min(chunk, n_boot - start))
         boots["ap"].append(_average_precision_rows(s[ip], s[ineg]))
         boots["sens_at_spec"].append(_sensitivity_at_rows(s[ip], s[ineg], specificity))
+    for k, values in boots.items():
+        out[f"{k}_lo"], out[f"{k}_hi"] = _percentile_ci(np.concatenate(values), level)
+    out["specificity_target"] = specificity
+    return out
+
+
+def _mean_over_models(y: np.ndarray, models: list[np.ndarray], specificity: float,
+                      n_boot: int, level: float, seed: int) -> dict:
+    """rare_class_metrics of several models' mean: the same resamples for every model."""
+    _check_boot(n_boot, level)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if not pos.size or not neg.size:
+        return rare_class_metrics(y, models[0], specificity, n_boot, level, seed)
+    out = {"ap": float(np.mean([_average_precision_rows(s[pos][None], s[neg][None])[0]
+                                for s in models])),
+           "sens_at_spec": float(np.mean([_sensitivity_at_rows(
+               s[pos][None], s[neg][None], specificity)[0] for s in models]))}
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[np.ndarray]] = {"ap": [], "sens_at_spec": []}
+    chunk = _chunk_size(n_boot, 4 * y.size)
+    for start in range(0, n_boot, chunk):
+        ip, ineg = _stratified_indices(rng, pos, neg, min(chunk, n_boot - start))
+        boots["ap"].append(np.mean([_average_precision_rows(s[ip], s[ineg])
+                                    for s in models], axis=0))
+        boots["sens_at_spec"].append(np.mean([_sensitivity_at_rows(s[ip], s[ineg],
+                                                                   specificity)
+                                              for s in models], axis=0))
     for k, values in boots.items():
         out[f"{k}_lo"], out[f"{k}_hi"] = _percentile_ci(np.concatenate(values), level)
     out["specificity_target"] = specificity

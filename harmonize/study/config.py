@@ -139,9 +139,18 @@ class StudyConfig(Section):
     privacy: PrivacyAxis = Field(default_factory=PrivacyAxis)
     parts: list[Literal["shift", "central", "federated", "privacy"]] = Field(
         default_factory=lambda: ["shift", "central", "federated", "privacy"])
-    seed: int = 0
+    seed: int = Field(0, description="the cohort split, the harmonizers, and the "
+                      "classifiers unless seeds is given")
+    seeds: list[int] | None = Field(None, min_length=1, description="train every "
+                                    "classifier arm once per seed: AUC, AP, sensitivity "
+                                    "and differences are then seed means, their CIs "
+                                    "over the test images of the seed mean")
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for CIs")
     progress: bool = True
+
+
+def classifier_seeds(config: StudyConfig) -> list[int]:
+    return list(dict.fromkeys(config.seeds)) if config.seeds else [config.seed]
 
 
 def load_study_config(path: str | Path | None, overrides: dict | None = None) -> StudyConfig:

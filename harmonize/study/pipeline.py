@@ -102,12 +102,14 @@ class Pipeline:
                                                  progress=False)
         return self._images[manifest]
 
-    def classifier_config(self, arm: Arm, manifest: Path, out: Path) -> FederatedConfig:
+    def classifier_config(self, arm: Arm, manifest: Path, out: Path,
+                          seed: int | None = None) -> FederatedConfig:
         f, c = self.config.federated, self.config.classifier
         return load_federated_config(None, {
             "task": "classifier", "rounds": f.rounds,
             "strategy": "fedprox" if arm.training == "fedprox" else "fedavg",
-            "proximal_mu": f.proximal_mu, "seed": self.config.seed, "evaluate": False,
+            "proximal_mu": f.proximal_mu,
+            "seed": self.config.seed if seed is None else seed, "evaluate": False,
             "progress": False, "threads_per_node": 1, "parallel_nodes": f.parallel_nodes,
             "manifest": str(manifest), "out": str(out),
             "classifier.model.arch": c.arch, "classifier.model.width": c.width,
@@ -125,10 +127,12 @@ class Pipeline:
             "privacy.max_grad_norm": self.config.privacy.max_grad_norm,
             "privacy.secagg": arm.secagg})
 
-    def predictions(self, arm: Arm) -> dict:
-        """The arm's scores on the external node's images (and its cost)."""
+    def predictions(self, arm: Arm, seed: int | None = None) -> dict:
+        """The arm's scores on the external node's images (and its cost), its classifier
+        trained with `seed` (default: the study's seed)."""
+        seed = self.config.seed if seed is None else seed
         manifest = self.harmonized(arm.images, arm.harmonizer_epsilon)
-        inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": self.config.seed,
+        inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": seed,
                   "classifier": self.config.classifier.model_dump(mode="json"),
                   "training": (self.config.federated.model_dump(mode="json") if arm.federated
                                else self.config.central.model_dump(
@@ -137,8 +141,10 @@ class Pipeline:
                   "pretrained": self.pretrained_file(arm),
                   "image_size": self.config.data.image_size,
                   "privacy": self.config.privacy.model_dump(mode="json")}
-        return self.cache.run(f"classifier_{arm.name}", inputs,
-                              lambda folder: self._train_and_score(arm, manifest, folder))
+        name = f"classifier_{arm.name}" + ("" if seed == self.config.seed
+                                             else f"_seed{seed}")
+        return self.cache.run(name, inputs, lambda folder: self._train_and_score(
+            arm, manifest, folder, seed))
 
     def left_out_predictions(self, arm: Arm) -> dict:
         """Leave one training node out (central arms): each training node's images scored
@@ -162,14 +168,14 @@ class Pipeline:
         p = np.zeros(len(d.train_rows))
         for held in d.training_nodes:
             fit = d.train_rows[node != held]
-            model = self._fit_central(arm, x[fit], d.labels[fit])
+            model = self._fit_central(arm, x[fit], d.labels[fit], self.config.seed)
             p[node == held] = predict(model, x[d.train_rows[node == held]])
         return {"p": [float(v) for v in p]}
 
-    def _fit_central(self, arm: Arm, x, y) -> Classifier:
+    def _fit_central(self, arm: Arm, x, y, seed: int) -> Classifier:
         tc = TrainConfig(epochs=self.config.central.epochs,
                          batch_size=self.config.central.batch_size,
-                         lr=self.config.central.lr, seed=self.config.seed,
+                         lr=self.config.central.lr, seed=seed,
                          augment="plain" if arm.augment else "none", progress=False)
         model_cfg = self.config.classifier
         if arm.arch:
@@ -183,19 +189,19 @@ class Pipeline:
                 else self.config.classifier.pretrained)
         return None if path is None else {"path": str(path), "bytes": path.stat().st_size}
 
-    def _train_and_score(self, arm: Arm, manifest: str, folder: Path) -> dict:
+    def _train_and_score(self, arm: Arm, manifest: str, folder: Path, seed: int) -> dict:
         d = self.design
         x = self.images(manifest)
         test = x[d.test_rows]
         cost: dict = {}
         if not arm.federated:
-            model = self._fit_central(arm, x[d.train_rows], d.labels[d.train_rows])
+            model = self._fit_central(arm, x[d.train_rows], d.labels[d.train_rows], seed)
         else:
             from harmonize.federated.run import run_federated
 
             frame = load_manifest(manifest)
             train = d.training_manifest(frame, folder / "train.csv")
-            summary = run_federated(self.classifier_config(arm, train, folder / "run"))
+            summary = run_federated(self.classifier_config(arm, train, folder / "run", seed))
             model, _, _ = load_classifier(summary["model"])
             if arm.training == "fedbn":  # its BatchNorm stayed at the nodes: the
                 model = adapt_batchnorm(model, test)  # unseen hospitals use their own

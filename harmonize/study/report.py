@@ -13,7 +13,7 @@ from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.radiomics.extract import available_cpus
 from harmonize.report.html import HtmlReport, image_grid, subplots
-from harmonize.study.config import StudyConfig
+from harmonize.study.config import StudyConfig, classifier_seeds
 from harmonize.study.design import Design, natural_key
 
 
@@ -285,7 +285,10 @@ def write_study_report(out: Path, config: StudyConfig, design: Design, summary: 
         f"training nodes {', '.join(s['training_nodes'])}; external (unseen) node "
         f"{s['external_node']} ({s['external_images']} images); reference hospital "
         f"{s['reference_site']}; positive class '{s['positive']}'. Classifier: "
-        f"{config.classifier.arch} at {config.data.image_size} px, seed {config.seed}.")
+        f"{config.classifier.arch} at {config.data.image_size} px, "
+        + (f"seeds {', '.join(map(str, seeds))} (every arm trained once per seed; AUC, AP, "
+           "sensitivity and differences are seed means, CIs over the unseen images)."
+           if len(seeds := classifier_seeds(config)) > 1 else f"seed {config.seed}."))
     if summary.get("shift"):
         _part1(page, out, design, summary["shift"])
     if "central" in config.parts:

@@ -23,8 +23,11 @@ import numpy as np
 import pandas as pd
 
 from harmonize.classify.metrics import (
+    binary_metrics,
+    bootstrap_mean_auc,
     bootstrap_metrics,
     paired_bootstrap_difference,
+    paired_bootstrap_mean_auc_difference,
     rare_class_metrics,
 )
 from harmonize.configs import ConfigError, dump_config
@@ -39,7 +42,7 @@ from harmonize.study.arms import (
     private_reference_arm,
 )
 from harmonize.study.cache import StageCache
-from harmonize.study.config import StudyConfig
+from harmonize.study.config import StudyConfig, classifier_seeds
 from harmonize.study.design import make_design
 from harmonize.study.pipeline import Pipeline
 
@@ -98,31 +101,57 @@ def check_privacy_design(pipeline: Pipeline, arms: list[Arm], folder: Path) -> N
             raise ConfigError(f"privacy arm '{arm.label}': {err}") from None
 
 
-def score_arms(y: np.ndarray, preds: dict[Arm, dict], n_boot: int, seed: int) -> pd.DataFrame:
+def scores(results: list[dict]) -> np.ndarray:
+    """(seeds, images): each seed's predicted probabilities."""
+    return np.asarray([r["p"] for r in results], dtype=float)
+
+
+def mean_cost(results: list[dict]) -> dict:
+    """The cost of an arm's runs, averaged over its seeds."""
+    keys = dict.fromkeys(k for r in results for k in r.get("cost", {}))
+    out = {}
+    for k in keys:
+        values = [r["cost"].get(k) for r in results if r.get("cost", {}).get(k) is not None]
+        out[k] = float(np.mean(values)) if values else None
+    return out
+
+
+def score_arms(y: np.ndarray, preds: dict[Arm, list[dict]], n_boot: int,
+               seed: int) -> pd.DataFrame:
     """Every arm's AUC, average precision and sensitivity at 90% specificity (CIs) on the
-    images whose labels are `y` (the external node's, or the left-out nodes')."""
+    images whose labels are `y` (the external node's, or the left-out nodes'): of its
+    one model, or the mean over its seeds' models (the CI over test images)."""
     rows = []
-    for arm, result in preds.items():
-        p = np.asarray(result["p"])
-        m = bootstrap_metrics(y, p, n_boot=n_boot, seed=seed)
+    for arm, results in preds.items():
+        p = scores(results)
+        if len(p) == 1:
+            m = bootstrap_metrics(y, p[0], n_boot=n_boot, seed=seed)
+        else:
+            m = bootstrap_mean_auc(y, p, n_boot=n_boot, seed=seed)
         r = rare_class_metrics(y, p, n_boot=n_boot, seed=seed)
+        per_seed = [binary_metrics(y, q)["auc"] for q in p]
         rows.append({"arm": arm.name, "label": arm.label, **arm.as_dict(),
-                     "n": m["n"], "n_positive": m["n_positive"],
+                     "n": len(y), "n_positive": int(np.sum(y)), "seeds": len(p),
                      **{k: m[k] for k in ("auc", "auc_lo", "auc_hi")},
+                     "auc_per_seed": " / ".join(f"{v:.3f}" for v in per_seed),
                      **{k: r[k] for k in ("ap", "ap_lo", "ap_hi", "sens_at_spec",
                                           "sens_at_spec_lo", "sens_at_spec_hi")},
-                     **{f"cost_{k}": v for k, v in result.get("cost", {}).items()}})
+                     **{f"cost_{k}": v for k, v in mean_cost(results).items()}})
     return pd.DataFrame(rows)
 
 
-def paired_differences(y: np.ndarray, preds: dict[Arm, dict],
+def paired_differences(y: np.ndarray, preds: dict[Arm, list[dict]],
                        pairs: list[tuple[str, Arm, Arm]], n_boot: int,
                        seed: int) -> pd.DataFrame:
+    """Each pair's AUC difference on the same images (seed by seed when several)."""
     rows = []
     for part, arm, base in pairs:
-        d = paired_bootstrap_difference(y, np.asarray(preds[arm]["p"]),
-                                        np.asarray(preds[base]["p"]), n_boot=n_boot,
-                                        seed=seed)
+        a, b = scores(preds[arm]), scores(preds[base])
+        if len(a) == 1:
+            d = paired_bootstrap_difference(y, a[0], b[0], n_boot=n_boot, seed=seed)
+        else:
+            d = paired_bootstrap_mean_auc_difference(y, list(a), list(b), n_boot=n_boot,
+                                                     seed=seed)
         rows.append({"part": part, "arm": arm.name, "label": arm.label,
                      "baseline": base.name, "baseline_label": base.label,
                      "auc_difference": d["diff"], "lo": d["diff_lo"], "hi": d["diff_hi"],
@@ -156,16 +185,17 @@ def run_study(config: StudyConfig) -> Path:
                                                    config.bootstrap, config.seed,
                                                    config.progress))
         seconds["part 1: site shift"] = time.perf_counter() - t
+    seeds = classifier_seeds(config)
     preds = {}
     for part, group in parts.items():
         t = time.perf_counter()
         for arm in group:
             if arm not in preds:
-                preds[arm] = pipeline.predictions(arm)
+                preds[arm] = [pipeline.predictions(arm, s) for s in seeds]
         seconds[f"part: {part}"] = time.perf_counter() - t
     for arm in arms:  # baselines not trained by their own part
         if arm not in preds:
-            preds[arm] = pipeline.predictions(arm)
+            preds[arm] = [pipeline.predictions(arm, s) for s in seeds]
     y = design.labels[design.test_rows]
     table = score_arms(y, preds, config.bootstrap, config.seed)
     diffs = paired_differences(y, preds, pairs, config.bootstrap, config.seed)
@@ -205,9 +235,10 @@ LEFT_OUT_DIFFERENCES = "differences_leave_one_node_out.csv"
 def score_left_out(pipeline: Pipeline, central: list[Arm], config: StudyConfig
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Part 2 under leave-one-node-out, for the study's classifier: every training node's
-    images scored by the arm trained on the other training nodes, pooled."""
+    images scored by the arm trained on the other training nodes, pooled (the study's
+    seed only: one training per node and arm already)."""
     arms = [a for a in central if a.arch is None]
-    preds = {arm: pipeline.left_out_predictions(arm) for arm in arms}
+    preds = {arm: [pipeline.left_out_predictions(arm)] for arm in arms}
     pairs = [("central", a, augmentation_baseline(a)) for a in arms
              if a != augmentation_baseline(a)]
     y = pipeline.design.labels[pipeline.design.train_rows]
