@@ -257,8 +257,9 @@ def _part4(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
         page.paragraph(
             "The public-reference design (landmarks from a public data set: no privacy "
             "budget on the harmonizer, only public numbers travel to the nodes, each maps "
-            "its own images) against the private reference at the same target (the "
-            "reference hospital's node releases its landmarks under DP): "
+            "its own images) against the private reference (the reference hospital's "
+            "node releases its landmarks under DP) at the same target, and, with no DP "
+            "on the classifier, against DP on the landmarks alone: "
             + "; ".join(f"{r['label']}: {r['auc_difference']:+.3f} [{r['lo']:+.3f}, "
                         f"{r['hi']:+.3f}]" for _, r in public.iterrows()) + ".")
     t = table[table["arm"].isin(d["arm"])]

@@ -79,6 +79,10 @@ def comparisons(parts: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
             pairs.append(("privacy", arm, Arm("federated", "fedavg")))
         if arm.images == "public":
             pairs.append(("privacy", arm, private_reference_arm(arm.epsilon)))
+            if not arm.private:  # what the public reference saves: the landmarks' DP
+                pairs += [("privacy", arm, other) for other in parts["privacy"]
+                          if other.images == "federated" and not other.private
+                          and math.isfinite(other.harmonizer_epsilon)]
     return pairs
 
 
