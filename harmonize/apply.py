@@ -71,6 +71,18 @@ class _Loaded:
 MANIFEST_NAME = "manifest.csv"
 
 
+def mirrored_relpaths(df) -> list[Path]:
+    """Where each manifest row's output goes below an output folder: its path relative
+    to the manifest's folder; for images outside that folder, the tree below their
+    common root (what `harmonize apply MANIFEST OUT` writes, and what readers of OUT
+    must expect)."""
+    relpaths = [Path(r) for r in df["relpath"]]
+    if any(r.parts[0] == "_outside" for r in relpaths):
+        root = Path(os.path.commonpath(list(df["path"])))
+        root = root if len(df) > 1 else root.parent
+        relpaths = [Path(p).relative_to(root) for p in df["path"]]
+    return relpaths
+
 def discover_inputs(
     inp: str | os.PathLike, out: str | os.PathLike | None = None
 ) -> list[ApplyItem]:
@@ -87,12 +99,7 @@ def discover_inputs(
         from harmonize.data.manifest import load_manifest
 
         df = load_manifest(inp)
-        relpaths = [Path(r) for r in df["relpath"]]
-        if any(r.parts[0] == "_outside" for r in relpaths):
-            # images outside the manifest's folder: mirror the tree below their common root
-            root = Path(os.path.commonpath(list(df["path"])))
-            root = root if len(df) > 1 else root.parent
-            relpaths = [Path(p).relative_to(root) for p in df["path"]]
+        relpaths = mirrored_relpaths(df)
         return [ApplyItem(Path(p), r, s)
                 for p, r, s in zip(df["path"], relpaths, df["site"], strict=True)]
     if not inp.is_dir():

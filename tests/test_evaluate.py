@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -232,3 +234,23 @@ def test_gradcam_highlights_what_drives_the_logit():
     cam = gradcam_maps(model, x)[0]
     assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() == 1
     assert cam[:8, :8].mean() > 0.9 and cam[16:, 16:].mean() < 0.1  # 0.99 / 0.05 measured
+
+
+def test_harmonized_copy_of_a_manifest_kept_away_from_its_images(synth3, tmp_path):
+    """A manifest in another folder than its images (a derived one, beside a run): the
+    harmonized manifest names the files apply wrote (the study's split_nodes case)."""
+    from harmonize.data.manifest import load_manifest, save_manifest
+    from harmonize.evaluation.config import TranslatorSpec
+    from harmonize.evaluation.harmonized_sets import harmonize_dataset
+
+    df = load_manifest(synth3 / "manifest.csv")
+    elsewhere = tmp_path / "run" / "data" / "manifest.csv"
+    elsewhere.parent.mkdir(parents=True)
+    save_manifest(df, elsewhere)
+    df = load_manifest(elsewhere)
+    assert df["relpath"].str.startswith("_outside").all()
+    hs = harmonize_dataset(TranslatorSpec(name="histogram-matching"), elsewhere, df,
+                           "site_a", tmp_path / "hm", progress=False)
+    written = load_manifest(tmp_path / "hm" / "manifest.csv")
+    assert len(written) == len(df) and all(Path(p).is_file() for p in written["path"])
+    assert hs.folder == tmp_path / "hm" / "images"

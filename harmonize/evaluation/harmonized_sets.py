@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harmonize.apply import apply_translator
+from harmonize.apply import apply_translator, mirrored_relpaths
 from harmonize.configs import ConfigError
 from harmonize.data.manifest import save_manifest
 from harmonize.evaluation.config import TranslatorSpec
@@ -150,7 +150,7 @@ def harmonize_dataset(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame,
         raise RuntimeError(f"translator '{spec.name}': {summary.errors} image(s) failed, e.g. "
                            f"{summary.error_files[:3]}; see {summary.log_path}")
     harmonized = df.copy()
-    harmonized["path"] = [str(folder / r) for r in df["relpath"]]
+    harmonized["path"] = [str(folder / r) for r in mirrored_relpaths(df)]
     save_manifest(harmonized, out / "manifest.csv")
     return HarmonizedSet(spec.name, translator.kind, Path(model_dir), folder, harmonized,
                          seconds)

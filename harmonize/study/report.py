@@ -260,8 +260,9 @@ def _part4(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
             "its own images) against the private reference (the reference hospital's "
             "node releases its landmarks under DP) at the same target, and, with no DP "
             "on the classifier, against DP on the landmarks alone: "
-            + "; ".join(f"{r['label']}: {r['auc_difference']:+.3f} [{r['lo']:+.3f}, "
-                        f"{r['hi']:+.3f}]" for _, r in public.iterrows()) + ".")
+            + "; ".join(f"{r['label']} against {r['baseline_label']}: "
+                        f"{r['auc_difference']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+                        for _, r in public.iterrows()) + ".")
     t = table[table["arm"].isin(d["arm"])]
     cols = [c for c in t.columns if c.startswith("cost_")]
     shown = _arm_table(t, diffs, "privacy")
