@@ -128,7 +128,7 @@ def test_arms_are_typed_values_with_stable_names():
     arm = Arm("federated", "fedavg", epsilon=3.0, harmonizer_epsilon=3.0, norm="group")
     assert arm.name == "hm-federated_fedavg_gn_hm-eps3_eps3" and arm.private
     assert "DP-SGD epsilon 3" in arm.label and "landmarks at epsilon 3" in arm.label
-    assert Arm() == Arm("raw", "central") and len({*central_arms(), *federated_arms()}) == 14
+    assert Arm() == Arm("raw", "central") and len({*central_arms(), *federated_arms()}) == 16
     # part 2 for a second architecture: its own augmentation baseline
     from harmonize.study.arms import augmentation_baseline
 

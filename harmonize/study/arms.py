@@ -13,12 +13,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Images = Literal["raw", "central", "federated", "public"]
+Images = Literal["raw", "central", "federated", "public", "unseen"]
 Training = Literal["central", "fedavg", "fedprox", "fedbn", "fedper"]
 
 IMAGES_TEXT = {"raw": "raw images", "central": "central histogram matching",
                "federated": "federated histogram matching",
-               "public": "histogram matching to a public reference"}
+               "public": "histogram matching to a public reference",
+               "unseen": "histogram matching to the unseen node's style"}
 ARCH_TEXT = {"cnn": "CNN", "vit": "ViT", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
              "densenet121": "DenseNet-121"}
 TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox": "FedProx",
@@ -88,10 +89,14 @@ class Arm:
 
 def central_arms(other_archs: list[str] | tuple = ()) -> list[Arm]:
     """Part 2: central harmonization against augmentation, all central; for the study's
-    classifier and for each of `other_archs` (e.g. a ViT beside the CNN)."""
+    classifier and for each of `other_archs` (e.g. a ViT beside the CNN). Both reference
+    protocols for the study's classifier: the reference hospital (a training node's), and
+    the unseen node's own style (its unlabelled images give the landmarks: test-time
+    adaptation to a new hospital)."""
     return [arm for arch in (None, *other_archs)
             for arm in (Arm("raw", arch=arch), Arm("raw", augment=True, arch=arch),
-                        Arm("central", arch=arch), Arm("central", augment=True, arch=arch))]
+                        Arm("central", arch=arch), Arm("central", augment=True, arch=arch))
+            ] + [Arm("unseen"), Arm("unseen", augment=True)]
 
 
 def augmentation_baseline(arm: Arm) -> Arm:

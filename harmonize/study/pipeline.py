@@ -63,6 +63,8 @@ class Pipeline:
                   "reference": self.design.reference_site, "landmarks": HISTOGRAM_LANDMARKS}
         if images == "public":
             inputs["reference"] = str(self.design.public_manifest)
+        if images == "unseen":
+            inputs["reference"] = f"node {self.design.external_node}"
         return self.cache.run(name, inputs, lambda folder: self._harmonize(
             images, epsilon, folder))["manifest"]
 
@@ -74,15 +76,20 @@ class Pipeline:
         if images == "central":
             spec = TranslatorSpec(name="histogram-matching",
                                   params={"n_quantiles": HISTOGRAM_LANDMARKS})
-        elif images == "public":  # fitted on the public images: nothing private travels
+        elif images in ("public", "unseen"):  # the style of a set of images, pooled
             from harmonize.fit import fit_and_save
             from harmonize.translators import TRANSLATORS
 
-            reference = "public"  # all its images, whatever hospitals they came from
-            public = load_manifest(self.design.public_manifest).assign(site=reference)
+            if images == "public":  # fitted on public images: nothing private travels
+                source = self.design.public_manifest
+                rows = load_manifest(source)
+            else:  # the unseen node's unlabelled images (test-time reference)
+                source = self.design.manifest
+                rows = self.design.df.iloc[self.design.test_rows]
+            reference = images  # all its images, whatever hospitals they came from
             model = fit_and_save(TRANSLATORS["histogram-matching"](
-                n_quantiles=HISTOGRAM_LANDMARKS), public, self.design.public_manifest,
-                reference, folder / "public_model", progress=False)
+                n_quantiles=HISTOGRAM_LANDMARKS), rows.assign(site=reference), source,
+                reference, folder / f"{images}_model", progress=False)
             spec = TranslatorSpec(name="histogram-matching", checkpoint=model)
         else:
             from harmonize.federated.run import run_federated

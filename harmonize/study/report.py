@@ -166,7 +166,8 @@ def _part2(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame, n_externa
             f"; difference {_difference(diffs, 'hm-central_central', 'raw_central_augment')} "
             "(paired bootstrap over the same images)"
             + (f"; with neither, {_ci(raw['auc'], raw['auc_lo'], raw['auc_hi'])}."
-               if raw is not None else ".") + _other_archs(t, diffs))
+               if raw is not None else ".") + _unseen_reference(t, diffs)
+            + _other_archs(t, diffs))
     page.table(_arm_table(t, diffs, "central"))
     page.figure(forest(t, "Central training"), "")
 
@@ -186,6 +187,17 @@ def _part2_left_out(page: HtmlReport, table: pd.DataFrame, diffs: pd.DataFrame,
                    "landmarks need no labels, so the fold that leaves the reference's node "
                    "out still maps onto its style (as a deployed harmonizer would).", "note")
     page.table(_arm_table(table, diffs, "central"))
+
+
+def _unseen_reference(table: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    """The second reference protocol: every hospital mapped onto the unseen node's style."""
+    r = _row(table, "hm-unseen_central")
+    if r is None:
+        return ""
+    gain = _difference(diffs, "hm-unseen_central", "raw_central_augment")
+    return (" With the unseen node's own style as the reference instead (its unlabelled "
+            f"images give the landmarks): {_ci(r['auc'], r['auc_lo'], r['auc_hi'])}, "
+            f"against augmentation {gain}.")
 
 
 def _other_archs(table: pd.DataFrame, diffs: pd.DataFrame) -> str:

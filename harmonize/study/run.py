@@ -241,7 +241,7 @@ def score_left_out(pipeline: Pipeline, central: list[Arm], config: StudyConfig
     """Part 2 under leave-one-node-out, for the study's classifier: every training node's
     images scored by the arm trained on the other training nodes, pooled (the study's
     seed only: one training per node and arm already)."""
-    arms = [a for a in central if a.arch is None]
+    arms = [a for a in central if a.arch is None and a.images != "unseen"]
     preds = {arm: [pipeline.left_out_predictions(arm)] for arm in arms}
     pairs = [("central", a, augmentation_baseline(a)) for a in arms
              if a != augmentation_baseline(a)]
