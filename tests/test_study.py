@@ -203,3 +203,29 @@ def test_several_seeds_give_seed_means(tmp_path):
     assert np.allclose(arms["auc"], per_seed.map(np.mean), atol=1e-3)
     assert (out / "stages/classifier_raw_central_seed1/stage.json").is_file()
     assert "seeds 0, 1" in (out / "report.html").read_text()
+
+
+def test_configured_translators_join_part2_against_augmentation_and_hm(tmp_path):
+    """central.translators: fitted on the training nodes' images, every hospital's images
+    translated, held to augmentation and to histogram matching; both reference protocols."""
+    from harmonize.synth import generate
+
+    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=3, progress=False,
+             prevalence=0.5, nodes=4)
+    config = load_study_config(None, {
+        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
+        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
+        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
+        "central.translators": [{"name": "fourier"}], "bootstrap": 100})
+    out = run_study(config)
+    arms = pd.read_csv(out / "arms.csv").set_index("arm")
+    assert {"hm-fourier_central", "hm-unseen_central"} <= set(arms.index)
+    assert "fourier translations" in arms.loc["hm-fourier_central", "label"]
+    diffs = pd.read_csv(out / "differences.csv")
+    held_to = set(diffs.loc[diffs["arm"] == "hm-fourier_central", "baseline"])
+    assert held_to == {"raw_central_augment", "hm-central_central"}
+    fitted = pd.read_csv(out / "stages/harmonize_fourier_epsinf/train.csv")
+    assert set(fitted["node"]) == {"node_1", "node_2", "node_3"}  # never the unseen node
+    with pytest.raises(ValueError, match="taken"):
+        load_study_config(None, {"data.manifest": "m.csv",
+                                 "central.translators": [{"name": "central"}]})

@@ -28,7 +28,7 @@ TRAINING_TEXT = {"central": "central classifier", "fedavg": "FedAvg", "fedprox":
 
 @dataclass(frozen=True)
 class Arm:
-    images: Images = "raw"
+    images: Images | str = "raw"  # or the name of a configured translator (part 2)
     training: Training = "central"
     augment: bool = False
     epsilon: float = math.inf  # the classifier's patient-level DP target (inf: none)
@@ -66,7 +66,8 @@ class Arm:
     @property
     def label(self) -> str:
         """The arm in words, for tables and plots."""
-        text = f"{TRAINING_TEXT[self.training]} on {IMAGES_TEXT[self.images]}"
+        images = IMAGES_TEXT.get(self.images, f"{self.images} translations")
+        text = f"{TRAINING_TEXT[self.training]} on {images}"
         if self.arch:
             text = text.replace("classifier", ARCH_TEXT.get(self.arch, self.arch), 1)
         if self.norm == "group":
@@ -87,16 +88,18 @@ class Arm:
                 for k, v in asdict(self).items()}
 
 
-def central_arms(other_archs: list[str] | tuple = ()) -> list[Arm]:
+def central_arms(other_archs: list[str] | tuple = (),
+                 translators: list[str] | tuple = ()) -> list[Arm]:
     """Part 2: central harmonization against augmentation, all central; for the study's
     classifier and for each of `other_archs` (e.g. a ViT beside the CNN). Both reference
     protocols for the study's classifier: the reference hospital (a training node's), and
     the unseen node's own style (its unlabelled images give the landmarks: test-time
-    adaptation to a new hospital)."""
+    adaptation to a new hospital). Each configured translator (`translators`, by name)
+    with the study's classifier."""
     return [arm for arch in (None, *other_archs)
             for arm in (Arm("raw", arch=arch), Arm("raw", augment=True, arch=arch),
                         Arm("central", arch=arch), Arm("central", augment=True, arch=arch))
-            ] + [Arm("unseen"), Arm("unseen", augment=True)]
+            ] + [Arm("unseen"), Arm("unseen", augment=True)] + [Arm(t) for t in translators]
 
 
 def augmentation_baseline(arm: Arm) -> Arm:

@@ -17,6 +17,10 @@ from pydantic import Field, field_validator, model_validator
 
 from harmonize.classify.config import ModelConfig
 from harmonize.configs import Section, load_yaml_config
+from harmonize.evaluation.config import TranslatorSpec
+
+# the study's own image sets (arms.IMAGES_TEXT); configured translators take other names
+BUILT_IN_IMAGES = ("raw", "central", "federated", "public", "unseen")
 
 
 class CohortSynth(Section):
@@ -71,6 +75,11 @@ class CentralTraining(Section):
     leave_one_node_out: bool = Field(False, description="part 2 also leaves each "
                                      "training node out in turn (the study's classifier; "
                                      "one training per node and arm)")
+    translators: list[TranslatorSpec] = Field(
+        default_factory=list, description="part 2 (and part 1) also with these "
+        "harmonizers beside histogram matching, e.g. {name: hr, kind: histogram-residual, "
+        "params: {...}} or {name: cyclegan, config: configs/cyclegan/quick.yaml}: fitted or "
+        "trained on the training nodes' images, every hospital's images translated")
     pretrained: dict[str, Path] = Field(
         default_factory=dict, description="ImageNet weights in torchvision's format for "
         "other_classifiers, by architecture (e.g. {densenet121: densenet121.pth})")
@@ -85,6 +94,16 @@ class CentralTraining(Section):
             raise ValueError(f"central.other_classifiers: {unknown} unknown; choose from "
                              f"{', '.join(ARCHITECTURES)}")
         return archs
+
+    @field_validator("translators")
+    @classmethod
+    def _own_names(cls, specs: list[TranslatorSpec]) -> list[TranslatorSpec]:
+        names = [t.name for t in specs]
+        taken = [n for n in names if n in BUILT_IN_IMAGES or names.count(n) > 1]
+        if taken:
+            raise ValueError(f"central.translators: names {sorted(set(taken))} are taken "
+                             f"(built in: {', '.join(BUILT_IN_IMAGES)}; one name each)")
+        return specs
 
     @model_validator(mode="after")
     def _pretrained_for_listed(self) -> CentralTraining:

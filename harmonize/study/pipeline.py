@@ -38,6 +38,7 @@ class Pipeline:
     def __init__(self, config: StudyConfig, design: Design, cache: StageCache) -> None:
         self.config, self.design, self.cache = config, design, cache
         self._images: dict[str, torch.Tensor] = {}
+        self.translators = {t.name: t for t in config.central.translators}
 
     # --- harmonized copies ---------------------------------------------------------------
     def harmonizer_config(self, manifest: Path, out: Path, epsilon: float) -> FederatedConfig:
@@ -65,6 +66,8 @@ class Pipeline:
             inputs["reference"] = str(self.design.public_manifest)
         if images == "unseen":
             inputs["reference"] = f"node {self.design.external_node}"
+        if images in self.translators:
+            inputs["translator"] = self.translators[images].model_dump(mode="json")
         return self.cache.run(name, inputs, lambda folder: self._harmonize(
             images, epsilon, folder))["manifest"]
 
@@ -73,7 +76,16 @@ class Pipeline:
         from harmonize.evaluation.harmonized_sets import harmonize_dataset
 
         reference = self.design.reference_site
-        if images == "central":
+        if images in self.translators:  # fitted / trained on the training nodes' images
+            from harmonize.evaluation.harmonized_sets import build_model
+
+            d = self.design
+            train = d.training_manifest(d.df, folder / "train.csv")
+            model = build_model(self.translators[images], train, d.df.iloc[d.train_rows],
+                                reference, folder / "fit", progress=self.config.progress)
+            spec = TranslatorSpec(name=images, kind=self.translators[images].resolved_kind,
+                                  checkpoint=model)
+        elif images == "central":
             spec = TranslatorSpec(name="histogram-matching",
                                   params={"n_quantiles": HISTOGRAM_LANDMARKS})
         elif images in ("public", "unseen"):  # the style of a set of images, pooled

@@ -58,6 +58,10 @@ def _part1(page: HtmlReport, out: Path, design: Design, shift: dict) -> None:
              f"{table['distance'].mean():.2f} to {table[after].mean():.2f}"
              f" (federated: {table['after_federated'].mean():.2f})."
              if after and "after_federated" in table else "")
+    others = [c for c in table.columns if c.startswith("after_") and not c.endswith(
+        ("_lo", "_hi")) and c not in ("after_central", "after_federated")]
+    moved += "".join(f" After {c.removeprefix('after_')}: {table[c].mean():.2f}."
+                     for c in others)
     page.answer(
         f"Of {len(table) + 1} hospitals, {top['site']} ({top['node']}) is the furthest from "
         f"the reference {shift['reference_site']}: mean standardized radiomics difference "

@@ -42,7 +42,7 @@ from harmonize.study.arms import (
     private_reference_arm,
 )
 from harmonize.study.cache import StageCache
-from harmonize.study.config import StudyConfig, classifier_seeds
+from harmonize.study.config import BUILT_IN_IMAGES, StudyConfig, classifier_seeds
 from harmonize.study.design import make_design
 from harmonize.study.pipeline import Pipeline
 
@@ -54,7 +54,8 @@ def planned_arms(config: StudyConfig, public: Path | None = None) -> dict[str, l
     runs the public-reference design too)."""
     parts = {}
     if "central" in config.parts:
-        parts["central"] = central_arms(config.central.other_classifiers)
+        parts["central"] = central_arms(config.central.other_classifiers,
+                                        [t.name for t in config.central.translators])
     if "federated" in config.parts:
         parts["federated"] = federated_arms()
     if "privacy" in config.parts:
@@ -70,6 +71,8 @@ def comparisons(parts: dict[str, list[Arm]]) -> list[tuple[str, Arm, Arm]]:
     for arm in parts.get("central", []):
         if arm != augmentation_baseline(arm):
             pairs.append(("central", arm, augmentation_baseline(arm)))
+        if arm.images not in BUILT_IN_IMAGES:  # a configured translator: also against HM
+            pairs.append(("central", arm, Arm("central", arch=arm.arch)))
     for arm in parts.get("federated", []):
         if arm != CENTRAL_PIPELINE:
             pairs.append(("federated", arm, CENTRAL_PIPELINE))
@@ -182,7 +185,9 @@ def run_study(config: StudyConfig) -> Path:
 
         t = time.perf_counter()
         harmonized = {"central": pipeline.harmonized("central"),
-                      "federated": pipeline.harmonized("federated")}
+                      "federated": pipeline.harmonized("federated"),
+                      **{t.name: pipeline.harmonized(t.name)
+                         for t in config.central.translators}}
         shift = cache.run("part1_shift", {"harmonized": harmonized, "seed": config.seed,
                                           "bootstrap": config.bootstrap},
                           lambda folder: run_shift(design, harmonized, folder,
@@ -241,7 +246,7 @@ def score_left_out(pipeline: Pipeline, central: list[Arm], config: StudyConfig
     """Part 2 under leave-one-node-out, for the study's classifier: every training node's
     images scored by the arm trained on the other training nodes, pooled (the study's
     seed only: one training per node and arm already)."""
-    arms = [a for a in central if a.arch is None and a.images != "unseen"]
+    arms = [a for a in central if a.arch is None and a.images in ("raw", "central")]
     preds = {arm: [pipeline.left_out_predictions(arm)] for arm in arms}
     pairs = [("central", a, augmentation_baseline(a)) for a in arms
              if a != augmentation_baseline(a)]
