@@ -25,7 +25,8 @@ from harmonize.evaluation.config import TranslatorSpec
 from harmonize.fit import fit_and_save
 from harmonize.translators import TRANSLATORS, load_translator
 
-TRAINED_KINDS = ("cyclegan", "diffusion")
+CYCLEGAN_FAMILY = ("cyclegan", "histogram-residual", "cut")  # one trainer, three objectives
+TRAINED_KINDS = (*CYCLEGAN_FAMILY, "diffusion")
 
 
 @dataclass
@@ -71,7 +72,7 @@ def build_model(spec: TranslatorSpec, manifest: Path, df: pd.DataFrame, referenc
         run = out / "run"
         overrides = {"data.manifest": str(manifest), "data.reference_site": reference_site,
                      "train.out": str(run), **spec.set}
-        if kind == "cyclegan":
+        if kind in CYCLEGAN_FAMILY:  # the config says which objective
             from harmonize.translators.cyclegan import train_cyclegan as train
             from harmonize.translators.cyclegan.config import load_config
         else:

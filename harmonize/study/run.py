@@ -32,6 +32,7 @@ from harmonize.classify.metrics import (
 )
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
+from harmonize.evaluation.harmonized_sets import check_specs
 from harmonize.rerun import output_folder
 from harmonize.study.arms import (
     Arm,
@@ -177,6 +178,7 @@ def run_study(config: StudyConfig) -> Path:
     pairs = comparisons(parts)
     arms += [b for _, _, b in pairs if b not in arms]  # baselines outside the parts
     check_privacy_design(pipeline, arms, out / "stages" / "design")
+    check_specs(config.central.translators)  # unknown kinds, missing configs: now
     dump_config(config, out / "config.yaml")
     seconds = {"design": time.perf_counter() - started}
     shift = None
