@@ -127,18 +127,24 @@ def _heatmap(table: pd.DataFrame):
 def _examples(design: Design, table: pd.DataFrame, per_site: int = 3):
     df = design.df
     policy = IntensityPolicy()
-    names = [design.reference_site, *table["site"].head(2), *table["site"].tail(2)]
+    ranked = table["site"].tolist()  # most shifted first
+    picks = {design.reference_site: "reference"}
+    ends = [(ranked[:2], ["most shifted", "2nd most shifted"]),
+            (ranked[::-1][:2], ["least shifted", "2nd least shifted"])]
+    for sites, titles in ends:
+        for site, title in zip(sites, titles[:len(sites)], strict=True):
+            picks.setdefault(site, title)  # a small cohort: each hospital shown once
+    order = ["reference", "most shifted", "2nd most shifted", "2nd least shifted",
+             "least shifted"]
+    names = sorted(picks, key=lambda n: order.index(picks[n]))
     rows = []
     for name in names:
         paths = df.loc[df["site"] == name, "path"].head(per_site).tolist()
         images = [np.clip(policy.to_model(read_image(p))[0], 0, 1) for p in paths]
         images += [np.zeros_like(images[0])] * (per_site - len(images))
         rows.append(images)
-    titles = ["reference", "most shifted", "2nd most shifted", "2nd least shifted",
-              "least shifted"]
     return image_grid(rows, [f"image {i + 1}" for i in range(per_site)],
-                      [f"{t}: {n}" for t, n in zip(titles, names, strict=True)],
-                      cell_inches=1.6)
+                      [f"{picks[n]}: {n}" for n in names], cell_inches=1.6)
 
 
 def _arm_table(table: pd.DataFrame, diffs: pd.DataFrame, part: str) -> pd.DataFrame:
