@@ -122,6 +122,13 @@ def test_a_node_without_positives_is_refused(tmp_path):
     config.data.manifest = tmp_path / "data/two.csv"
     with pytest.raises(ConfigError, match="appear at two nodes"):
         run_study(config)
+    # the reference hospital at two nodes: the federated landmarks come from one
+    df = load_manifest(tmp_path / "data/manifest.csv")
+    df.loc[df.index[df["site"] == "site_a"][:2], "node"] = "node_2"
+    save_manifest(df, tmp_path / "data/split_ref.csv")
+    config.data.manifest = tmp_path / "data/split_ref.csv"
+    with pytest.raises(ConfigError, match=r"'site_a' is at nodes \['node_1', 'node_2'\]"):
+        run_study(config)
 
 
 def test_arms_are_typed_values_with_stable_names():

@@ -82,7 +82,9 @@ def public_manifest(config: StudyConfig, out: Path) -> Path | None:
 
 def split_nodes(manifest: Path, splits: dict[str, int], out: Path, seed: int) -> Path:
     """The manifest with hospitals split into patient-disjoint nodes `{site}_1..n`,
-    each with about the same share of positive patients; written to OUT/data."""
+    each with about the same share of positive patients, each half named as a hospital
+    of its own (site = node: the federated harmonizer needs its reference hospital at
+    one node); written to OUT/data."""
     df = load_manifest(manifest)
     unknown = sorted(set(splits) - set(df["site"].astype(str)))
     if unknown:
@@ -95,6 +97,7 @@ def split_nodes(manifest: Path, splits: dict[str, int], out: Path, seed: int) ->
             kind="stable")  # shuffled, then grouped by label: round-robin stratifies
         node = {p: f"{site}_{i % n + 1}" for i, p in enumerate(order.index)}
         df.loc[rows, "node"] = df.loc[rows, "patient_id"].map(node)
+        df.loc[rows, "site"] = df.loc[rows, "node"]
     path = out / "data" / "manifest_nodes.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_manifest(df, path)
@@ -126,6 +129,11 @@ def make_design(config: StudyConfig, out: Path) -> Design:
         problems.append(f"the reference hospital '{reference}' is in the external node "
                         f"'{external}': its style must be learnt from a training node; "
                         "choose another external_node or reference_site")
+    elif df.loc[df["site"] == reference, "node"].nunique() > 1:
+        problems.append(f"the reference hospital '{reference}' is at nodes "
+                        f"{sorted(df.loc[df['site'] == reference, 'node'].unique())}: the "
+                        "federated harmonizer takes its landmarks from one node; give it "
+                        "one node (or name one part of it as the reference)")
     if problems:
         raise ConfigError("; ".join(problems))
     positive = positive_label(df["label"].astype(str))

@@ -108,6 +108,10 @@ class Pipeline:
 
             train = self.design.training_manifest(self.design.df, folder / "train.csv")
             summary = run_federated(self.harmonizer_config(train, folder / "run", epsilon))
+            if summary.get("model") is None:  # never fall back to another harmonizer
+                raise RuntimeError(f"the federated histogram task wrote no landmarks (see "
+                                   f"{folder / 'run' / 'rounds.csv'}): did the reference "
+                                   "hospital's node answer?")
             spec = TranslatorSpec(name="histogram-matching", checkpoint=summary["model"])
         hs = harmonize_dataset(spec, self.design.manifest, self.design.df, reference,
                                folder, progress=False)
