@@ -290,3 +290,18 @@ def test_training_precision_auto_follows_native_bf16():
     assert training_precision("no") == "no" and training_precision("bf16") == "bf16"
     assert training_precision("auto") == ("bf16" if native_bf16("cpu") else "no")
     assert training_precision("auto", cpu_bf16=False) == "no"  # classifiers: fp32 on CPU
+
+
+def test_snapshot_choice_holds_out_reference_and_other_patients_in_many_hospitals():
+    """60 hospitals, the reference 2% of the patients: both kinds still held out, by
+    patient (the femur72 study's histogram-residual training failed on this)."""
+    from harmonize.translators.cyclegan.data import held_out_rows
+
+    rows = [{"patient_id": f"{s}_{p}", "site": s, "label": "ab"[p % 2]}
+            for s in [f"site_{k}" for k in range(60)] for p in range(16)
+            for _ in range(1 + p % 3)]  # several images per patient
+    df = pd.DataFrame(rows)
+    held = held_out_rows(df, "site_0", 0.1, seed=0)
+    assert (df.loc[held, "site"] == "site_0").any() and (df.loc[held, "site"] != "site_0").any()
+    assert not set(df.loc[held, "patient_id"]) & set(df.loc[~held, "patient_id"])
+    assert 0.05 < df.loc[held, "patient_id"].nunique() / df["patient_id"].nunique() < 0.15

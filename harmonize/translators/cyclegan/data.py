@@ -58,10 +58,9 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
     ref = str(config.data.reference_site)
     heldout = None
     if config.train.select_fraction > 0:  # patients, not images, are held out
-        split = patient_split(df, test_size=config.train.select_fraction,
-                              seed=config.train.seed)["split"]  # by site where it can
-        heldout = df[split == "test"].reset_index(drop=True)
-        df = df[split != "test"].reset_index(drop=True)
+        held = held_out_rows(df, ref, config.train.select_fraction, config.train.seed)
+        heldout = df[held].reset_index(drop=True)
+        df = df[~held].reset_index(drop=True)
     policy = IntensityPolicy(mode=config.data.intensity, bits=config.data.bits)
     cache = ImageCache(config.data.cache_mb, config.data.load_size)
     template, flipped = scan_images(df, policy, ref, config.data.polarity, progress, cache.keep)
@@ -70,6 +69,24 @@ def prepare_training_set(config: CycleGANConfig, progress: bool = True) -> Train
     if config.landmarks is not None:
         landmarks = fit_landmarks(df, ref, config, policy, cache)
     return TrainingSet(df, ref, sources, template, flipped, policy, cache, landmarks, heldout)
+
+
+def held_out_rows(df: pd.DataFrame, reference_site: str, fraction: float,
+                  seed: int) -> np.ndarray:
+    """Patients kept out for the snapshot choice: `fraction` of them, stratified by site
+    and label where it can; when that holds out no reference image or no other (a cohort
+    of many hospitals, where one site is a small share), `fraction` of the reference
+    site's patients and of the others', split apart."""
+    is_ref = (df["site"].astype(str) == reference_site).to_numpy()
+    held = (patient_split(df, test_size=fraction, seed=seed)["split"] == "test").to_numpy()
+    if held[is_ref].any() and held[~is_ref].any():
+        return held
+    held = np.zeros(len(df), dtype=bool)
+    for part in (is_ref, ~is_ref):
+        if df.loc[part, "patient_id"].nunique() >= 2:
+            split = patient_split(df[part], test_size=fraction, seed=seed)["split"]
+            held[np.flatnonzero(part)[(split == "test").to_numpy()]] = True
+    return held
 
 
 def fit_landmarks(df: pd.DataFrame, reference_site: str, config: CycleGANConfig,
