@@ -28,6 +28,9 @@ from harmonize.study.config import StudyConfig
 from harmonize.study.design import Design
 
 HISTOGRAM_LANDMARKS = 8  # docs/federated.md: under DP 8 kept more of the gain than 16
+# what part 2 runs besides an arm, not how the arm trains: out of its cache key, so adding
+# an architecture or a translator reuses every arm trained before
+CENTRAL_LISTS = {"other_classifiers", "pretrained", "leave_one_node_out", "translators"}
 
 
 def _eps_key(epsilon: float) -> str:
@@ -159,8 +162,7 @@ class Pipeline:
                   "classifier": self.config.classifier.model_dump(mode="json"),
                   "training": (self.config.federated.model_dump(mode="json") if arm.federated
                                else self.config.central.model_dump(
-                                   mode="json", exclude={"other_classifiers", "pretrained",
-                                                         "leave_one_node_out"})),
+                                   mode="json", exclude=CENTRAL_LISTS)),
                   "pretrained": self.pretrained_file(arm),
                   "image_size": self.config.data.image_size,
                   "privacy": self.config.privacy.model_dump(mode="json")}
@@ -176,8 +178,7 @@ class Pipeline:
         inputs = {"arm": arm.as_dict(), "manifest": manifest, "seed": self.config.seed,
                   "classifier": self.config.classifier.model_dump(mode="json"),
                   "training": self.config.central.model_dump(
-                      mode="json", exclude={"other_classifiers", "pretrained",
-                                            "leave_one_node_out"}),
+                      mode="json", exclude=CENTRAL_LISTS),
                   "pretrained": self.pretrained_file(arm),
                   "image_size": self.config.data.image_size,
                   "nodes": self.design.training_nodes}
