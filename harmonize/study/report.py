@@ -39,7 +39,10 @@ def forest(table: pd.DataFrame, title: str):
     t = table.sort_values("auc")
     fig, ax = subplots(figsize=(7.5, 0.35 * len(t) + 1.2))
     y = np.arange(len(t))
-    ax.errorbar(t["auc"], y, xerr=[t["auc"] - t["auc_lo"], t["auc_hi"] - t["auc"]],
+    # a percentile interval can miss its point estimate by rounding (or a skewed
+    # resample): drawn as a zero-length arm on that side, not an error
+    ax.errorbar(t["auc"], y, xerr=[(t["auc"] - t["auc_lo"]).clip(lower=0),
+                                   (t["auc_hi"] - t["auc"]).clip(lower=0)],
                 fmt="o", ms=4, capsize=2)
     ax.set_yticks(y, t["label"], fontsize=7)
     ax.axvline(0.5, color="grey", lw=0.6, ls=":")
@@ -98,8 +101,8 @@ def _ranking(table: pd.DataFrame):
     t = table.iloc[::-1]
     fig, ax = subplots(figsize=(6.5, max(2.5, 0.14 * len(t) + 1)))
     y = np.arange(len(t))
-    ax.errorbar(t["distance"], y, xerr=[t["distance"] - t["distance_lo"],
-                                        t["distance_hi"] - t["distance"]],
+    ax.errorbar(t["distance"], y, xerr=[(t["distance"] - t["distance_lo"]).clip(lower=0),
+                                        (t["distance_hi"] - t["distance"]).clip(lower=0)],
                 fmt="o", ms=3, capsize=1.5, label="raw images")
     if "after_central" in t:
         ax.plot(t["after_central"], y, "x", ms=4, color="C1",
