@@ -171,16 +171,7 @@ def test_rare_class_metrics_match_sklearn_and_cover_it():
 def test_part2_leaves_each_training_node_out(tmp_path):
     """Every training node's images scored once, by classifiers that never saw its node;
     the report and the CSVs carry it."""
-    from harmonize.synth import generate
-
-    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=1, progress=False,
-             prevalence=0.5, nodes=4)
-    config = load_study_config(None, {
-        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
-        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
-        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
-        "central.leave_one_node_out": True, "bootstrap": 100})
-    out = run_study(config)
+    out = small_central_study(tmp_path, 1, {"central.leave_one_node_out": True})
     arms = pd.read_csv(out / "arms_leave_one_node_out.csv")
     assert len(arms) == 4 and (arms["n"] == 24).all()  # 3 training nodes x 8 patients
     diffs = pd.read_csv(out / "differences_leave_one_node_out.csv")
@@ -194,16 +185,7 @@ def test_part2_leaves_each_training_node_out(tmp_path):
 def test_several_seeds_give_seed_means(tmp_path):
     """seeds: every arm trained once per seed; the table gives the seed mean (per seed
     beside it), the differences pair seed with seed."""
-    from harmonize.synth import generate
-
-    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=2, progress=False,
-             prevalence=0.5, nodes=4)
-    config = load_study_config(None, {
-        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
-        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
-        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
-        "seeds": [0, 1], "bootstrap": 100})
-    out = run_study(config)
+    out = small_central_study(tmp_path, 2, {"seeds": [0, 1]})
     arms = pd.read_csv(out / "arms.csv").set_index("arm")
     assert (arms["seeds"] == 2).all()
     per_seed = arms["auc_per_seed"].str.split(" / ").map(lambda v: [float(x) for x in v])
@@ -215,16 +197,7 @@ def test_several_seeds_give_seed_means(tmp_path):
 def test_configured_translators_join_part2_against_augmentation_and_hm(tmp_path):
     """central.translators: fitted on the training nodes' images, every hospital's images
     translated, held to augmentation and to histogram matching; both reference protocols."""
-    from harmonize.synth import generate
-
-    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=3, progress=False,
-             prevalence=0.5, nodes=4)
-    config = load_study_config(None, {
-        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
-        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
-        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
-        "central.translators": [{"name": "fourier"}], "bootstrap": 100})
-    out = run_study(config)
+    out = small_central_study(tmp_path, 3, {"central.translators": [{"name": "fourier"}]})
     arms = pd.read_csv(out / "arms.csv").set_index("arm")
     assert {"hm-fourier_central", "hm-unseen_central"} <= set(arms.index)
     assert "fourier translations" in arms.loc["hm-fourier_central", "label"]
@@ -236,3 +209,16 @@ def test_configured_translators_join_part2_against_augmentation_and_hm(tmp_path)
     with pytest.raises(ValueError, match="taken"):
         load_study_config(None, {"data.manifest": "m.csv",
                                  "central.translators": [{"name": "central"}]})
+
+
+def small_central_study(tmp_path: Path, seed: int, overrides: dict) -> Path:
+    """Part 2 only, on 4 hospitals x 8 patients in 4 nodes at 32 px (seconds)."""
+    from harmonize.synth import generate
+
+    generate(tmp_path / "data", sites=4, per_site=8, size=32, seed=seed, progress=False,
+             prevalence=0.5, nodes=4)
+    return run_study(load_study_config(None, {
+        "out": str(tmp_path / "run"), "progress": False, "parts": ["central"],
+        "data.manifest": str(tmp_path / "data/manifest.csv"), "data.reference_site": "site_a",
+        "data.image_size": 32, "classifier.width": 4, "central.epochs": 2,
+        "bootstrap": 100, **overrides}))

@@ -376,6 +376,27 @@ def paired_bootstrap_difference(y_true: ArrayLike, p_a: ArrayLike, p_b: ArrayLik
             "p_value": p_value, "n_boot": int(n_boot), "level": float(level)}
 
 
+def _auc_classes(y_true: ArrayLike, n_boot: int, level: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked labels and the indices of positives and negatives (AUC needs both)."""
+    y = _check_labels(y_true)
+    _check_boot(n_boot, level)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUC needs both classes in y_true, found only one")
+    return y, pos, neg
+
+
+def _coded_models(y: np.ndarray, scores: Sequence[ArrayLike], name: str
+                  ) -> list[tuple[np.ndarray, int]]:
+    """Each model's scores as rank codes and their number of levels (`_resampled_auc`)."""
+    coded = []
+    for k, p in enumerate(scores):
+        u, c = np.unique(_check_scores(p, y.size, f"{name}[{k}]"), return_inverse=True)
+        coded.append((c, u.size))
+    return coded
+
+
 def paired_bootstrap_mean_auc_difference(y_true: ArrayLike, p_a: Sequence[ArrayLike],
                                           p_b: Sequence[ArrayLike], n_boot: int = 2000,
                                           level: float = 0.95, seed: int = 0) -> dict:
@@ -387,16 +408,8 @@ def paired_bootstrap_mean_auc_difference(y_true: ArrayLike, p_a: Sequence[ArrayL
     diff_hi, p_value, n_models, n_boot, level."""
     if len(p_a) != len(p_b) or not len(p_a):
         raise ValueError(f"need as many models on each side, got {len(p_a)} and {len(p_b)}")
-    y = _check_labels(y_true)
-    _check_boot(n_boot, level)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("AUC needs both classes in y_true, found only one")
-    coded = []
-    for side, scores in (("p_a", p_a), ("p_b", p_b)):
-        for k, p in enumerate(scores):
-            u, c = np.unique(_check_scores(p, y.size, f"{side}[{k}]"), return_inverse=True)
-            coded.append((c, u.size))
+    y, pos, neg = _auc_classes(y_true, n_boot, level)
+    coded = _coded_models(y, p_a, "p_a") + _coded_models(y, p_b, "p_b")
     k = len(p_a)
     full = [_resampled_auc(c, n, pos[None, :], neg[None, :])[0] for c, n in coded]
     va, vb = float(np.mean(full[:k])), float(np.mean(full[k:]))
@@ -423,15 +436,8 @@ def bootstrap_mean_auc(y_true: ArrayLike, ps: Sequence[ArrayLike], n_boot: int =
     every model on it. Returns auc, auc_lo, auc_hi, n_models, n_boot, level."""
     if not len(ps):
         raise ValueError("need at least one model's scores")
-    y = _check_labels(y_true)
-    _check_boot(n_boot, level)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("AUC needs both classes in y_true, found only one")
-    coded = []
-    for k, p in enumerate(ps):
-        u, c = np.unique(_check_scores(p, y.size, f"ps[{k}]"), return_inverse=True)
-        coded.append((c, u.size))
+    y, pos, neg = _auc_classes(y_true, n_boot, level)
+    coded = _coded_models(y, ps, "ps")
     full = float(np.mean([_resampled_auc(c, n, pos[None, :], neg[None, :])[0]
                           for c, n in coded]))
     rng = np.random.default_rng(seed)
