@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from harmonize.cli import main
-from harmonize.configs import ConfigError
+from harmonize.configs import ConfigError, dump_config
 from harmonize.evaluation.audit import finding_contrast, outside_share
 from harmonize.evaluation.config import load_eval_config
 from harmonize.synth import make_phantom
@@ -145,6 +145,19 @@ def test_test_time_harmonization_scores_the_untouched_raw_models(tmp_path):
     assert (harmonized["gain_lo"] <= harmonized["gain"] + 1e-9).all()
 
 
+def test_regimes_are_values_written_back_by_name(tmp_path):
+    config = load_eval_config(tiny_config(tmp_path, regimes=[
+        "raw", "acquisition", "harmonized", "harmonized+acquisition"]))
+    assert [r.augment for r in config.regimes] == ["none", "acquisition", "none",
+                                                    "acquisition"]
+    assert [r.is_baseline for r in config.regimes] == [False, True, False, False]
+    assert config.regimes[3].test_time_model == "acquisition"
+    dump_config(config, tmp_path / "resolved.yaml")  # what a run writes beside its results
+    assert load_eval_config(tmp_path / "resolved.yaml").regimes == config.regimes
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["regimes"][3] == (
+        "harmonized+acquisition")
+
+
 def test_config_mistakes_are_named_before_training(tmp_path):
     with pytest.raises(ConfigError, match="test_site"):
         load_eval_config(tiny_config(tmp_path, protocols=[{"kind": "external",
@@ -153,6 +166,10 @@ def test_config_mistakes_are_named_before_training(tmp_path):
         load_eval_config(tiny_config(tmp_path, translators=[]))
     with pytest.raises(ConfigError, match="include 'augment' or 'acquisition'"):
         load_eval_config(tiny_config(tmp_path, regimes=["raw"]))
+    with pytest.raises(ConfigError, match="unknown regime 'harmonised'"):
+        load_eval_config(tiny_config(tmp_path, regimes=["augment", "harmonised"]))
+    with pytest.raises(ConfigError, match="regimes are repeated"):
+        load_eval_config(tiny_config(tmp_path, regimes=["augment", "harmonized", "augment"]))
     with pytest.raises(ConfigError, match=r"add \['raw'\] to regimes"):
         load_eval_config(tiny_config(tmp_path, regimes=["augment", "harmonized"], protocols=[
             {"kind": "external", "train_sites": ["site_a"], "test_site": "site_c",

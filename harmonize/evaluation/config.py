@@ -11,16 +11,7 @@ from pydantic import Field, model_validator
 
 from harmonize.classify.config import ModelConfig, TrainConfig
 from harmonize.configs import ConfigError, Section, load_yaml_config
-
-REGIMES = ("raw", "augment", "acquisition", "harmonized", "harmonized+augment",
-           "harmonized+acquisition")
-AUGMENTED = ("augment", "acquisition")  # the baselines harmonization is measured against
-# under reference: train the classifier is the raw-image one; the harmonized regime says
-# which: harmonized -> the raw model, harmonized+augment -> the augment model, ...
-TEST_TIME_MODEL = {"harmonized": "raw", "harmonized+augment": "augment",
-                   "harmonized+acquisition": "acquisition"}
-Regime = Literal["raw", "augment", "acquisition", "harmonized", "harmonized+augment",
-                 "harmonized+acquisition"]
+from harmonize.evaluation.regimes import REGIMES, RegimeField, regime
 
 
 class SynthData(Section):
@@ -119,8 +110,8 @@ class EvalConfig(Section):
     data: EvalData
     translators: list[TranslatorSpec] = Field(default_factory=list)
     classifiers: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
-    regimes: list[Regime] = Field(default_factory=lambda: [
-        "raw", "augment", "harmonized", "harmonized+augment"])
+    regimes: list[RegimeField] = Field(default_factory=lambda: [
+        regime(r) for r in ("raw", "augment", "harmonized", "harmonized+augment")])
     protocols: list[Protocol] = Field(default_factory=lambda: [Protocol(kind="loso")])
     seeds: list[int] = Field(default_factory=lambda: [0])
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, progress=False))
@@ -136,14 +127,17 @@ class EvalConfig(Section):
         names = [t.name for t in self.translators]
         if len(set(names)) != len(names):
             raise ValueError(f"translator names must be unique: {names}")
-        harmonized = [r for r in self.regimes if r.startswith("harmonized")]
+        if len(set(self.regimes)) != len(self.regimes):
+            raise ValueError(f"regimes are repeated: {[r.name for r in self.regimes]}")
+        harmonized = [r.name for r in self.regimes if r.harmonized]
         if harmonized and not self.translators:
             raise ValueError(f"regimes {harmonized} need at least one translator")
-        if not set(AUGMENTED) & set(self.regimes):
+        if not any(r.is_baseline for r in self.regimes):
             raise ValueError("regimes must include 'augment' or 'acquisition': gains are "
                              "measured against the stronger augmentation")
         if any("train" in p.modes for p in self.protocols):
-            missing = sorted({TEST_TIME_MODEL[r] for r in harmonized} - set(self.regimes))
+            missing = sorted({r.test_time_model for r in self.regimes if r.harmonized}
+                             - {r.name for r in self.regimes})
             if missing:
                 raise ValueError(f"reference: train scores the {missing} model(s) on "
                                  f"translated test images: add {missing} to regimes")
@@ -157,5 +151,4 @@ def load_eval_config(path: str | Path | None,
     return load_yaml_config(EvalConfig, path, overrides)
 
 
-__all__ = ["AUGMENTED", "EvalConfig", "ConfigError", "REGIMES", "TEST_TIME_MODEL",
-           "load_eval_config"]
+__all__ = ["EvalConfig", "ConfigError", "REGIMES", "load_eval_config"]

@@ -32,20 +32,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from harmonize.classify.config import ModelConfig
 from harmonize.classify.metrics import bootstrap_metrics, paired_bootstrap_difference
 from harmonize.classify.train import fit_classifier, load_images, predict
 from harmonize.configs import ConfigError, dump_config
 from harmonize.data.io import atomic_write
 from harmonize.data.manifest import binary_targets, load_manifest, positive_label
 from harmonize.data.splits import patient_split
-from harmonize.evaluation.config import AUGMENTED, TEST_TIME_MODEL, EvalConfig, Protocol
+from harmonize.evaluation.config import EvalConfig, Protocol
 from harmonize.evaluation.harmonized_sets import HarmonizedSet, check_specs, harmonize_dataset
+from harmonize.evaluation.regimes import Regime, regime
 from harmonize.rerun import output_folder
 
-# the augmentation each regime trains with (TrainConfig.augment)
-AUGMENTATION_OF = {"raw": "none", "augment": "plain", "acquisition": "acquisition",
-                   "harmonized": "none", "harmonized+augment": "plain",
-                   "harmonized+acquisition": "acquisition"}
 # what identifies a row: reference is fixed / train for the harmonized regimes (empty for
 # the raw-image ones), reference_site the site the test images were translated to
 ROW_KEYS = ["regime", "translator", "reference", "reference_site", "classifier", "protocol",
@@ -150,31 +148,42 @@ def set_label(name: str, reference: str, fixed_reference: str) -> str:
     return name if reference == fixed_reference else f"{name}-to-{reference}"
 
 
-def needed_references(folds: list[Fold], regimes: list[str], fixed_reference: str
+def needed_references(folds: list[Fold], regimes: list[Regime], fixed_reference: str
                       ) -> list[str]:
     """The sites translators must map to: the fixed reference when a fold trains on
     harmonized images, and every fold's training reference under reference: train."""
-    if not any(r.startswith("harmonized") for r in regimes):
+    if not any(r.harmonized for r in regimes):
         return []
     refs = [fixed_reference] if any("fixed" in f.modes for f in folds) else []
     refs += [f.train_reference for f in folds if f.train_reference]
     return list(dict.fromkeys(refs))
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One model to train: its fold, seed, classifier, regime and image set (a key of the
+    loaded images: "raw" or a translator's set label)."""
+    fold: Fold
+    seed: int
+    classifier: ModelConfig
+    regime: Regime
+    source: str
+
+
 def model_cells(folds: list[Fold], config: EvalConfig, names: list[str],
-                fixed_reference: str) -> list[tuple]:
-    """(fold, seed, classifier, regime, image set) of every model to train: the raw-image
-    regimes in every fold, the harmonized ones where the fold has reference: fixed."""
+                fixed_reference: str) -> list[Cell]:
+    """Every model to train: the raw-image regimes in every fold, the harmonized ones (one
+    per translator) where the fold has reference: fixed."""
     cells = []
     for f in folds:
         for seed in config.seeds:
             for clf in config.classifiers:
-                for regime in config.regimes:
-                    if not regime.startswith("harmonized"):
-                        cells.append((f, seed, clf, regime, "raw"))
+                for r in config.regimes:
+                    if not r.harmonized:
+                        cells.append(Cell(f, seed, clf, r, "raw"))
                     elif "fixed" in f.modes:
-                        cells += [(f, seed, clf, regime, set_label(n, fixed_reference,
-                                                                   fixed_reference))
+                        cells += [Cell(f, seed, clf, r, set_label(n, fixed_reference,
+                                                                  fixed_reference))
                                   for n in names]
     return cells
 
@@ -197,8 +206,7 @@ def run_evaluation(config: EvalConfig) -> Path:
     check_specs(config.translators)
     dump_config(config, out / "config.yaml")
     timings: dict[str, float] = {}
-    n_stages = 6 if config.shift_report else 5
-    stage = Stages(n_stages, config.progress)
+    stage = Stages(6 if config.shift_report else 5, config.progress)
     stage("data: the manifest (or the synthetic benchmark) and the patient split")
     t = time.perf_counter()
     data = prepare_data(config, out)
@@ -207,77 +215,24 @@ def run_evaluation(config: EvalConfig) -> Path:
     folds = make_folds(data, config.protocols, config.data.internal_test_size,
                        config.data.split_seed)
     references = needed_references(folds, config.regimes, data.reference_site)
-    sets: dict[str, HarmonizedSet] = {}
     stage(f"translators: train and apply {len(config.translators)} "
           f"({', '.join(s.name for s in config.translators) or 'none'}) to "
           f"{', '.join(references) or 'no site'}")
-    for spec in config.translators:
-        for reference in references:
-            label = set_label(spec.name, reference, data.reference_site)
-            hs = harmonize_dataset(spec, data.manifest, data.df, reference,
-                                   out / "translators" / label, config.progress)
-            sets[label] = hs
-            timings.update({f"{label}_{k}": v for k, v in hs.seconds.items()})
-
+    sets = harmonized_sets(config, data, references, out, timings)
     t = time.perf_counter()
-    size = config.data.image_size
-    images = {"raw": load_images(data.df["path"].tolist(), size, progress=config.progress,
-                                 desc="load raw")}
-    for label, hs in sets.items():
-        images[label] = load_images(hs.manifest["path"].tolist(), size,
-                                    progress=config.progress, desc=f"load {label}")
+    images = load_image_sets(config, data, sets)
     timings["load_s"] = time.perf_counter() - t
 
-    names = [spec.name for spec in config.translators]
-    cells = model_cells(folds, config, names, data.reference_site)
+    cells = model_cells(folds, config, [spec.name for spec in config.translators],
+                        data.reference_site)
     stage(f"classifiers: {len(cells)} models (fold x seed x classifier x regime); under "
           "reference: train the raw-image models are also scored on translated test images")
     t = time.perf_counter()
-    rows, preds, frozen = [], [], None
-
-    def score(model, x, fold, idx, protocol, test_site, **keys) -> None:
-        p = predict(model, x[idx])
-        y = data.labels[idx]
-        m = bootstrap_metrics(y, p, n_boot=config.bootstrap, seed=keys["seed"])
-        keys = {**keys, "protocol": protocol, "test_site": test_site,
-                "train_sites": fold.train_sites}
-        rows.append({**keys, **{k: m[k] for k in METRIC_COLUMNS}})
-        preds.append(pd.DataFrame({**keys, "row": idx,
-                                   "relpath": data.df["relpath"].to_numpy()[idx],
-                                   "label": y, "p": p}))
-
-    bar = tqdm(cells, desc="evaluate", unit="model", disable=not config.progress)
-    for fold, seed, clf, regime, source in bar:
-        bar.set_postfix_str(f"{fold.protocol} {clf.arch} {regime} {source}")
-        train_cfg = config.train.model_copy(update={
-            "seed": seed, "augment": AUGMENTATION_OF[regime], "progress": False})
-        x = images[source]
-        model = fit_classifier(x[fold.train_idx], data.labels[fold.train_idx], clf, train_cfg)
-        if frozen is None and fold is folds[0] and regime in AUGMENTED:
-            frozen = model  # the audit's classifier: augmented raw images, first cell
-        translator = "" if source == "raw" else sets[source].name
-        reference = "" if source == "raw" else "fixed"
-        ref_site = "" if source == "raw" else data.reference_site
-        for (protocol, test_site), idx in fold.tests.items():
-            score(model, x, fold, idx, protocol, test_site, regime=regime,
-                  translator=translator, reference=reference, reference_site=ref_site,
-                  classifier=clf.arch, seed=seed)
-        # test-time harmonization: this very model on the test site, translated to its
-        # training site (the internal test images are the training site's: unchanged)
-        test_time = [r for r, m in TEST_TIME_MODEL.items() if m == regime and r in
-                     config.regimes] if source == "raw" and fold.train_reference else []
-        for harmonized in test_time:
-            for name in names:
-                label = set_label(name, fold.train_reference, data.reference_site)
-                for (protocol, test_site), idx in fold.tests.items():
-                    if protocol != "internal":
-                        score(model, images[label], fold, idx, protocol, test_site,
-                              regime=harmonized, translator=name, reference="train",
-                              reference_site=fold.train_reference, classifier=clf.arch,
-                              seed=seed)
+    scores = Scores(data, config.bootstrap)
+    frozen = train_and_score(cells, config, data, sets, images, scores)
     timings["classifiers_s"] = time.perf_counter() - t
-    predictions = pd.concat(preds, ignore_index=True)
-    results = add_gains(pd.DataFrame(rows), predictions, config.bootstrap)
+    predictions = pd.concat(scores.predictions, ignore_index=True)
+    results = add_gains(pd.DataFrame(scores.rows), predictions, config.bootstrap)
 
     from harmonize.evaluation.audit import run_audit
     from harmonize.evaluation.report import write_outputs
@@ -301,6 +256,96 @@ def run_evaluation(config: EvalConfig) -> Path:
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
     return out
+
+
+def harmonized_sets(config: EvalConfig, data: Dataset, references: list[str], out: Path,
+                    timings: dict[str, float]) -> dict[str, HarmonizedSet]:
+    """Every translator trained (or loaded) and applied to every image, once per site it
+    must map to; keyed by set_label."""
+    sets = {}
+    for spec in config.translators:
+        for reference in references:
+            label = set_label(spec.name, reference, data.reference_site)
+            hs = harmonize_dataset(spec, data.manifest, data.df, reference,
+                                   out / "translators" / label, config.progress)
+            sets[label] = hs
+            timings.update({f"{label}_{k}": v for k, v in hs.seconds.items()})
+    return sets
+
+
+def load_image_sets(config: EvalConfig, data: Dataset, sets: dict[str, HarmonizedSet]
+                    ) -> dict[str, np.ndarray]:
+    """The classifier inputs of every image set: "raw" and each harmonized copy."""
+    size = config.data.image_size
+    images = {"raw": load_images(data.df["path"].tolist(), size, progress=config.progress,
+                                 desc="load raw")}
+    for label, hs in sets.items():
+        images[label] = load_images(hs.manifest["path"].tolist(), size,
+                                    progress=config.progress, desc=f"load {label}")
+    return images
+
+
+class Scores:
+    """The rows of results.csv and predictions.csv, one per model x test set."""
+
+    def __init__(self, data: Dataset, n_boot: int) -> None:
+        self.data, self.n_boot = data, n_boot
+        self.rows: list[dict] = []
+        self.predictions: list[pd.DataFrame] = []
+
+    def add(self, model, x: np.ndarray, fold: Fold, idx: np.ndarray, protocol: str,
+            test_site: str, **keys) -> None:
+        p = predict(model, x[idx])
+        y = self.data.labels[idx]
+        m = bootstrap_metrics(y, p, n_boot=self.n_boot, seed=keys["seed"])
+        keys = {**keys, "protocol": protocol, "test_site": test_site,
+                "train_sites": fold.train_sites}
+        self.rows.append({**keys, **{k: m[k] for k in METRIC_COLUMNS}})
+        self.predictions.append(pd.DataFrame({
+            **keys, "row": idx, "relpath": self.data.df["relpath"].to_numpy()[idx],
+            "label": y, "p": p}))
+
+
+def train_and_score(cells: list[Cell], config: EvalConfig, data: Dataset,
+                    sets: dict[str, HarmonizedSet], images: dict[str, np.ndarray],
+                    scores: Scores):
+    """Train every cell's classifier and score it on its fold's test sets; under
+    reference: train also on the test site translated to the training site. Returns the
+    audit's frozen classifier (augmented raw images, first fold)."""
+    names = [spec.name for spec in config.translators]
+    test_time = [r for r in config.regimes if r.harmonized]
+    first_fold, frozen = cells[0].fold if cells else None, None
+    bar = tqdm(cells, desc="evaluate", unit="model", disable=not config.progress)
+    for cell in bar:
+        fold, regime, source = cell.fold, cell.regime, cell.source
+        bar.set_postfix_str(f"{fold.protocol} {cell.classifier.arch} {regime} {source}")
+        train_cfg = config.train.model_copy(update={
+            "seed": cell.seed, "augment": regime.augment, "progress": False})
+        x = images[source]
+        model = fit_classifier(x[fold.train_idx], data.labels[fold.train_idx],
+                               cell.classifier, train_cfg)
+        if frozen is None and fold is first_fold and regime.is_baseline:
+            frozen = model
+        keys = {"classifier": cell.classifier.arch, "seed": cell.seed}
+        harmonized = source != "raw"
+        for (protocol, test_site), idx in fold.tests.items():
+            scores.add(model, x, fold, idx, protocol, test_site, regime=regime.name,
+                       translator=sets[source].name if harmonized else "",
+                       reference="fixed" if harmonized else "",
+                       reference_site=data.reference_site if harmonized else "", **keys)
+        if harmonized or not fold.train_reference:
+            continue
+        # test-time harmonization: this very model on the test site, translated to its
+        # training site (the internal test images are the training site's: unchanged)
+        for scored_as in (r for r in test_time if r.test_time_model == regime.name):
+            for name in names:
+                label = set_label(name, fold.train_reference, data.reference_site)
+                for (protocol, test_site), idx in fold.tests.items():
+                    if protocol != "internal":
+                        scores.add(model, images[label], fold, idx, protocol, test_site,
+                                   regime=scored_as.name, translator=name, reference="train",
+                                   reference_site=fold.train_reference, **keys)
+    return frozen
 
 
 def site_shift(config: EvalConfig, data: Dataset, sets: dict, out: Path) -> dict:
@@ -331,7 +376,7 @@ def stronger_augmentation(results: pd.DataFrame) -> dict[tuple, str]:
     """Per setting (classifier, protocol, test site): the augmentation regime with the
     higher AUC averaged over seeds, the baseline every gain is measured against. Chosen on
     the test images themselves, which favours the baseline, not harmonization."""
-    aug = results[results["regime"].isin(AUGMENTED)]
+    aug = results[results["regime"].map(lambda name: regime(name).is_baseline)]
     means = aug.groupby([*SETTING, "regime"])["auc"].mean().reset_index()
     best = means.loc[means.groupby(SETTING)["auc"].idxmax()]
     return {tuple(r[c] for c in SETTING): r["regime"] for _, r in best.iterrows()}

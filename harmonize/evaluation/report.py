@@ -13,12 +13,11 @@ from harmonize.classify.metrics import mean_over_seeds, roc_points
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import atomic_write, read_image
 from harmonize.data.transforms import ACQUISITION_DOC, AUGMENTATION_DOC
+from harmonize.evaluation.regimes import regime
 from harmonize.report.html import HtmlReport, image_grid, subplots
 
 GROUP = ["protocol", "test_site", "classifier", "regime", "translator", "reference"]
 SETTING_KEYS = ["classifier", "protocol", "test_site"]
-REGIME_ORDER = {"raw": 0, "augment": 1, "acquisition": 2, "harmonized": 3,
-                "harmonized+augment": 4, "harmonized+acquisition": 5}
 # the audit's columns a reader must not miss, shown first
 AUDIT_FIRST = ["translator", "findings_erased", "findings_exaggerated", "risk_rate"]
 
@@ -59,7 +58,7 @@ def summary_table(results: pd.DataFrame, predictions: pd.DataFrame | None = None
     out = out.merge(counts, on=GROUP, how="left").rename(
         columns={"sig": "seeds_better_p05", "worse": "seeds_worse_p05"})
     out = _gap_closed(out)
-    out["_o"] = out["regime"].map(REGIME_ORDER)
+    out["_o"] = out["regime"].map(lambda name: regime(name).order)
     return out.sort_values(["protocol", "test_site", "classifier", "reference", "_o",
                             "translator"]).drop(columns=["_o", "train_sites"]).reset_index(
                                 drop=True)
@@ -120,11 +119,11 @@ def answer_sentence(table: pd.DataFrame) -> str:
     ext = table[table["protocol"] == "external"] if "protocol" in table else table.iloc[:0]
     for (site, clf), g in ext.groupby(["test_site", "classifier"], sort=False):
         aug = g[g["regime"] == g["baseline"]]
-        harm = g[g["regime"].astype(str).str.startswith("harmonized")]
+        harm = g[g["regime"].map(lambda name: regime(name).harmonized)]
         if aug.empty or harm.empty:
             continue
         best = harm.loc[harm["auc"].idxmax()]
-        a, base = float(aug["auc"].iloc[0]), BASELINE_NAMES.get(aug["regime"].iloc[0], "")
+        a, base = float(aug["auc"].iloc[0]), regime(aug["regime"].iloc[0]).description
         gain = float(best["auc"]) - a
         better, seeds = int(best.get("seeds_better_p05", 0) or 0), int(best["seeds"])
         name = _label(best)
@@ -148,10 +147,6 @@ def answer_sentence(table: pd.DataFrame) -> str:
                      f"{float(best['auc_hi']):.2f}] and {verdict}.")
     return " ".join(parts) or "No external-site comparison of harmonized and augmented " \
         "training in this run."
-
-
-BASELINE_NAMES = {"augment": "plain augmentation",
-                  "acquisition": "acquisition-style augmentation"}
 
 
 def _label(r) -> str:
@@ -190,12 +185,12 @@ def roc_figure(predictions: pd.DataFrame, seed: int, classifier: str):
     panels = list(p.groupby(["protocol", "test_site"], sort=False))
     fig, axes = subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
     for ax, ((protocol, site), g) in zip(axes[0], panels, strict=True):
-        for (regime, translator, reference), h in g.fillna({"reference": ""}).groupby(
+        for (name, translator, reference), h in g.fillna({"reference": ""}).groupby(
                 ["regime", "translator", "reference"], sort=False):
             if h["label"].nunique() < 2:
                 continue
             fpr, tpr = roc_points(h["label"].to_numpy(), h["p"].to_numpy())
-            ax.plot(fpr, tpr, lw=1.2, label=_label({"regime": regime, "translator": translator,
+            ax.plot(fpr, tpr, lw=1.2, label=_label({"regime": name, "translator": translator,
                                                     "reference": reference}))
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
         ax.set_title(f"{protocol}: {site}", fontsize=9)
