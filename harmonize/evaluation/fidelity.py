@@ -81,6 +81,21 @@ def score_files(test: pd.DataFrame, truth_root: Path,
     return pd.DataFrame(rows)
 
 
+def score_harmonized(test: pd.DataFrame, out: Path, methods: list[str]) -> pd.DataFrame:
+    """`score_files` for each method: "identity" is the input file itself, any other
+    method its output in OUT/harmonized/<method>/<relpath>; truths in OUT/synth."""
+    return score_files(test, out / "synth", {
+        m: (lambda rec, m=m: rec["path"] if m == "identity"
+            else out / "harmonized" / m / rec["relpath"]) for m in methods})
+
+
+def ci_cell(stats: dict, width: int, signed: bool = False) -> str:
+    """'mean [lo,hi]' of a `mean_ci` entry, each number `width` wide."""
+    f = f"{'+' if signed else ''}{width}.3f"
+    lo, hi = stats["ci95"]
+    return f"{stats['mean']:{f}} [{lo:{f}},{hi:{f}}]"
+
+
 def mean_ci(values) -> dict:
     """{"mean", "ci95": [lo, hi]} by percentile bootstrap of the mean."""
     mean, lo, hi = bootstrap_mean_ci(np.asarray(values, dtype=float))
