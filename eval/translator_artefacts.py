@@ -41,14 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT.parent / "shared/data/tb_cxr_2site/manifest.csv"
 REFERENCE, SOURCE = "shenzhen", "montgomery"
 
-# name -> (config, overrides); every CycleGAN variant keeps snapshots for selection
+# name -> (config, overrides); every CycleGAN-family variant keeps snapshots for selection
+QUICK = "configs/cyclegan/quick.yaml"
 CYCLEGAN = {
-    "cyclegan-baseline": {},  # configs/cyclegan/quick.yaml as the study ran it
-    "cyclegan-residual-long": {"model.residual": True, "train.steps": 1200},
+    "cyclegan-baseline": (QUICK, {}),  # configs/cyclegan/quick.yaml as the study ran it
+    "cyclegan-residual-long": (QUICK, {"model.residual": True, "train.steps": 1200}),
     # the residual generator stayed at the identity (structure 0.999, intensities
     # unmoved): free it of the identity and structure terms, which pull it there
-    "cyclegan-residual-free": {"model.residual": True, "loss.lambda_identity": 0.0,
-                               "loss.lambda_structure": 0.0},
+    "cyclegan-residual-free": (QUICK, {"model.residual": True, "loss.lambda_identity": 0.0,
+                                       "loss.lambda_structure": 0.0}),
+    # issue 26's translator: fingerprints removed, histogram matching (per-image
+    # landmarks), then a residual generator; its step 0 is the first two stages alone
+    "histogram-residual": ("configs/histogram_residual/quick.yaml", {}),
 }
 # DDIB inference settings tried on one trained pair of priors
 DDIB = {
@@ -113,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                       outputs["histogram-matching"], refs, time.perf_counter() - t))
 
     timings = {}
-    for variant, overrides in CYCLEGAN.items():
+    for variant, (config_path, overrides) in CYCLEGAN.items():
         if wanted and variant not in wanted:
             continue
         run = out / variant
-        config = load_config(ROOT / "configs/cyclegan/quick.yaml", {
+        config = load_config(ROOT / config_path, {
             "data.manifest": str(MANIFEST), "data.reference_site": REFERENCE,
             "train.out": str(run), "train.snapshot_every": args.snapshot_every,
             "train.progress": False, **overrides})
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for step, path in checkpoints(run):
             t = time.perf_counter()
             translated = translate(load_translator(path), sources)
-            rows.append(score("cyclegan", variant, step, sources, translated, refs,
+            rows.append(score(config.kind, variant, step, sources, translated, refs,
                               time.perf_counter() - t))
             outputs[f"{variant}@{step}"] = translated
             print(rows[-1], flush=True)

@@ -5,6 +5,7 @@ kind, and the config refusals that keep it starting from histogram matching."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from harmonize.apply import apply_translator
 from harmonize.cli import build_parser
 from harmonize.cli import main as cli_main
+from harmonize.data.fingerprints import remove_fingerprints
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
 from harmonize.fit import model_space_images
@@ -155,3 +157,26 @@ def test_unlabelled_choice_among_snapshots(synth, tmp_path, capsys):
     base = scores[scores["step"] == "histogram-matching"].iloc[0]
     start = scores[scores["step"] == "0"].iloc[0]
     assert abs(start["intensity_distance"] - base["intensity_distance"]) < 1e-3
+
+
+def test_films_with_a_large_dark_field_are_not_flipped(tb_cxr, two_sites):
+    """Two real Montgomery films with a black band and dark air over a third of the image:
+    their contrast-changed landmark mapping anti-correlated with Shenzhen's mean image, and
+    a second polarity check before the generator flipped them (structure -0.92)."""
+    shenzhen = [(x, s) for x, s in two_sites if s == "shenzhen"]
+    hm = HistogramMatching(per="image").fit(shenzhen, "shenzhen")
+    t = HistogramResidualTranslator(ngf=4, n_blocks=1, tile_size=256, precision="fp32",
+                                    fingerprints="remove")
+    t.set_trained(init_weights(ResnetGenerator(ngf=4, n_blocks=1, residual="additive")),
+                  hm.template_, "shenzhen", hm)
+    policy = IntensityPolicy()
+    films = [policy.to_model(read_image(tb_cxr / f"montgomery/normal/MCUCXR_00{n}_0.png"))[0]
+             for n in (42, 52)]
+    mapped = hm.transform([remove_fingerprints(x)[0] for x in films], ["montgomery"] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does the output check call it inverted
+        outputs = t.transform(films, ["montgomery"] * 2)
+    for film, want, out in zip(films, mapped, outputs, strict=True):
+        # untrained, it is fingerprint removal + histogram matching, not its negative
+        np.testing.assert_allclose(out, np.clip(want, 0, 1), atol=1e-6)
+        assert np.corrcoef(film.ravel(), out.ravel())[0, 1] > 0.5

@@ -126,7 +126,9 @@ def test_histogram_matching_moves_synthetic_sites_towards_their_reference_render
 
 
 def test_polarity_check_flags_exactly_the_inverted_sites(synth_xray):
-    from harmonize.data.polarity import is_inverted, thumbnail
+    import torch
+
+    from harmonize.data.polarity import correlation, flipped_flags, is_inverted, thumbnail
 
     out, info = synth_xray
     df = pd.read_csv(out / "manifest.csv")
@@ -137,6 +139,20 @@ def test_polarity_check_flags_exactly_the_inverted_sites(synth_xray):
                                                             strict=True) if s == ref], axis=0)
     for path, site in zip(df["path"], df["site"], strict=True):
         assert is_inverted(images[path], template) == info["acquisition"][site]["inverted"]
+    # an unexposed (white) shutter band over 45% of the film, flat along an edge, is left
+    # out of the test: the exposed field decides, upright or inverted
+    whole_image_says_inverted = []
+    for path in df["path"][df["site"] == ref]:
+        banded = images[path].copy()
+        banded[: int(0.45 * banded.shape[0])] = 1.0
+        whole_image_says_inverted.append(correlation(thumbnail(banded), template) < 0)
+        assert not is_inverted(banded, template)
+        assert is_inverted(1.0 - banded, template)
+    assert any(whole_image_says_inverted)  # what the band did before it was left out
+    # the output check of the learned translators: a translation that anti-correlates with
+    # its own input (network space, any sizes) is flagged, a contrast change is not
+    x = torch.from_numpy(images[df["path"][0]])[None] * 2 - 1
+    assert flipped_flags([x, x, x[:, :64]], [x, -x, x[:, :64] ** 3]) == [False, True, False]
 
 
 def test_every_kind_follows_the_scikit_learn_contract():

@@ -37,6 +37,10 @@ class Translator:
     """
 
     kind: ClassVar[str] = ""
+    # True where `transform` feeds _split_batch images that an earlier stage has already
+    # put upright: a second polarity check on them (after a contrast change) could flip
+    # an upright image
+    inputs_upright: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = True
     # run-time choices, not hyperparameters: left out of a saved checkpoint's config
     runtime_params: ClassVar[tuple[str, ...]] = ("device",)
@@ -104,7 +108,8 @@ class Translator:
             if passthrough and site is not None and site == self.reference_site_:
                 out[k] = x.copy()
                 continue
-            if getattr(self, "polarity", "keep") == "auto" and hasattr(self, "template_"):
+            if (getattr(self, "polarity", "keep") == "auto" and hasattr(self, "template_")
+                    and not self.inputs_upright):
                 x = pol.upright(x, self.template_)
             todo.append(k)
             arrays.append(x)

@@ -29,6 +29,10 @@ from harmonize.translators.histogram import HistogramMatching
 
 class HistogramResidualTranslator(CycleGANTranslator):
     kind = "histogram-residual"
+    # the generator's input is the landmark mapping's output, which the mapping's own
+    # polarity guard made upright; checked again after the contrast change, an image with
+    # a large dark field (real Montgomery films) anti-correlated and came out inverted
+    inputs_upright = True
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "nearest",
                  residual: bool | str = "additive", tile_size: int = 256,
@@ -82,7 +86,7 @@ class HistogramResidualTranslator(CycleGANTranslator):
         self.check_fitted()
         if self.fingerprints == "remove":  # every image, the reference site's too
             images = [remove_fingerprints(x)[0] for x in images]
-        mapped = self.landmarks_.transform(images, sites)
+        mapped = self.landmarks_.transform(images, sites)  # upright (polarity guard)
         return super().transform(mapped, sites)
 
     # --- persistence ----------------------------------------------------------------------

@@ -93,13 +93,16 @@ class CycleGANTranslator(TrainedTranslator):
         if tensors:
             results = self._translate(tensors)
             # the output check runs where the outputs are (one host sync for the batch)
-            inverted = (pol.inverted_flags(results, self.template_) if self.polarity == "auto"
+            # a translation that anti-correlates with its (upright) input flipped the grey
+            # scale; compared with the input, not the reference's mean image, which a
+            # contrast change of an upright film can anti-correlate with
+            inverted = (pol.flipped_flags(tensors, results) if self.polarity == "auto"
                         else [False] * len(results))
             for k, y, flipped in zip(todo, results, inverted, strict=True):
                 out[k] = ((y[0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
                 if flipped:
-                    warnings.warn(f"image {k} of the batch came out inverted relative to the "
-                                  "reference site: check the translation", stacklevel=2)
+                    warnings.warn(f"image {k} of the batch came out inverted relative to its "
+                                  "input: check the translation", stacklevel=2)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
