@@ -77,8 +77,16 @@ def translate(translator, images: list[np.ndarray], batch: int = 16) -> list[np.
     return [np.clip(o, 0, 1) for o in out]
 
 
-def score(name: str, variant: str, step: int, sources, outputs, references, seconds) -> dict:
-    s = artefact_scores(sources, outputs, references)
+def lung_masks(rows: pd.DataFrame) -> list[np.ndarray]:
+    """The manifest's lung masks (relative to it) of `rows`: where structure_in_mask
+    looks, the anatomy no fingerprint removal may touch."""
+    return [np.asarray(read_image(MANIFEST.parent / m).array).squeeze() > 0
+            for m in rows["lung_mask"]]
+
+
+def score(name: str, variant: str, step: int, sources, outputs, references, seconds,
+          masks) -> dict:
+    s = artefact_scores(sources, outputs, references, masks)
     return {"translator": name, "variant": variant, "step": step, **s,
             "selection_score": selection_score(s), "apply_s": seconds}
 
@@ -103,18 +111,19 @@ def main(argv: list[str] | None = None) -> int:
 
     df = load_manifest(MANIFEST)
     src_rows, sources = load_site(df, SOURCE)
+    masks = lung_masks(src_rows)
     _, refs = load_site(df, REFERENCE)
     refs = refs[:: max(1, len(refs) // args.references)][: args.references]
     wanted = set(args.only) if args.only else None
     rows, outputs = [], {"raw": sources}
-    rows.append(score("identity", "identity", 0, sources, sources, refs, 0.0))
+    rows.append(score("identity", "identity", 0, sources, sources, refs, 0.0, masks))
 
     t = time.perf_counter()
     hm = load_translator(fit_and_save(HistogramMatching(), df, MANIFEST, REFERENCE,
                                       out / "histogram-matching", progress=False))
     outputs["histogram-matching"] = translate(hm, sources)
     rows.append(score("histogram-matching", "histogram-matching", 0, sources,
-                      outputs["histogram-matching"], refs, time.perf_counter() - t))
+                      outputs["histogram-matching"], refs, time.perf_counter() - t, masks))
 
     timings = {}
     for variant, (config_path, overrides) in CYCLEGAN.items():
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             translated = translate(load_translator(path), sources)
             rows.append(score(config.kind, variant, step, sources, translated, refs,
-                              time.perf_counter() - t))
+                              time.perf_counter() - t, masks))
             outputs[f"{variant}@{step}"] = translated
             print(rows[-1], flush=True)
         cached.write_text(json.dumps([r for r in rows if r["variant"] == variant]))
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             translated = translate(translator, sources)
             rows.append(score("ddib", variant, 500, sources, translated, refs,
-                              time.perf_counter() - t))
+                              time.perf_counter() - t, masks))
             outputs[variant] = translated
             print(rows[-1], flush=True)
 

@@ -51,3 +51,15 @@ def test_each_measure_sees_what_it_names(images):
     # the reference's own images are the best translation by the selection score
     assert selection_score(artefact_scores(references, references, references)) < \
         selection_score(raw)
+    # inside a mask only: a change outside it (a burned-in marker painted over) is not
+    # counted, the same change inside is
+    x = sources[0]
+    mask = np.zeros(x.shape, bool)
+    mask[: x.shape[0] // 2] = True
+    painted = x.copy()
+    painted[-40:, -40:] = 1.0 - painted[-40:, -40:]
+    assert structure_kept(x, painted, mask=mask) == pytest.approx(1.0, abs=1e-4)
+    assert structure_kept(x, painted) < 0.99
+    assert structure_kept(x, painted, mask=~mask) < structure_kept(x, painted)
+    with_masks = artefact_scores(sources[:2], [painted, sources[1]], references, [mask] * 2)
+    assert with_masks["structure_in_mask"] == pytest.approx(1.0, abs=1e-4)

@@ -10,6 +10,9 @@ and for the artefact hunt (eval/translator_artefacts.py). No labels, no paired t
   translations vs reference images (model space [0, 1]).
 - ``structure``: local normalized cross-correlation of each input with its translation
   at half resolution (1: every edge kept; invariant to local brightness/contrast).
+- ``structure_in_mask`` (with masks, e.g. lung masks): the same inside the anatomy only,
+  where no fingerprint removal may act (markers and borders weigh heavily in
+  ``structure``: their edges are the sharpest of a film).
 
 ``selection_score`` combines them into one number to minimize (see its docstring).
 """
@@ -45,10 +48,12 @@ def mean_spectrum(images: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean([radial_log_spectrum(i) for i in images], axis=0)
 
 
-def structure_kept(source: np.ndarray, translated: np.ndarray, window: int = 7) -> float:
+def structure_kept(source: np.ndarray, translated: np.ndarray, window: int = 7,
+                   mask: np.ndarray | None = None) -> float:
     """Local normalized cross-correlation at half resolution, averaged with the source's
     local standard deviation as weight: flat background, where correlation is noise,
-    counts little; an identical image scores 1."""
+    counts little; an identical image scores 1. With `mask` (same shape, bool), only
+    inside it."""
     import torch.nn.functional as F
 
     a = F.avg_pool2d(torch.as_tensor(np.asarray(source, np.float64))[None, None], 2)
@@ -63,13 +68,18 @@ def structure_kept(source: np.ndarray, translated: np.ndarray, window: int = 7) 
     var_b = (mean(b * b) - mb * mb).clamp_min(0)
     ncc = (mean(a * b) - ma * mb) / torch.sqrt(var_a * var_b + 1e-12)
     weight = var_a.sqrt()
+    if mask is not None:
+        inside = torch.as_tensor(np.asarray(mask, np.float64))[None, None]
+        weight = weight * (F.avg_pool2d(inside, 2) > 0.5)
     return float((ncc * weight).sum() / weight.sum().clamp_min(1e-12))
 
 
 def artefact_scores(sources: Sequence[np.ndarray], translations: Sequence[np.ndarray],
-                    references: Sequence[np.ndarray]) -> dict[str, float]:
+                    references: Sequence[np.ndarray],
+                    masks: Sequence[np.ndarray] | None = None) -> dict[str, float]:
     """The four measures for translations of `sources` against the reference site's own
-    `references` (all 2-D, model space [0, 1], one size)."""
+    `references` (all 2-D, model space [0, 1], one size); with `masks` (one per source)
+    also structure_in_mask."""
     if len(sources) != len(translations) or not len(sources) or not len(references):
         raise ValueError("need as many translations as sources, and reference images")
     s_tr, s_ref = mean_spectrum(translations), mean_spectrum(references)
@@ -79,7 +89,7 @@ def artefact_scores(sources: Sequence[np.ndarray], translations: Sequence[np.nda
         flat = np.concatenate([np.ravel(i) for i in images])
         return sample.choice(flat, size=min(flat.size, 200_000), replace=False)
 
-    return {
+    scores = {
         "texture_excess": float(s_tr[HIGH_BANDS].mean() - s_ref[HIGH_BANDS].mean()),
         "spectrum_distance": float(np.abs(s_tr - s_ref).mean()),
         "intensity_distance": float(wasserstein_distance(pixels(translations),
@@ -87,6 +97,11 @@ def artefact_scores(sources: Sequence[np.ndarray], translations: Sequence[np.nda
         "structure": float(np.mean([structure_kept(s, t)
                                     for s, t in zip(sources, translations, strict=True)])),
     }
+    if masks is not None:
+        scores["structure_in_mask"] = float(np.mean([
+            structure_kept(s, t, mask=m)
+            for s, t, m in zip(sources, translations, masks, strict=True)]))
+    return scores
 
 
 def selection_score(scores: dict[str, float]) -> float:
