@@ -106,6 +106,11 @@ check_ranks_agree(acc, [net], "demo")
 net.weight.grad = torch.full_like(net.weight, float(rank + 1))
 average_gradients(acc, [net])
 print("weight", net.weight[0, 0].item(), "grad", net.weight.grad[0, 0].item(), file=log)
+log.close()
+# leave together, as the trainers do (run.py): a rank that exits while its peer still
+# tears gloo down aborts it ("terminate called without an active exception", 1 run in ~40)
+acc.wait_for_everyone()
+acc.end_training()
 """
 
 

@@ -75,6 +75,8 @@ def test_translator_summary_share_of_nonprivate_gain():
     assert table.loc["10", "noise_multiplier"] == 0.5 and table.loc["10", "wall_s"] == 4.0
 
 
+@pytest.mark.slow  # two Flower simulations: ~25 s on 2 cores (patient DP itself is tested
+# in the default suite: tests/test_patient_dp.py)
 def test_histogram_sweep_with_and_without_dp(tmp_path: Path):
     """Federated histogram matching (Flower simulation) at epsilon inf and 10, one seed,
     on a tiny benchmark: the DP release changes the translation, the summary has its CIs,
