@@ -14,6 +14,11 @@ from harmonize.evaluation.config import load_eval_config
 from harmonize.evaluation.evaluate import run_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
+# 275 s on 2 cores: the default suite must stay under 15 minutes (18 with this module on an
+# Intel Xeon, 2026-12-03). `./run.sh test -m slow` runs it; in the default suite the same
+# evaluation code runs on synthetic data (tests/test_evaluate.py) and the real films are
+# read, translated and scored by many other tests.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
