@@ -31,6 +31,7 @@ from harmonize.data.io import (
     read_image,
     write_image,
 )
+from harmonize.radiomics.masks import optional_mask
 from harmonize.rerun import replacing_outputs
 from harmonize.translators import Translator
 
@@ -43,6 +44,7 @@ class ApplyItem:
     source: Path
     relpath: Path
     site: str | None = None
+    mask: Path | None = None  # the manifest's ROI mask, for translators that use masks
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _Loaded:
     x: np.ndarray
     params: IntensityParams
     started: float
+    mask: np.ndarray | None = None
 
 
 MANIFEST_NAME = "manifest.csv"
@@ -100,8 +103,9 @@ def discover_inputs(
 
         df = load_manifest(inp)
         relpaths = mirrored_relpaths(df)
-        return [ApplyItem(Path(p), r, s)
-                for p, r, s in zip(df["path"], relpaths, df["site"], strict=True)]
+        masks = [Path(m) if m else None for m in df["mask"]] if "mask" in df else [None] * len(df)
+        return [ApplyItem(Path(p), r, s, m)
+                for p, r, s, m in zip(df["path"], relpaths, df["site"], masks, strict=True)]
     if not inp.is_dir():
         raise FileNotFoundError(f"{inp}: input is neither a folder nor a manifest .csv")
     out_resolved = Path(out).resolve() if out is not None else None
@@ -253,7 +257,9 @@ def _translate_batch(translator: Translator, batch: list[_Loaded], record
     """(loaded, output) for every image of the batch that translates. When the batch
     fails, each image is tried alone, so one bad image costs only itself."""
     try:
-        outputs = translator.transform([b.x for b in batch], [b.item.site for b in batch])
+        images, sites = [b.x for b in batch], [b.item.site for b in batch]
+        outputs = (translator.transform(images, sites, masks=[b.mask for b in batch])
+                   if translator.uses_masks else translator.transform(images, sites))
         return list(zip(batch, outputs, strict=True))
     except Exception as err:  # noqa: BLE001 - one bad image must not stop the job
         if len(batch) == 1:
@@ -281,7 +287,9 @@ def _load_all(translator: Translator, todo: list[ApplyItem], pool: ThreadPoolExe
         started = time.perf_counter()
         image = read_image(item.source)
         x, params = translator.policy.to_model(image)
-        return _Loaded(item, image, x, params, started)
+        mask = (optional_mask(item.mask, x.shape)
+                if translator.uses_masks and item.mask is not None else None)
+        return _Loaded(item, image, x, params, started, mask)
 
     window = 2 * max(1, io_workers)
     futures: list[tuple[ApplyItem, Future]] = []

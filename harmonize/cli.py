@@ -299,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--strength", type=float, default=1.0,
                    help="1: the reference amplitude; below 1: interpolate towards it")
     f.add_argument("--grid", type=int, default=256, help="amplitude grid side (default 256)")
+    t = _classical_parser(kinds, "texture-matching", [common],
+                          "per-site ROI histogram, sharpness and noise texture matched to the "
+                          "reference site (radiomics harmonization; every site, the "
+                          "reference's too)", "models/texture")
+    t.add_argument("--spectrum", choices=["site", "off"], default="site",
+                   help="filter each site's mean ROI spectrum onto the reference's")
+    t.add_argument("--noise", choices=["reference", "keep"], default="reference",
+                   help="replace the fine band by noise drawn from the reference site's")
+    t.add_argument("--noise-sigma", type=float, default=1.0,
+                   help="fine band: what a Gaussian blur of this many pixels removes")
+    t.add_argument("--fingerprints", choices=["remove", "everywhere", "keep"],
+                   default="remove", help="inpaint borders and markers outside masks "
+                   "('remove'), also inside them ('everywhere'), or not at all")
+    t.add_argument("--seed", type=int, default=0, help="seed of the drawn noise")
 
     from harmonize.translators.cyclegan import command as cyclegan_command
 

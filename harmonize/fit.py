@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
+from harmonize.radiomics.masks import optional_mask
 from harmonize.rerun import replacing_checkpoint
 from harmonize.training.metadata import training_metadata
 from harmonize.translators.base import Translator
@@ -34,13 +35,25 @@ def model_space_images(df: pd.DataFrame, policy: IntensityPolicy, progress: bool
         yield x, site
 
 
+def model_space_images_with_masks(df: pd.DataFrame, policy: IntensityPolicy,
+                                  progress: bool = True, desc: str = "read"
+                                  ) -> Iterator[tuple[np.ndarray, str, np.ndarray | None]]:
+    """(model-space image, site, ROI mask or None) for each manifest row: the `mask`
+    column's file where the row has one."""
+    masks = df["mask"] if "mask" in df.columns else [None] * len(df)
+    for (x, site), mask in zip(model_space_images(df, policy, progress, desc), masks,
+                               strict=True):
+        yield x, site, optional_mask(mask, x.shape)
+
+
 def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | os.PathLike,
                  reference_site: str, out: str | os.PathLike, progress: bool = True) -> Path:
     """Fit on the manifest rows (all sites; each kind uses what it needs) and save."""
     check_reference_site(df, reference_site, str(manifest_path))
     rows = df if translator.fit_uses_all_sites else df[df["site"] == reference_site]
-    translator.fit(model_space_images(rows, translator.policy, progress,
-                                      f"fit {translator.kind}"), reference_site)
+    read = model_space_images_with_masks if translator.uses_masks else model_space_images
+    translator.fit(read(rows, translator.policy, progress, f"fit {translator.kind}"),
+                   reference_site)
     meta = training_metadata(rows, reference_site, manifest_path, translator.policy)
     replacing_checkpoint(Path(out), translator.kind, reference_site)
     return translator.save(out, meta)

@@ -212,6 +212,13 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> ROI:
     return ROI(mask, "manifest")
 
 
+def optional_mask(path: str | os.PathLike | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A manifest row's mask as bool, or None where the row has none (an empty cell)."""
+    if path is None or str(path) == "":
+        return None
+    return read_mask(path, shape).mask
+
+
 def load_roi(path: str | os.PathLike, mask: str | os.PathLike | None, policy: IntensityPolicy,
              params: AutoMaskParams = AutoMaskParams()) -> tuple[np.ndarray, ROI]:
     """The model-space image (float32) and its ROI: the mask file when given, else auto.

@@ -14,12 +14,13 @@ from harmonize.translators.fingerprints import FingerprintRemoval
 from harmonize.translators.fourier import FourierAmplitudeMatching
 from harmonize.translators.histogram import HistogramMatching
 from harmonize.translators.identity import IdentityTranslator
+from harmonize.translators.texture import TextureMatching
 
 TRANSLATORS: dict[str, type[Translator]] = {
     cls.kind: cls
     for cls in (IdentityTranslator, HistogramMatching, CycleGANTranslator, CUTTranslator,
                 HistogramResidualTranslator, DiffusionTranslator, FourierAmplitudeMatching,
-                FingerprintRemoval)
+                FingerprintRemoval, TextureMatching)
 }
 BUILTIN_UNFITTED = {"identity", "fingerprints"}
 
@@ -45,4 +46,4 @@ def load_translator(spec: str | Path) -> Translator:
 __all__ = ["TRANSLATORS", "Translator", "NotFittedError", "load_translator",
            "HistogramMatching", "IdentityTranslator", "CycleGANTranslator",
            "DiffusionTranslator", "FourierAmplitudeMatching", "HistogramResidualTranslator",
-           "FingerprintRemoval", "CUTTranslator"]
+           "FingerprintRemoval", "CUTTranslator", "TextureMatching"]

@@ -42,6 +42,9 @@ class Translator:
     # an upright image
     inputs_upright: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = True
+    # True where `fit` takes (image, site, mask) and `transform` a `masks=` list: the
+    # manifest's ROI masks (None for an image without one)
+    uses_masks: ClassVar[bool] = False
     # run-time choices, not hyperparameters: left out of a saved checkpoint's config
     runtime_params: ClassVar[tuple[str, ...]] = ("device",)
     # learned: the site every image is mapped to (None until fit, set_trained or load)

@@ -1,0 +1,168 @@
+"""Texture matching: ring spectra, the reference noise model, and the translator that
+gives every site the reference site's ROI histogram, sharpness and noise texture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from harmonize.apply import apply_translator
+from harmonize.data.manifest import load_manifest
+from harmonize.data.texture import NoiseModel, apply_radial_gain, radial_gain, radial_log_power
+from harmonize.fit import fit_and_save, model_space_images_with_masks
+from harmonize.radiomics.masks import ROIError
+from harmonize.translators import HistogramMatching, TextureMatching, load_translator
+from harmonize.translators.identity import IdentityTranslator
+
+
+def test_radial_gain_gives_a_blurred_image_the_sharp_spectrum():
+    rng = np.random.default_rng(0)
+    sharp = ndimage.gaussian_filter(rng.standard_normal((96, 96)), 0.6)
+    blurred = ndimage.gaussian_filter(sharp, 1.2)
+    target, before = radial_log_power(sharp), radial_log_power(blurred)
+    restored = apply_radial_gain(blurred, radial_gain(before, target, max_gain=1e3))
+    after = radial_log_power(restored)
+    rings = slice(2, 30)  # where the blurred image still holds signal
+    assert np.abs(after - target)[rings].mean() < 0.25
+    assert np.abs(before - target)[rings].mean() > 2.0
+
+
+def test_radial_gain_keeps_the_lowest_rings_and_clips():
+    gain = radial_gain(np.zeros(48), np.full(48, 10.0), max_gain=4.0, keep_rings=2)
+    assert np.all(gain[:2] == 1.0) and np.allclose(gain[2:], 4.0)
+
+
+def test_noise_model_draws_noise_that_grows_with_the_signal_like_the_reference():
+    rng = np.random.default_rng(1)
+    ramp = np.tile(np.linspace(0.1, 0.9, 128), (128, 1))
+    region = np.ones(ramp.shape, dtype=bool)
+    images = [(ramp + 0.05 * ramp * rng.standard_normal(ramp.shape), region) for _ in range(4)]
+    model = NoiseModel(sigma=1.0).fit(images)
+    assert model.std_[-1] > 3 * model.std_[0]  # quantum-like: noisier where brighter
+    coarse, _ = model.split(images[0][0])
+    drawn = model.sample(coarse, np.random.default_rng(2))
+    _, fine = model.split(images[0][0])
+    for cols in (slice(4, 30), slice(98, 124)):  # dark and bright ends
+        assert drawn[:, cols].std() == pytest.approx(fine[:, cols].std(), rel=0.2)
+
+
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory):
+    """The demo's benchmark in small: 4 sites x 24 at 64 px, with anatomy masks."""
+    from harmonize.synth import generate
+
+    out = tmp_path_factory.mktemp("texture") / "synth"
+    generate(out, sites=4, per_site=24, size=64, seed=0, progress=False,
+             prevalence=[0.5, 0.5, 0.5, 0.5], finding_scale=2.5)
+    return out / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def fitted(four_sites, tmp_path_factory):
+    out = tmp_path_factory.mktemp("texture_model")
+    df = load_manifest(four_sites)
+    tm = fit_and_save(TextureMatching(fingerprints="everywhere"), df, four_sites, "site_a",
+                      out / "tm", progress=False)
+    hm = fit_and_save(HistogramMatching(), df, four_sites, "site_a", out / "hm",
+                      progress=False)
+    return load_translator(tm), load_translator(hm)
+
+
+def _rows(manifest):
+    df = load_manifest(manifest)
+    return list(model_space_images_with_masks(df, IdentityTranslator().policy, False)), df
+
+
+def _fine_std(x: np.ndarray, region: np.ndarray) -> float:
+    return float((x - ndimage.gaussian_filter(x, 1.0))[region].std())
+
+
+def test_every_site_gets_the_reference_noise_level_and_roi_histogram(four_sites, fitted):
+    tm, hm = fitted
+    rows, df = _rows(four_sites)
+    images, sites, masks = zip(*rows, strict=True)
+    matched = tm.transform(images, sites, masks=masks)
+    mapped = hm.transform(images, sites)
+    raw_ref = np.median([_fine_std(x, m) for x, s, m in rows if s == "site_a"])
+    median_q = {}
+    for site in sorted(set(sites)):
+        k = [i for i, s in enumerate(sites) if s == site]
+        after = np.median([_fine_std(matched[i], masks[i]) for i in k])
+        with_hm = np.median([_fine_std(mapped[i], masks[i]) for i in k])
+        assert after == pytest.approx(raw_ref, rel=0.35), site
+        if site != "site_a":  # histogram matching leaves each site's noise as it was
+            assert abs(np.log(with_hm / raw_ref)) > abs(np.log(after / raw_ref)), site
+        median_q[site] = np.mean([np.quantile(matched[i][masks[i]], [0.1, 0.5, 0.9])
+                                  for i in k], axis=0)
+    for site, q in median_q.items():
+        assert np.abs(q - median_q["site_a"]).max() < 0.03, site
+
+
+def test_same_image_same_output_after_save_and_load(four_sites, fitted, tmp_path):
+    tm, _ = fitted
+    rows, _ = _rows(four_sites)
+    x, site, mask = rows[30]
+    first = tm.transform([x], [site], masks=[mask])[0]
+    tm.save(tmp_path / "again")
+    again = load_translator(tmp_path / "again").transform([x], [site], masks=[mask])[0]
+    np.testing.assert_array_equal(first, again)
+    other_seed = TextureMatching(fingerprints="everywhere", seed=1)
+    assert other_seed.get_params()["seed"] == 1
+    # the reference site is matched too (its texture resampled), yet stays close to itself
+    ref, _, ref_mask = rows[0]
+    out = tm.transform([ref], ["site_a"], masks=[ref_mask])[0]
+    assert not np.array_equal(out, ref)
+    assert np.corrcoef(out[ref_mask], ref[ref_mask])[0, 1] > 0.95
+
+
+def test_unseen_site_and_no_mask_still_work(four_sites, fitted):
+    tm, _ = fitted
+    rows, _ = _rows(four_sites)
+    x = rows[40][0]
+    y = tm.transform([x], ["a_new_hospital"])[0]  # own quantiles and spectrum, auto mask
+    assert y.shape == x.shape and np.isfinite(y).all()
+
+
+def test_bad_masks_and_parameters_are_named(four_sites, fitted):
+    tm, _ = fitted
+    x = _rows(four_sites)[0][0][0]
+    with pytest.raises(ROIError, match="export the mask at the image's size"):
+        tm.transform([x], ["site_a"], masks=[np.ones((10, 10), dtype=bool)])
+    with pytest.raises(ValueError, match="noise='blue'"):
+        TextureMatching(noise="blue").check_params()
+
+
+def test_apply_hands_the_manifest_masks_to_translators_that_use_them(four_sites, tmp_path):
+    seen = []
+
+    class MaskRecorder(IdentityTranslator):
+        uses_masks = True
+
+        def transform(self, images, sites=None, masks=None):
+            seen.extend(masks)
+            return [np.asarray(x) for x in images]
+
+    apply_translator(MaskRecorder(), four_sites, tmp_path / "out", progress=False)
+    df = pd.read_csv(four_sites)
+    assert len(seen) == len(df)
+    assert all(m is not None and m.dtype == bool and m.shape == (64, 64) for m in seen)
+
+
+def test_radiomics_shift_falls_far_below_histogram_matching(four_sites, fitted, tmp_path):
+    """What the translator is for: radiomics features in the ROI stop telling the sites
+    apart (measured by the shift report's effect sizes, per feature family)."""
+    from harmonize.radiomics.shift_report import run_shift_report
+
+    tm, hm = fitted
+    shifts = {}
+    for name, model in (("texture", tm), ("hm", hm)):
+        apply_translator(model, four_sites, tmp_path / name, progress=False)
+        s = run_shift_report(four_sites, tmp_path / f"report_{name}",
+                             compare_with=tmp_path / name, reference_site="site_a",
+                             progress=False, workers=1)
+        families = s["after"]["shift_by_family"]
+        shifts[name] = np.mean([families[f]["mean_epsilon_sq"] for f in
+                                ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")])
+    assert shifts["texture"] < 0.5 * shifts["hm"], shifts
