@@ -103,7 +103,8 @@ class TextureMatching(FittedTranslator):
             raise ROIError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
                            f"{y.shape[1]}x{y.shape[0]}; export the mask at the image's size")
         if self.fingerprints != "keep":
-            y = remove_fingerprints(y, protect=None if self.fingerprints == "everywhere" else mask)[0]
+            protect = None if self.fingerprints == "everywhere" else mask
+            y = remove_fingerprints(y, protect=protect)[0]
         if self.polarity == "auto":
             y = pol.upright(y, self.template_)
         region = np.asarray(mask, dtype=bool) if mask is not None else auto_mask(y).mask
