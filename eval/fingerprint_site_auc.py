@@ -3,10 +3,20 @@
 On the demo's synthetic 4-site benchmark (`harmonize demo`: 4 sites x 80 images at 128 px,
 seed 0, the same prevalences), harmonize every image with histogram matching, fingerprint
 removal alone, fingerprint removal + histogram matching (the histogram-residual translator
-at step 0) and the trained histogram-residual translator (configs/histogram_residual/
-quick.yaml, fingerprints removed), then run `harmonize shift-report --compare` on each:
-the radiomics site AUC (one-vs-rest, cross-validated; 0.5 = the sites cannot be told
-apart) before and after.
+at step 0), the trained histogram-residual translator (configs/histogram_residual/
+quick.yaml, fingerprints removed) and texture matching (`texture-matching`, with the
+benchmark's anatomy masks as ROI: fingerprints kept out of the masks, its default, and
+inpainted everywhere, since the phantom masks reach under the collimators), then run
+`harmonize shift-report --compare` on each. Per method:
+- the radiomics site AUC (one-vs-rest, cross-validated logistic regression on every
+  feature; 0.5 = the sites cannot be told apart) before and after, and after ComBat on
+  the features (the report's baseline);
+- the share of shifted features and the mean effect size (epsilon squared: the share of a
+  feature's variance the site explains) over the texture families;
+- what it costs: SSIM and PSNR of every non-reference image to its paired reference
+  rendering (the truth), mean [95% bootstrap CI].
+The paired truth itself is scored as a method too (`truth`): the site AUC of perfectly
+harmonized images. Every method is fitted on all images (no labels are used).
 
     python eval/fingerprint_site_auc.py --out eval_out/site_auc
 
@@ -25,18 +35,24 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harmonize.apply import apply_translator
 from harmonize.data.manifest import load_manifest
+from harmonize.evaluation.fidelity import mean_ci, score_files
 from harmonize.fit import fit_and_save
 from harmonize.radiomics.shift_report import run_shift_report
 from harmonize.synth import generate
-from harmonize.translators import HistogramMatching, load_translator
+from harmonize.translators import HistogramMatching, TextureMatching, load_translator
 from harmonize.translators.cyclegan import load_config, train_cyclegan
 
 ROOT = Path(__file__).resolve().parents[1]
 PREVALENCE = [0.5, 0.8, 0.2, 0.5]  # the demo's site-label shortcut
+TEXTURE_FAMILIES = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
+FITTED = {"histogram-matching": HistogramMatching,
+          "texture-matching": TextureMatching,
+          "texture-matching-everywhere": lambda: TextureMatching(fingerprints="everywhere")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ref = "site_a"
     timings = {}
     models = {"fingerprints": "fingerprints"}
-    hm_dir = out / "models" / "histogram-matching"
-    if not hm_dir.exists():
-        fit_and_save(HistogramMatching(), load_manifest(manifest), manifest, ref, hm_dir,
-                     progress=False)
-    models["histogram-matching"] = hm_dir
+    for method, make in FITTED.items():
+        model_dir = out / "models" / method
+        if not model_dir.exists():
+            started = time.perf_counter()
+            fit_and_save(make(), load_manifest(manifest), manifest, ref, model_dir,
+                         progress=False)
+            timings[f"{method}_fit_s"] = time.perf_counter() - started
+        models[method] = model_dir
     run_dir = out / "histogram_residual_run"
     if not (run_dir / "model").exists():
         config = load_config(args.config, {"data.manifest": str(manifest),
@@ -75,27 +94,57 @@ def main(argv: list[str] | None = None) -> int:
     models["at-step-0"] = start_dir
     models["histogram-residual"] = run_dir / "model"
 
-    rows = []
+    folders = {"truth": data / "reference"}  # the paired truth, mirrored like an output
     for method, model in models.items():
-        harmonized = out / "harmonized" / method
-        if not (harmonized / "apply_log.csv").exists():
-            apply_translator(load_translator(model), manifest, harmonized, progress=False)
+        folders[method] = out / "harmonized" / method
+        if not (folders[method] / "apply_log.csv").exists():
+            started = time.perf_counter()
+            apply_translator(load_translator(model), manifest, folders[method], progress=False)
+            timings[f"{method}_apply_s"] = time.perf_counter() - started
+    df = load_manifest(manifest)
+    others = df[df["site"] != ref]
+    fidelity = score_files(others, data, {m: (lambda rec, f=f: f / rec["relpath"])
+                                          for m, f in folders.items() if m != "truth"})
+    fidelity.to_csv(out / "fidelity.csv", index=False)
+    rows = []
+    for method, harmonized in folders.items():
         started = time.perf_counter()
         s = run_shift_report(manifest, out / "reports" / method, compare_with=harmonized,
                              reference_site=ref, progress=False, label=method)
-        rows.append({"method": method, "site_auc_before": s["before"]["site_auc"],
-                     "site_auc_after": s["after"]["site_auc"],
-                     "shifted_features_before": s["before"]["shifted_feature_share"],
-                     "shifted_features_after": s["after"]["shifted_feature_share"],
-                     "report_s": time.perf_counter() - started})
-        print(f"{method:20s} site AUC {rows[-1]['site_auc_before']:.3f} -> "
-              f"{rows[-1]['site_auc_after']:.3f}", flush=True)
+        rows.append(_row(method, s, fidelity[fidelity["method"] == method],
+                         time.perf_counter() - started))
+        print(f"{method:28s} site AUC {rows[-1]['site_auc_before']:.3f} -> "
+              f"{rows[-1]['site_auc_after']:.3f}, texture effect size "
+              f"{rows[-1]['texture_effect_size_before']:.3f} -> "
+              f"{rows[-1]['texture_effect_size_after']:.3f}", flush=True)
     table = pd.DataFrame(rows)
     table.to_csv(out / "site_auc.csv", index=False, float_format="%.4f")
     (out / "site_auc.json").write_text(json.dumps(
         {"rows": rows, "timings": timings, "per_site": args.per_site, "size": args.size,
          "seed": args.seed, "config": str(args.config)}, indent=2) + "\n")
     return 0
+
+
+def _row(method: str, shift: dict, fidelity: pd.DataFrame, report_s: float) -> dict:
+    """One method's line: site AUC (raw features and after ComBat), shifted share, mean
+    texture effect size, and fidelity to the truth (empty for the truth itself)."""
+    row = {"method": method}
+    for when in ("before", "after"):
+        s = shift[when]
+        row[f"site_auc_{when}"] = s["site_auc"]
+        row[f"combat_site_auc_{when}"] = s["combat_baseline"]["site_auc"]
+        row[f"shifted_features_{when}"] = s["shifted_feature_share"]
+        row[f"texture_effect_size_{when}"] = float(np.mean(
+            [s["shift_by_family"][f]["mean_epsilon_sq"] for f in TEXTURE_FAMILIES]))
+        row[f"firstorder_effect_size_{when}"] = s["shift_by_family"]["firstorder"][
+            "mean_epsilon_sq"]
+    for metric in ("ssim", "psnr"):
+        stats = mean_ci(fidelity[metric]) if len(fidelity) else {"mean": np.nan,
+                                                                  "ci95": [np.nan, np.nan]}
+        row[metric] = stats["mean"]
+        row[f"{metric}_lo"], row[f"{metric}_hi"] = stats["ci95"]
+    row["report_s"] = report_s
+    return row
 
 
 if __name__ == "__main__":
