@@ -20,8 +20,9 @@ harmonized images. Every method is fitted on all images (no labels are used).
 
     python eval/fingerprint_site_auc.py --out eval_out/site_auc
 
-Writes OUT/site_auc.csv and OUT/site_auc.json (one row per method) and each report under
-OUT/reports/METHOD/report.html.
+Writes OUT/site_auc.csv and OUT/site_auc.json (one row per method), OUT/fidelity.csv (one
+row per image and method), OUT/grid.png (one image per site: raw, histogram matching,
+texture matching, truth) and each report under OUT/reports/METHOD/report.html.
 """
 
 from __future__ import annotations
@@ -117,12 +118,35 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[-1]['site_auc_after']:.3f}, texture effect size "
               f"{rows[-1]['texture_effect_size_before']:.3f} -> "
               f"{rows[-1]['texture_effect_size_after']:.3f}", flush=True)
+    write_grid(out / "grid.png", df, folders)
     table = pd.DataFrame(rows)
     table.to_csv(out / "site_auc.csv", index=False, float_format="%.4f")
     (out / "site_auc.json").write_text(json.dumps(
         {"rows": rows, "timings": timings, "per_site": args.per_site, "size": args.size,
          "seed": args.seed, "config": str(args.config)}, indent=2) + "\n")
     return 0
+
+
+def write_grid(path: Path, df: pd.DataFrame, folders: dict[str, Path]) -> None:
+    """The same-numbered patient of every site: as stored (polarity as exported),
+    harmonized two ways, and the paired truth (the reference site's rendering)."""
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image
+    from harmonize.report.html import image_grid
+
+    policy = IntensityPolicy()
+    columns = {"as stored": None, "histogram matching": "histogram-matching",
+               "texture matching": "texture-matching-everywhere", "truth": "truth"}
+    rows, titles = [], []
+    for site, group in df.groupby("site"):
+        rec = group.iloc[0]
+        cells = [policy.to_model(read_image(rec["path"] if m is None else
+                                            folders[m] / rec["relpath"]))[0]
+                 for m in columns.values()]
+        rows.append(cells)
+        titles.append(site)
+    fig = image_grid(rows, list(columns), titles)
+    fig.savefig(path, dpi=110)
 
 
 def _row(method: str, shift: dict, fidelity: pd.DataFrame, report_s: float) -> dict:

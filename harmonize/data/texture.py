@@ -77,6 +77,14 @@ def apply_radial_gain(x: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return y[pad:-pad, pad:-pad].astype(np.float32)
 
 
+def robust_std(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the std of the noise, not of the sparse
+    edges (ribs, borders) that also live in the fine band."""
+    if values.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
 class NoiseModel:
     """The fine band (image minus its Gaussian blur of `sigma` px) of a set of images:
     its ring spectrum and its standard deviation per level of the blurred intensity."""
@@ -104,8 +112,7 @@ class NoiseModel:
         edges = np.quantile(level, np.linspace(0.0, 1.0, N_LEVELS + 1))
         which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, N_LEVELS - 1)
         self.levels_ = 0.5 * (edges[1:] + edges[:-1])
-        self.std_ = np.array([fine[which == k].std() if np.any(which == k) else 0.0
-                              for k in range(N_LEVELS)])
+        self.std_ = np.array([robust_std(fine[which == k]) for k in range(N_LEVELS)])
         return self
 
     def sample(self, coarse: np.ndarray, rng: np.random.Generator) -> np.ndarray:
