@@ -87,7 +87,8 @@ def mirrored_relpaths(df) -> list[Path]:
     return relpaths
 
 def discover_inputs(
-    inp: str | os.PathLike, out: str | os.PathLike | None = None
+    inp: str | os.PathLike, out: str | os.PathLike | None = None,
+    mask_column: str | None = None,
 ) -> list[ApplyItem]:
     """Files to harmonize: a manifest's rows; a folder holding a manifest.csv (e.g. the
     synthetic benchmark's root): that manifest's rows, so its masks/ and reference/ are
@@ -101,7 +102,7 @@ def discover_inputs(
     if inp.is_file() and inp.suffix.lower() == ".csv":
         from harmonize.data.manifest import load_manifest
 
-        df = load_manifest(inp)
+        df = load_manifest(inp, mask_column=mask_column)
         relpaths = mirrored_relpaths(df)
         masks = [Path(m) if m else None for m in df["mask"]] if "mask" in df else [None] * len(df)
         return [ApplyItem(Path(p), r, s, m)
@@ -176,11 +177,14 @@ def apply_translator(
     io_workers: int = 2,
     progress: bool = True,
     derivation: str | None = None,
+    mask_column: str | None = None,
 ) -> ApplySummary:
-    """Harmonize every file of `inp` (folder or manifest) into `out`."""
+    """Harmonize every file of `inp` (folder or manifest) into `out`; a manifest's ROI
+    masks (`mask_column`, default `mask`) go to translators that use them."""
     out = Path(out)
     rank, world = process_shard()
-    items = discover_inputs(inp, out)[rank::world]  # each file to exactly one process
+    # each file to exactly one process
+    items = discover_inputs(inp, out, mask_column)[rank::world]
     if not resume and rank == 0:
         replacing_outputs(out, "outputs")
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be valid

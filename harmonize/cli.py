@@ -41,7 +41,7 @@ def _train_classical(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in cls.param_names() if hasattr(args, k)}
     model = cls(**params, policy=IntensityPolicy(mode=args.intensity, bits=args.bits))
     model.check_params()
-    df = load_manifest(args.data)
+    df = load_manifest(args.data, mask_column=args.mask_column)
     out = fit_and_save(model, df, args.data, args.reference_site, args.out,
                        progress=not args.quiet)
     print(f"saved {args.kind} translator to {out} (apply: harmonize apply --model {out} IN OUT)")
@@ -64,6 +64,9 @@ def _classical_parser(kinds, kind: str, parents: list, help_text: str, example_o
     parser.add_argument("--intensity", choices=["auto", "bit-depth", "percentile"],
                         default="auto", help="intensity policy (harmonize.data.intensity)")
     parser.add_argument("--bits", type=int, default=None, help="force the stored bit depth")
+    parser.add_argument("--mask-column", default=None,
+                        help="manifest column holding ROI masks, for kinds that use them "
+                             "(default: 'mask' if present)")
     parser.set_defaults(func=_train_classical)
     return parser
 
@@ -77,7 +80,7 @@ def _apply(args: argparse.Namespace) -> int:
         set_precision(translator, args.precision)
     s = apply_translator(translator, args.input, args.output, resume=args.resume,
                          batch_size=args.batch_size, io_workers=args.io_workers,
-                         progress=not args.quiet)
+                         progress=not args.quiet, mask_column=args.mask_column)
     not_images = f" ({s.not_images} not images)" if s.not_images else ""
     print(f"{s.ok} written, {s.skipped} skipped{not_images}, {s.errors} failed; "
           f"log: {s.log_path}")
@@ -347,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="folder or manifest CSV")
     p.add_argument("output", help="output folder (mirrors the input tree)")
     p.add_argument("--resume", action="store_true", help="skip outputs that already exist")
+    p.add_argument("--mask-column", default=None,
+                   help="manifest column holding ROI masks, for translators that use them "
+                        "(texture-matching; default: 'mask' if present)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file failed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--io-workers", type=int, default=2, help="threads decoding/writing files")

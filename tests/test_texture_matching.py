@@ -15,6 +15,7 @@ from harmonize.fit import fit_and_save, model_space_images_with_masks
 from harmonize.radiomics.masks import ROIError
 from harmonize.translators import HistogramMatching, TextureMatching, load_translator
 from harmonize.translators.identity import IdentityTranslator
+from harmonize.translators.texture import monotone_map
 
 
 def test_radial_gain_gives_a_blurred_image_the_sharp_spectrum():
@@ -46,6 +47,15 @@ def test_noise_model_draws_noise_that_grows_with_the_signal_like_the_reference()
     _, fine = model.split(images[0][0])
     for cols in (slice(4, 30), slice(98, 124)):  # dark and bright ends
         assert drawn[:, cols].std() == pytest.approx(fine[:, cols].std(), rel=0.2)
+
+
+def test_the_roi_mapping_continues_linearly_beyond_the_roi_range():
+    """A lung mask holds only part of the film's range: what lies beyond it (mediastinum,
+    abdomen, air) must keep its structure, not be flattened to the end landmarks."""
+    source, target = np.linspace(0.2, 0.6, 9), np.linspace(0.1, 0.9, 9)  # slope 2
+    x = np.array([0.0, 0.1, 0.4, 0.7, 0.8])
+    np.testing.assert_allclose(monotone_map(x, source, target), [-0.3, -0.1, 0.5, 1.1, 1.3],
+                               atol=1e-6)
 
 
 @pytest.fixture(scope="module")

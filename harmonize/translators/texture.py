@@ -13,7 +13,8 @@ inside the region of interest, where a classifier or a radiologist looks:
    ``fingerprints="remove"`` no pixel inside a manifest mask is touched; masks that
    outline the ideal anatomy rather than what was exposed (a synthetic phantom's, an
    atlas's) can hold collimated bands, which ``"everywhere"`` inpaints too;
-2. the site's mean ROI intensity quantiles mapped onto the reference site's (monotone);
+2. the site's mean ROI intensity quantiles mapped onto the reference site's (monotone;
+   beyond the ROI's range linear, so what lies outside the ROI keeps its structure);
 3. the site's mean ROI ring spectrum filtered onto the reference site's (a zero-phase
    filter per site: sharpens a blurry detector, softens an edge-enhanced one);
 4. the fine band (the image minus its Gaussian blur of ``noise_sigma`` px) replaced by
@@ -54,7 +55,22 @@ from harmonize.data.texture import (
 )
 from harmonize.radiomics.masks import ROIError, auto_mask
 from harmonize.translators.base import FittedTranslator
-from harmonize.translators.histogram import _piecewise_map
+
+
+def monotone_map(x: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Source landmarks onto target landmarks, piecewise linear; beyond the end landmarks
+    (outside the ROI's range: the mediastinum beside a lung mask, the air around a body)
+    linear with the map's overall slope instead of clamped, so no structure there is
+    flattened. Ties (flat histograms) are collapsed."""
+    src, first = np.unique(source, return_index=True)
+    dst = np.asarray(target)[first]
+    if src.size == 1:
+        return np.full_like(x, dst[0], dtype=np.float32)
+    slope = (dst[-1] - dst[0]) / (src[-1] - src[0])
+    y = np.interp(x, src, dst)
+    y = np.where(x < src[0], dst[0] + (x - src[0]) * slope, y)
+    y = np.where(x > src[-1], dst[-1] + (x - src[-1]) * slope, y)
+    return y.astype(np.float32)
 
 
 class TextureMatching(FittedTranslator):
@@ -150,7 +166,7 @@ class TextureMatching(FittedTranslator):
 
         self.site_quantiles_ = site_mean([(self._quantiles(y, r), s) for y, r, s, _ in prepared])
         target = self.site_quantiles_[reference_site]
-        mapped = [(_piecewise_map(y, self.site_quantiles_[s], target), r, s, g)
+        mapped = [(monotone_map(y, self.site_quantiles_[s], target), r, s, g)
                   for y, r, s, g in prepared]
         self.log_power_ = site_mean([(radial_log_power(y, r), s) for y, r, s, _ in mapped])
         self.noise_model_ = NoiseModel(self.noise_sigma).fit(
@@ -174,10 +190,10 @@ class TextureMatching(FittedTranslator):
             y, region = self._prepared(x, mask)
             known = site in self.site_quantiles_
             source = self.site_quantiles_[site] if known else self._quantiles(y, region)
-            y = _piecewise_map(y, source, target)
+            y = monotone_map(y, source, target)
             y = self._textured(y, region, self.log_power_[site] if known else None, self._rng(x))
             final = self.final_quantiles_[site] if known else self._quantiles(y, region)
-            out.append(_piecewise_map(y, final, target))
+            out.append(monotone_map(y, final, target))
         return out
 
     # --- persistence ---------------------------------------------------------------------
