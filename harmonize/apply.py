@@ -31,7 +31,7 @@ from harmonize.data.io import (
     read_image,
     write_image,
 )
-from harmonize.radiomics.masks import optional_mask
+from harmonize.radiomics.masks import ROIError, optional_mask
 from harmonize.rerun import replacing_outputs
 from harmonize.translators import Translator
 
@@ -251,6 +251,8 @@ def _reason(step: str, path: Path, err: Exception) -> str:
     anything else is unexpected, and said to be, with the file."""
     if isinstance(err, (ImageReadError, ImageWriteError)):
         return str(err)
+    if isinstance(err, ROIError):  # the manifest's mask of this image: a data problem
+        return f"{path}: ROI mask: {err}"
     detail = (str(err).splitlines() or [""])[0][:200]
     return (f"{path}: {step} failed unexpectedly ({type(err).__name__}: {detail}); "
             "please report it with the file")

@@ -4,6 +4,7 @@ with the metadata the checkpoint contract asks for."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from harmonize.data.intensity import IntensityPolicy
 from harmonize.data.io import read_image
-from harmonize.radiomics.masks import optional_mask
+from harmonize.radiomics.masks import ROIError, optional_mask
 from harmonize.rerun import replacing_checkpoint
 from harmonize.training.metadata import training_metadata
 from harmonize.translators.base import Translator
@@ -39,11 +40,15 @@ def model_space_images_with_masks(df: pd.DataFrame, policy: IntensityPolicy,
                                   progress: bool = True, desc: str = "read"
                                   ) -> Iterator[tuple[np.ndarray, str, np.ndarray | None]]:
     """(model-space image, site, ROI mask or None) for each manifest row: the `mask`
-    column's file where the row has one."""
+    column's file where the row has one. A row whose mask is unusable (empty, another
+    size) is left out, with a warning naming the files and the fix."""
     masks = df["mask"] if "mask" in df.columns else [None] * len(df)
-    for (x, site), mask in zip(model_space_images(df, policy, progress, desc), masks,
-                               strict=True):
-        yield x, site, optional_mask(mask, x.shape)
+    for (x, site), mask, path in zip(model_space_images(df, policy, progress, desc), masks,
+                                     df["path"], strict=True):
+        try:
+            yield x, site, optional_mask(mask, x.shape)
+        except ROIError as err:
+            warnings.warn(f"{path}: left out of fit: {err}", stacklevel=2)
 
 
 def fit_and_save(translator: Translator, df: pd.DataFrame, manifest_path: str | os.PathLike,

@@ -3,6 +3,8 @@ gives every site the reference site's ROI histogram, sharpness and noise texture
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,6 +30,22 @@ def test_radial_gain_gives_a_blurred_image_the_sharp_spectrum():
     rings = slice(2, 30)  # where the blurred image still holds signal
     assert np.abs(after - target)[rings].mean() < 0.25
     assert np.abs(before - target)[rings].mean() > 2.0
+
+
+def test_spectrum_level_is_the_texture_s_whatever_the_size_or_region():
+    """Sites with other detector sizes, or lung masks off the centre, must not read as
+    sharper or noisier: the same white noise gives the same ring spectrum."""
+    rng = np.random.default_rng(3)
+    large = rng.standard_normal((128, 128))
+    small = np.mean([radial_log_power(rng.standard_normal((64, 64))) for _ in range(4)], 0)
+    off_centre = np.zeros((128, 128), dtype=bool)
+    off_centre[10:60, 60:120] = True
+    rings = slice(6, 40)  # the lowest rings of a 64 px image sit in the window's main lobe
+    whole = radial_log_power(large)[rings]
+    # no offset (before the fix: +1.39 for the size, +3.18 for the region); what is left
+    # is the scatter of a noise image's estimate
+    assert abs((small[rings] - whole).mean()) < 0.1
+    assert abs((radial_log_power(large, off_centre)[rings] - whole).mean()) < 0.1
 
 
 def test_radial_gain_keeps_the_lowest_rings_and_clips():
@@ -118,8 +136,11 @@ def test_same_image_same_output_after_save_and_load(four_sites, fitted, tmp_path
     tm.save(tmp_path / "again")
     again = load_translator(tmp_path / "again").transform([x], [site], masks=[mask])[0]
     np.testing.assert_array_equal(first, again)
-    other_seed = TextureMatching(fingerprints="everywhere", seed=1)
-    assert other_seed.get_params()["seed"] == 1
+    in_batch = tm.transform([rows[31][0], x], [rows[31][1], site],
+                            masks=[rows[31][2], mask])[1]
+    np.testing.assert_array_equal(first, in_batch)  # the noise is the image's own
+    reseeded = copy.deepcopy(tm).set_params(seed=1)
+    assert not np.array_equal(reseeded.transform([x], [site], masks=[mask])[0], first)
     # the reference site is matched too (its texture resampled), yet stays close to itself
     ref, _, ref_mask = rows[0]
     out = tm.transform([ref], ["site_a"], masks=[ref_mask])[0]
@@ -158,6 +179,26 @@ def test_apply_hands_the_manifest_masks_to_translators_that_use_them(four_sites,
     df = pd.read_csv(four_sites)
     assert len(seen) == len(df)
     assert all(m is not None and m.dtype == bool and m.shape == (64, 64) for m in seen)
+
+
+def test_a_mask_of_another_size_is_logged_as_the_data_problem_it_is(four_sites, fitted,
+                                                                   tmp_path):
+    from PIL import Image
+
+    tm, _ = fitted
+    df = pd.read_csv(four_sites).head(3)
+    wrong = tmp_path / "wrong_mask.png"
+    Image.fromarray(np.full((10, 10), 255, dtype=np.uint8)).save(wrong)
+    df["path"] = [str(four_sites.parent / p) for p in df["path"]]
+    df["mask"] = [str(four_sites.parent / m) for m in df["mask"]]
+    df.loc[1, "mask"] = str(wrong)
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    summary = apply_translator(tm, tmp_path / "manifest.csv", tmp_path / "out", progress=False)
+    log = pd.read_csv(summary.log_path)
+    assert summary.ok == 2 and summary.errors == 1
+    assert "ROI mask" in log.loc[log["status"] == "error", "reason"].iloc[0]
+    assert "export the mask at the image's size" in log.loc[log["status"] == "error",
+                                                            "reason"].iloc[0]
 
 
 def test_radiomics_shift_falls_far_below_histogram_matching(four_sites, fitted, tmp_path):

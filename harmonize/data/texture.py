@@ -9,8 +9,8 @@ how sharp an image is and how its noise looks. Two tools, plain numpy:
   two spectra into the zero-phase filter that moves one onto the other, and
   `apply_radial_gain` applies it (mirrored padding, so the image border adds no edge).
 - `NoiseModel`: the fine band of a site's images (the image minus its Gaussian blur)
-  summarized by its spectrum and by its standard deviation as a function of the blurred
-  intensity (quantum noise grows with the signal). `sample` draws a new fine band with
+  summarized by its spectrum and by its robust standard deviation as a function of the
+  blurred intensity (quantum noise grows with the signal). `sample` draws a new fine band with
   those statistics for any image: replacing an image's own fine band by a sample gives
   it the reference site's noise texture, whatever its own dose and detector.
 """
@@ -47,7 +47,9 @@ def radial_log_power(x: np.ndarray, region: np.ndarray | None = None) -> np.ndar
     if region is not None:
         w = w * ndimage.gaussian_filter(region.astype(np.float64), TAPER_SIGMA)
     centred = (x - (x * w).sum() / max(w.sum(), 1e-12)) * w
-    power = np.abs(np.fft.rfft2(centred)) ** 2
+    # per unit of window energy: the level is the texture's, whatever the image's size
+    # or the region's area and place
+    power = np.abs(np.fft.rfft2(centred)) ** 2 / max(float((w**2).sum()), 1e-12)
     rings, _ = _ring_index(x.shape)
     total = np.bincount(rings.ravel(), power.ravel(), N_BINS)
     count = np.bincount(rings.ravel(), minlength=N_BINS)
@@ -111,8 +113,9 @@ class NoiseModel:
         self.log_power_ = np.mean(spectra, axis=0)
         edges = np.quantile(level, np.linspace(0.0, 1.0, N_LEVELS + 1))
         which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, N_LEVELS - 1)
-        self.levels_ = 0.5 * (edges[1:] + edges[:-1])
-        self.std_ = np.array([robust_std(fine[which == k]) for k in range(N_LEVELS)])
+        filled = [k for k in range(N_LEVELS) if np.any(which == k)]  # ties leave levels empty
+        self.levels_ = 0.5 * (edges[1:] + edges[:-1])[filled]
+        self.std_ = np.array([robust_std(fine[which == k]) for k in filled])
         return self
 
     def sample(self, coarse: np.ndarray, rng: np.random.Generator) -> np.ndarray:

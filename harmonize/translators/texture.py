@@ -28,8 +28,10 @@ seen in fit use their own quantiles and spectrum (per image). The ROI is the man
 mask where given (`uses_masks`: `harmonize apply` and fit read the `mask` column), else
 the automatic body mask of the shift report (`harmonize.radiomics.masks.auto_mask`).
 Noise is drawn from a generator seeded by ``seed`` and the image's own pixels: the same
-image always gives the same output. Fit keeps every training image in memory (as
-``HistogramMatching(per="site")`` does).
+image always gives the same output. Fit keeps every training image in memory, three
+times over (as read, prepared, mapped); an image whose ROI is unusable (an empty or
+wrongly sized mask, a constant image) is left out of fit with a warning naming it.
+``noise_sigma`` is fixed by fit: the fitted noise model keeps the sigma it was fitted with.
 
 The price: step 4 blurs away what is finer than ``noise_sigma`` and adds noise, so
 fidelity to the anatomy (SSIM to a clean rendering) drops; docs/histogram_residual.md
@@ -38,6 +40,7 @@ reports both sides.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -106,6 +109,8 @@ class TextureMatching(FittedTranslator):
             raise ValueError(f"noise_sigma={self.noise_sigma}: expected > 0 (pixels)")
         if not self.max_gain >= 1:
             raise ValueError(f"max_gain={self.max_gain}: expected >= 1")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed={self.seed}: expected an integer >= 0")
 
     @property
     def levels(self) -> np.ndarray:
@@ -158,7 +163,15 @@ class TextureMatching(FittedTranslator):
             raise ValueError(f"no images of the reference site '{reference_site}' to fit on")
         self.template_ = np.mean([pol.thumbnail(x) for x in references], axis=0)
         self.reference_site_ = reference_site
-        prepared = [(*self._prepared(x, mask), site, self._rng(x)) for x, site, mask in rows]
+        prepared = []
+        for k, (x, site, mask) in enumerate(rows):
+            try:
+                prepared.append((*self._prepared(x, mask), site, self._rng(x)))
+            except ROIError as err:  # a constant image, an empty mask: not worth a stop
+                warnings.warn(f"image {k} (site '{site}') left out of fit: {err}",
+                              stacklevel=2)
+        if not any(site == reference_site for *_, site, _ in prepared):
+            raise ValueError(f"no usable image of the reference site '{reference_site}'")
         sites = sorted({site for *_, site, _ in prepared})
 
         def site_mean(values) -> dict[str, np.ndarray]:
