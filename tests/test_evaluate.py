@@ -11,7 +11,7 @@ import yaml
 
 from harmonize.cli import main
 from harmonize.configs import ConfigError, dump_config
-from harmonize.evaluation.audit import finding_contrast, outside_share
+from harmonize.evaluation.audit import finding_contrast, findings_exaggerated, outside_share
 from harmonize.evaluation.config import load_eval_config
 from harmonize.synth import make_phantom
 
@@ -204,6 +204,16 @@ def test_finding_contrast_ignores_style_but_sees_an_erased_finding():
     ring = ndimage.binary_dilation(ph.finding, iterations=3) & ~ph.finding
     erased[ph.finding] = x[ring].mean()
     assert abs(finding_contrast(erased, ph.finding, ph.roi)) < 0.1 * c
+
+
+def test_restoring_a_blurred_finding_is_not_exaggerating_it():
+    """Contrast x3 against a blurred input that held a third of the truth's contrast is a
+    restoration; x3 against both input and truth is an exaggeration; without a truth,
+    more than doubling the input's contrast counts."""
+    ratio = np.array([3.0, 3.0, 3.0, 1.5])
+    vs_truth = np.array([1.0, 3.0, np.nan, 4.0])
+    np.testing.assert_array_equal(findings_exaggerated(ratio, vs_truth, 2.0),
+                                  [False, True, True, False])
 
 
 def test_gradcam_share_outside_roi():

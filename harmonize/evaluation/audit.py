@@ -12,8 +12,12 @@ Audited: the test images of the first fold that are not from the reference site.
   3-pixel ring around it, in units of the image's intensity spread inside the body ROI
   (so a global gain/offset, i.e. pure style, does not count). Translated vs the input
   image (|after| / |before|: polarity flips do not count): below 0.5 the translator
-  erased the finding, above 2 it exaggerated it. Translated vs truth is reported too
-  (how much of the reference site's rendering of the finding was restored).
+  erased the finding; above 2 it amplified it. Amplified is exaggerated only where it
+  also exceeds twice the truth's contrast (the reference site's rendering of the same
+  finding): a blurred, noisy or log-compressed input holds a fraction of the truth's
+  contrast, and restoring it is what a translator is for. Without a truth, amplified
+  counts as exaggerated. Translated vs truth is reported too (how much of the
+  reference site's rendering of the finding was restored).
 - Per-image risk flag (a flip against the truth or before/after, an erased or
   exaggerated finding) is written into the translator's apply_log.csv.
 - Grad-CAM of the frozen CNN before and after translation, and the share of the map that
@@ -95,6 +99,13 @@ def finding_contrast(image: np.ndarray, finding: np.ndarray, roi: np.ndarray | N
     return float(image[finding].mean() - image[ring].mean()) / spread
 
 
+def findings_exaggerated(ratio: np.ndarray, vs_truth: np.ndarray, above: float) -> np.ndarray:
+    """Per finding: contrast more than `above` x the input's and, where a truth exists
+    (`vs_truth` not NaN), more than `above` x the truth's (see the module docstring)."""
+    ratio, vs_truth = np.asarray(ratio, dtype=float), np.asarray(vs_truth, dtype=float)
+    return (ratio > above) & ~(vs_truth <= above)
+
+
 def _model_space(path: str | os.PathLike, policy: IntensityPolicy) -> np.ndarray:
     return policy.to_model(read_image(path))[0]
 
@@ -154,7 +165,8 @@ def run_audit(config, data, sets, images, frozen, fold, out: Path) -> dict:
         reasons = np.where(t["flip_vs_truth"], "prediction differs from truth's; ", "")
         reasons = reasons + np.where(t["flip_before_after"], "prediction flipped; ", "")
         reasons = reasons + np.where(ratio < erased_below, "finding contrast erased; ", "")
-        reasons = reasons + np.where(ratio > invented_above, "finding exaggerated; ", "")
+        exaggerated = findings_exaggerated(ratio, vs_truth, invented_above)
+        reasons = reasons + np.where(exaggerated, "finding exaggerated; ", "")
         t["risk_reason"] = pd.Series(reasons).str.rstrip("; ").to_numpy()
         t["risk"] = t["risk_reason"] != ""
         tables[name] = t
@@ -173,7 +185,8 @@ def run_audit(config, data, sets, images, frozen, fold, out: Path) -> dict:
             "finding_contrast_vs_truth": float(np.nanmedian(vs_truth))
             if truth_contrast else np.nan,
             "findings_erased": _rate(ratio < erased_below, ~np.isnan(ratio)),
-            "findings_exaggerated": _rate(ratio > invented_above, ~np.isnan(ratio)),
+            "findings_amplified": _rate(ratio > invented_above, ~np.isnan(ratio)),
+            "findings_exaggerated": _rate(exaggerated, ~np.isnan(ratio)),
             "cam_outside_roi": float(np.nanmean(outside_share(cam, rois)))
             if cam is not None and rois is not None else np.nan,
             "risk_rate": float(t["risk"].mean()),
