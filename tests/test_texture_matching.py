@@ -217,3 +217,71 @@ def test_radiomics_shift_falls_far_below_histogram_matching(four_sites, fitted, 
         shifts[name] = np.mean([families[f]["mean_epsilon_sq"] for f in
                                 ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")])
     assert shifts["texture"] < 0.5 * shifts["hm"], shifts
+
+
+def test_federated_texture_matching_equals_central_and_sends_only_the_reference(
+        four_sites, fitted, tmp_path):
+    """The reference node releases its targets; each node fits its own site at home.
+    Every node's translator gives exactly the central translator's output."""
+    from harmonize.federated.config import FederatedConfig
+    from harmonize.federated.texture_task import TextureTask
+
+    tm, _ = fitted
+    cfg = FederatedConfig(task="texture", reference_site="site_a", manifest=four_sites,
+                          rounds=1, out=tmp_path, texture={"fingerprints": "everywhere"})
+    task = TextureTask(cfg)
+    df = load_manifest(four_sites)
+    nodes = {site: rows.reset_index(drop=True) for site, rows in df.groupby("site")}
+    sent, _, metrics = task.train({}, None, nodes["site_b"], {})
+    assert sent == {} and metrics["is_reference"] == 0.0  # a source node sends nothing
+    release, _, metrics = task.train({}, None, nodes["site_a"], {})
+    assert metrics["is_reference"] == 1.0
+    assert not any("site_b" in key or "site_c" in key for key in release)
+    for site, rows in nodes.items():
+        model = load_translator(task.finish(release, rows))
+        images, sites, masks = zip(*model_space_images_with_masks(
+            rows, model.policy, progress=False), strict=True)
+        for a, b in zip(model.transform(images, sites, masks=masks),
+                        tm.transform(images, sites, masks=masks), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_federated_texture_config_refuses_what_it_cannot_do(four_sites):
+    from pydantic import ValidationError
+
+    from harmonize.federated.config import FederatedConfig
+
+    good = {"task": "texture", "reference_site": "site_a", "manifest": four_sites, "rounds": 1}
+    FederatedConfig(**good)
+    for bad in ({"rounds": 3}, {"evaluate": False},
+                {"privacy": {"mode": "patient-dp", "epsilon": 10}}):
+        with pytest.raises(ValidationError, match="task texture"):
+            FederatedConfig(**{**good, **bad})
+
+
+@pytest.mark.slow
+def test_federated_texture_run_with_flower_fits_each_node_like_central(four_sites, tmp_path):
+    """`harmonize federated --config configs/federated/texture.yaml`, end to end with
+    Flower's simulation (about 25 s): each node's translator at OUT/nodes/NODE/model equals
+    central fitting on the same training rows."""
+    from pathlib import Path
+
+    from harmonize.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fed"
+    assert main(["federated", "--config", str(root / "configs/federated/texture.yaml"),
+                 "--data", str(four_sites), "--reference-site", "site_a", "--out", str(out),
+                 "--set", "texture.fingerprints=everywhere", "-q"]) == 0
+    df = load_manifest(out / "manifest.csv")
+    train = df[df["split"] == "train"]
+    central = TextureMatching(fingerprints="everywhere").fit(
+        model_space_images_with_masks(train, IdentityTranslator().policy, False), "site_a")
+    for site in ("site_b", "site_c"):
+        node = load_translator(out / "nodes" / site / "model")
+        rows = df[df["site"] == site]
+        images, sites, masks = zip(*model_space_images_with_masks(rows, node.policy, False),
+                                   strict=True)
+        for a, b in zip(node.transform(images, sites, masks=masks),
+                        central.transform(images, sites, masks=masks), strict=True):
+            np.testing.assert_array_equal(a, b)

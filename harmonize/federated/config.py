@@ -122,11 +122,30 @@ class HistogramTaskConfig(Section):
         "auto", description="how images map to [0, 1] (as harmonize fit)")
 
 
+class TextureTaskConfig(Section):
+    """The parameters of `TextureMatching` (harmonize train texture-matching)."""
+
+    n_quantiles: int = Field(256, ge=3, description="ROI quantile landmarks")
+    spectrum: Literal["site", "off"] = Field("site", description="filter each site's mean "
+                                             "ROI ring spectrum onto the reference's")
+    noise: Literal["reference", "keep"] = Field("reference", description="replace the fine "
+                                                "band by noise drawn from the reference's")
+    noise_sigma: float = Field(1.0, gt=0, description="fine band: what a Gaussian blur of "
+                               "this many pixels removes")
+    max_gain: float = Field(16.0, ge=1, description="largest spectral gain")
+    fingerprints: Literal["remove", "everywhere", "keep"] = Field(
+        "remove", description="inpaint borders and markers outside masks, also inside, or not")
+    polarity: Literal["auto", "keep"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of the drawn noise")
+    intensity: Literal["auto", "bit-depth", "percentile"] = Field(
+        "auto", description="how images map to [0, 1] (as harmonize fit)")
+
+
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 
 
 class FederatedConfig(Section):
-    task: Literal["classifier", "cyclegan", "diffusion", "histogram"]
+    task: Literal["classifier", "cyclegan", "diffusion", "histogram", "texture"]
     manifest: Path | None = None
     reference_site: str | None = None
     out: Path | None = None
@@ -158,6 +177,7 @@ class FederatedConfig(Section):
     cyclegan: CycleGANTaskConfig = CycleGANTaskConfig()
     diffusion: DiffusionTaskConfig = DiffusionTaskConfig()
     histogram: HistogramTaskConfig = HistogramTaskConfig()
+    texture: TextureTaskConfig = TextureTaskConfig()
     threads_per_node: int = Field(2, ge=1, description="torch threads of each client")
     parallel_nodes: int = Field(1, ge=1, description="simulation: nodes training at once, "
                                 "each with threads_per_node threads (Ray actors)")
@@ -180,8 +200,8 @@ class FederatedConfig(Section):
             if self.privacy.mode == "node-dp":
                 raise ValueError("privacy.secagg: node-level DP clips each node's update at "
                                  "the server, which SecAgg+ hides; use patient-dp with it")
-            if self.task == "histogram" or (self.task == "diffusion"
-                                            and self.diffusion.prior == "local"):
+            if self.task in ("histogram", "texture") or (self.task == "diffusion"
+                                                         and self.diffusion.prior == "local"):
                 raise ValueError("privacy.secagg: this task sends one node's arrays, not a "
                                  "mean to aggregate; run it without secagg")
         if self.strategy in ROBUST_STRATEGIES:
@@ -227,6 +247,15 @@ class FederatedConfig(Section):
                 raise ValueError("task histogram: node-level DP needs an average over "
                                  "nodes and only the reference node sends; use mode "
                                  "patient-dp")
+        if self.task == "texture":
+            if self.rounds != 1 or not self.evaluate:
+                raise ValueError("task texture: set rounds: 1 and evaluate: true (the "
+                                 "reference node releases its targets once; the evaluation "
+                                 "message delivers them to every node, which fits its own "
+                                 "sites at home)")
+            if self.privacy.mode != "none" or self.privacy.dp != "none":
+                raise ValueError("task texture: no DP for this release yet; use privacy "
+                                 "mode none")
         if self.task == "diffusion" and self.diffusion.config is None:
             raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
                              "configs/diffusion/quick.yaml")

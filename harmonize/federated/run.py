@@ -36,10 +36,12 @@ def run_federated(cfg: FederatedConfig, cpus: int | None = None, secagg=None) ->
     out.mkdir(parents=True, exist_ok=True)
     if cfg.evaluate:
         cfg.manifest = with_split(cfg.manifest, out, cfg.seed)
-        local_priors = cfg.task == "diffusion" and cfg.diffusion.prior == "local"
-        if not (load_manifest(cfg.manifest)["split"] == "test").any() and not local_priors:
+        kept_at_nodes = (cfg.task == "texture"
+                         or (cfg.task == "diffusion" and cfg.diffusion.prior == "local"))
+        if not (load_manifest(cfg.manifest)["split"] == "test").any() and not kept_at_nodes:
             cfg.evaluate = False  # no node holds test rows: nothing to evaluate on
-            # (local priors keep it: the evaluation message delivers the reference prior)
+            # (local priors and texture keep it: the evaluation message delivers the
+            # reference release, from which each node fits its own translator)
     plan = plan_run(cfg, secagg)  # refuses a design that cannot run, before Ray starts
     if cfg.privacy.secagg:
         from harmonize.federated.secure_aggregation import (

@@ -7,7 +7,9 @@ rows) into (updated arrays, new local state, metrics); it never sends images.
   patchnce) and `DiffusionTask` (diffusion_task, one shared prior):
   the translators, whose loss terms come from the translators' own `losses.py`;
 - `LocalPriorTask` (local_prior_task): DDIB with each site's prior trained at its node;
-- `HistogramTask` (histogram_task): histogram matching, the reference node's landmarks.
+- `HistogramTask` (histogram_task): histogram matching, the reference node's landmarks;
+- `TextureTask` (texture_task): texture matching, the reference node's targets, each
+  node's own statistics fitted at home.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def build_task(config: FederatedConfig):
         from harmonize.federated.histogram_task import HistogramTask
 
         return HistogramTask(config)
+    if config.task == "texture":
+        from harmonize.federated.texture_task import TextureTask
+
+        return TextureTask(config)
     if config.task == "diffusion" and config.diffusion.prior == "local":
         from harmonize.federated.local_prior_task import LocalPriorTask
 

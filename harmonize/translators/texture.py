@@ -155,38 +155,66 @@ class TextureMatching(FittedTranslator):
 
     # --- fit / transform ---------------------------------------------------------------
     def fit(self, images: Iterable[tuple], reference_site: str) -> TextureMatching:
-        """From (image, site) or (image, site, mask or None) tuples, every site."""
-        self.check_params()
+        """From (image, site) or (image, site, mask or None) tuples, every site: the
+        reference site's statistics (`fit_reference`), then each other site's
+        (`fit_site`). A federated run does the same steps at the nodes."""
         rows = [(item[0], item[1], item[2] if len(item) > 2 else None) for item in images]
-        references = [x for x, site, _ in rows if site == reference_site]
-        if not references:
+        self.fit_reference([r for r in rows if r[1] == reference_site], reference_site)
+        for site in sorted({r[1] for r in rows} - {reference_site}):
+            self.fit_site([r for r in rows if r[1] == site], site)
+        return self
+
+    def fit_reference(self, rows: Sequence[tuple], reference_site: str) -> TextureMatching:
+        """The targets, from the reference site's (image, site, mask) rows: its polarity
+        template, ROI quantiles, ring spectrum and noise model. What a federated reference
+        node releases (`state_tensors`); nothing of any other site is needed."""
+        self.check_params()
+        if not rows:
             raise ValueError(f"no images of the reference site '{reference_site}' to fit on")
-        self.template_ = np.mean([pol.thumbnail(x) for x in references], axis=0)
+        self.template_ = np.mean([pol.thumbnail(x) for x, *_ in rows], axis=0)
         self.reference_site_ = reference_site
+        self.site_quantiles_, self.log_power_, self.final_quantiles_ = {}, {}, {}
+        prepared = self._prepared_rows(rows, reference_site)
+        self.site_quantiles_[reference_site] = np.mean(
+            [self._quantiles(y, r) for y, r, _ in prepared], axis=0)
+        self.noise_model_ = NoiseModel(self.noise_sigma).fit((y, r) for y, r, _ in prepared)
+        return self._site_statistics(prepared, reference_site)
+
+    def fit_site(self, rows: Sequence[tuple], site: str) -> TextureMatching:
+        """One more site's statistics from its (image, site, mask) rows, after
+        `fit_reference`: what a federated node computes at home, from its images only."""
+        if self.reference_site_ is None:
+            raise ValueError("fit_site needs the reference site's statistics first "
+                             "(fit_reference, or a loaded reference release)")
+        prepared = self._prepared_rows(rows, site)
+        self.site_quantiles_[site] = np.mean([self._quantiles(y, r) for y, r, _ in prepared],
+                                             axis=0)
+        return self._site_statistics(prepared, site)
+
+    def _prepared_rows(self, rows: Sequence[tuple], site: str) -> list[tuple]:
+        """Step 1 for each row: (image, ROI, noise generator); an unusable image is left
+        out with a warning, and a site must keep at least one."""
         prepared = []
-        for k, (x, site, mask) in enumerate(rows):
+        for k, row in enumerate(rows):
+            x, mask = row[0], row[2] if len(row) > 2 else None
             try:
-                prepared.append((*self._prepared(x, mask), site, self._rng(x)))
+                prepared.append((*self._prepared(x, mask), self._rng(x)))
             except ROIError as err:  # a constant image, an empty mask: not worth a stop
-                warnings.warn(f"image {k} (site '{site}') left out of fit: {err}",
-                              stacklevel=2)
-        if not any(site == reference_site for *_, site, _ in prepared):
-            raise ValueError(f"no usable image of the reference site '{reference_site}'")
-        sites = sorted({site for *_, site, _ in prepared})
+                warnings.warn(f"image {k} of site '{site}' left out of fit: {err}",
+                              stacklevel=3)
+        if not prepared:
+            raise ValueError(f"no usable image of site '{site}' to fit on")
+        return prepared
 
-        def site_mean(values) -> dict[str, np.ndarray]:
-            return {s: np.mean([v for v, site in values if site == s], axis=0) for s in sites}
-
-        self.site_quantiles_ = site_mean([(self._quantiles(y, r), s) for y, r, s, _ in prepared])
-        target = self.site_quantiles_[reference_site]
-        mapped = [(monotone_map(y, self.site_quantiles_[s], target), r, s, g)
-                  for y, r, s, g in prepared]
-        self.log_power_ = site_mean([(radial_log_power(y, r), s) for y, r, s, _ in mapped])
-        self.noise_model_ = NoiseModel(self.noise_sigma).fit(
-            (y, r) for y, r, s, _ in mapped if s == reference_site)
-        self.final_quantiles_ = site_mean([
-            (self._quantiles(self._textured(y, r, self.log_power_[s], g), r), s)
-            for y, r, s, g in mapped])
+    def _site_statistics(self, prepared: list[tuple], site: str) -> TextureMatching:
+        """The site's mean ring spectrum after step 2, and its quantiles after 3-4."""
+        target = self.site_quantiles_[self.reference_site_]
+        mapped = [(monotone_map(y, self.site_quantiles_[site], target), r, g)
+                  for y, r, g in prepared]
+        self.log_power_[site] = np.mean([radial_log_power(y, r) for y, r, _ in mapped], axis=0)
+        self.final_quantiles_[site] = np.mean(
+            [self._quantiles(self._textured(y, r, self.log_power_[site], g), r)
+             for y, r, g in mapped], axis=0)
         return self
 
     def transform(self, images: Sequence[np.ndarray], sites: Sequence[str | None] | None = None,
