@@ -237,7 +237,7 @@ def test_federated_texture_matching_equals_central_and_sends_only_the_reference(
     release, _, metrics = task.train({}, None, nodes["site_a"], {})
     assert metrics["is_reference"] == 1.0
     assert not any("site_b" in key or "site_c" in key for key in release)
-    for site, rows in nodes.items():
+    for rows in nodes.values():
         model = load_translator(task.finish(release, rows))
         images, sites, masks = zip(*model_space_images_with_masks(
             rows, model.policy, progress=False), strict=True)
