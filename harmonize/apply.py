@@ -109,6 +109,9 @@ def discover_inputs(
                 for p, r, s, m in zip(df["path"], relpaths, df["site"], masks, strict=True)]
     if not inp.is_dir():
         raise FileNotFoundError(f"{inp}: input is neither a folder nor a manifest .csv")
+    if mask_column is not None:
+        raise ValueError(f"{inp}: a mask column ('{mask_column}') needs a manifest as input; "
+                         "give the manifest .csv (masks are only read from manifests)")
     out_resolved = Path(out).resolve() if out is not None else None
     known_sites = _sites_from_manifest_above(inp)
     items = []

@@ -201,6 +201,12 @@ def test_a_mask_of_another_size_is_logged_as_the_data_problem_it_is(four_sites, 
                                                             "reason"].iloc[0]
 
 
+def test_a_mask_column_with_a_folder_input_is_refused(four_sites, tmp_path):
+    with pytest.raises(ValueError, match="needs a manifest as input"):
+        apply_translator(IdentityTranslator(), four_sites.parent / "site_b", tmp_path / "out",
+                         progress=False, mask_column="mask")
+
+
 def test_radiomics_shift_falls_far_below_histogram_matching(four_sites, fitted, tmp_path):
     """What the translator is for: radiomics features in the ROI stop telling the sites
     apart (measured by the shift report's effect sizes, per feature family)."""
