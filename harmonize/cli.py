@@ -44,7 +44,10 @@ def _train_classical(args: argparse.Namespace) -> int:
     df = load_manifest(args.data, mask_column=args.mask_column)
     out = fit_and_save(model, df, args.data, args.reference_site, args.out,
                        progress=not args.quiet)
-    print(f"saved {args.kind} translator to {out} (apply: harmonize apply --model {out} IN OUT)")
+    masks = (f" --mask-column {args.mask_column}"
+             if model.uses_masks and args.mask_column else "")
+    print(f"saved {args.kind} translator to {out} (apply: harmonize apply --model {out}"
+          f"{masks} IN OUT)")
     return 0
 
 
