@@ -84,10 +84,6 @@ class LocalPriorTask(FederatedTask):
                               "inference.mode": "sdedit"})  # one site: its own prior only
         return load_config(c.config, overrides)
 
-    def home(self, node: str) -> Path:
-        """Where a node keeps its priors and its translator (never sent)."""
-        return Path(self.config.out or ".") / "nodes" / node
-
     def initial_arrays(self) -> Arrays:
         return {}  # nothing exists before the reference node has trained its prior
 

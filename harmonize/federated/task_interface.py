@@ -60,6 +60,10 @@ class FederatedTask(ABC):
         """Extra values sent to every node each round."""
         return {}
 
+    def home(self, node: str) -> Path:
+        """Where a node keeps what it never sends (its own priors, its translator)."""
+        return Path(self.config.out or ".") / "nodes" / node
+
     def finish(self, arrays: Arrays, rows: pd.DataFrame) -> Path | None:
         """At a node after the last round (e.g. a translator kept there)."""
         return None

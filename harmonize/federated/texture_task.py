@@ -42,10 +42,6 @@ class TextureTask(FederatedTask):
         self.params = settings.model_dump(exclude={"intensity"})
         self.policy = IntensityPolicy(mode=settings.intensity)
 
-    def home(self, node: str) -> Path:
-        """Where a node keeps the translator it fitted (never sent)."""
-        return Path(self.config.out or ".") / "nodes" / node
-
     def fresh(self) -> TextureMatching:
         return TextureMatching(**self.params, policy=self.policy)
 
