@@ -109,3 +109,24 @@ def test_bad_inputs_are_reported_and_the_rest_still_analysed(synth_pair, tmp_pat
     assert s["n_images"] == 28 and s["sites"] == ["site_a", "site_b"]
     html = (tmp_path / "r" / "report.html").read_text()
     assert "Problems" in html and "zero.png" in html
+
+
+def test_without_masks_a_perfect_harmonization_is_measured_as_one(synth_pair, tmp_path):
+    """No manifest masks: the ROI is the body found on the harmonized copy, used for
+    both sets. Here the harmonized copy is the paired truth (every patient as the
+    reference site renders it), so after it no site may stand out; a body mask found on
+    the originals (shutters, inverted exports) would carry the sites into "after"."""
+    df = pd.read_csv(synth_pair / "shift" / "manifest.csv").drop(columns=["mask"])
+    manifest = synth_pair / "shift" / "manifest_without_masks.csv"
+    df.to_csv(manifest, index=False)
+    truth = synth_pair / "shift" / "reference"
+    s = run_shift_report(manifest, tmp_path / "r", compare_with=truth,
+                         cache_dir=tmp_path / "cache", reference_site="site_a", **FAST)
+    assert s["before"]["site_auc"] > 0.9
+    assert s["after"]["site_auc"] < 0.75
+    assert any("automatic body mask of their harmonized copy" in n for n in s["notes"])
+    masks = sorted((tmp_path / "r" / "roi_masks").rglob("*.auto.png"))
+    assert len(masks) == len(df)
+    features = pd.read_csv(tmp_path / "r" / "features_harmonized.csv")
+    assert set(features["mask_source"]) <= {"otsu", "border"}  # automatic, not "manifest"
+    assert not [c for c in features.columns if "_shape2D_" in c and features[c].notna().any()]

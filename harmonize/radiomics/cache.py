@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from harmonize.radiomics.masks import mask_source
+
 CACHE_ENV = "HARMONIZE_RADIOMICS_CACHE"
 
 
@@ -41,6 +43,8 @@ def cache_key(image: str | os.PathLike, mask: str | os.PathLike | None,
               settings_digest: str) -> str:
     """The key of one image's features; raises OSError when a file cannot be read."""
     mask_part = file_sha256(mask) if mask else "auto"
+    if mask and mask_source(mask) != "manifest":  # a saved automatic ROI: no shape2D
+        mask_part += f":{mask_source(mask)}"
     blob = f"image:{file_sha256(image)}|mask:{mask_part}|settings:{settings_digest}"
     return hashlib.sha256(blob.encode()).hexdigest()
 

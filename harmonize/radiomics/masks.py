@@ -199,8 +199,26 @@ def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
     return padded.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
+FROZEN_SUFFIX = ".auto.png"  # <name>.<source>.auto.png: an automatic ROI saved for reuse
+
+
+def frozen_mask_name(stem: str, source: str) -> str:
+    """File name of an automatic ROI saved by a comparison (`shift_report`), so reading it
+    back keeps its source ('otsu', 'border') rather than counting as a manifest mask."""
+    return f"{stem}.{source}{FROZEN_SUFFIX}"
+
+
+def mask_source(path: str | os.PathLike) -> str:
+    """'manifest', or the automatic source of a saved automatic ROI."""
+    name = Path(path).name
+    if name.endswith(FROZEN_SUFFIX):
+        return name[: -len(FROZEN_SUFFIX)].rsplit(".", 1)[-1]
+    return "manifest"
+
+
 def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> ROI:
-    """A manifest mask: any non-zero pixel is ROI; its size must equal the image's."""
+    """A manifest mask: any non-zero pixel is ROI; its size must equal the image's. A
+    saved automatic ROI (`frozen_mask_name`) keeps its automatic source."""
     arr = read_image(path).array
     if arr.shape != tuple(shape):
         raise ROIError(f"mask {Path(path).name} is {arr.shape[1]}x{arr.shape[0]} (WxH) but the "
@@ -209,7 +227,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> ROI:
     mask = arr != 0
     if not mask.any():
         raise ROIError(f"mask {Path(path).name} is empty (no non-zero pixel)")
-    return ROI(mask, "manifest")
+    return ROI(mask, mask_source(path))
 
 
 def optional_mask(path: str | os.PathLike | None, shape: tuple[int, int]) -> np.ndarray | None:

@@ -1,7 +1,11 @@
 """`harmonize shift-report`: extract, analyze, write, for one image set or a before/after
 pair. In a comparison both sets are measured with the same settings (bin width chosen on
-the original images) and the same ROIs (the original's manifest mask, or its automatic
-body mask saved once and reused), so only the intensities differ."""
+the original images) and the same ROIs, so only the intensities differ: the manifest's
+mask, or else the automatic body mask found on the *harmonized* image, saved once and
+used for both. Found on the originals, the automatic mask carried the sites into the
+"after" numbers: shutters cut it and inverted exports fool its threshold, so even a
+perfect harmonization (the synthetic benchmark's paired truth) scored a site AUC of
+0.999 (0.528 with the mask found on the harmonized image)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from harmonize.data.io import atomic_write
 from harmonize.data.manifest import load_manifest, manifest_from_folder
 from harmonize.radiomics.analysis import analyze, compare
 from harmonize.radiomics.extract import extract_features
-from harmonize.radiomics.masks import load_roi
+from harmonize.radiomics.masks import frozen_mask_name, load_roi
 from harmonize.radiomics.report import write_shift_report
 from harmonize.radiomics.settings import RadiomicsSettings
 
@@ -57,9 +61,10 @@ def harmonized_counterpart(df: pd.DataFrame, root: str | os.PathLike) -> pd.Data
 
 
 def freeze_auto_masks(df: pd.DataFrame, settings: RadiomicsSettings, folder: Path,
-                      progress: bool = True) -> pd.DataFrame:
-    """Save the original images' automatic ROIs as mask files so a harmonized copy is
-    measured inside exactly the same pixels."""
+                      progress: bool = True, find_on: Path | None = None) -> pd.DataFrame:
+    """Save automatic ROIs as mask files so both sets of a comparison are measured inside
+    exactly the same pixels. `find_on`: a harmonized tree (ROOT/<relpath>) whose image
+    the mask is found on, where it exists (else the original's)."""
     import SimpleITK as sitk
 
     out = df.copy()
@@ -68,11 +73,14 @@ def freeze_auto_masks(df: pd.DataFrame, settings: RadiomicsSettings, folder: Pat
     todo = out[out["mask"] == ""]  # images with a mask of their own need none
     for i, rec in tqdm(list(todo.iterrows()), desc="automatic ROI masks", unit="img",
                        disable=not progress or todo.empty):
+        source = rec["path"]
+        if find_on is not None and (Path(find_on) / rec["relpath"]).is_file():
+            source = Path(find_on) / rec["relpath"]
         try:
-            _, roi = load_roi(rec["path"], None, settings.policy, settings.auto_mask)
+            _, roi = load_roi(source, None, settings.policy, settings.auto_mask)
         except (ValueError, OSError):
             continue  # extraction reports the same problem for this image
-        path = folder / (rec["relpath"] + ".mask.png")
+        path = folder / frozen_mask_name(rec["relpath"], roi.source)
         path.parent.mkdir(parents=True, exist_ok=True)
         mask = (roi.mask.astype(np.uint8) * 255)
         atomic_write(path, lambda tmp, m=mask: sitk.WriteImage(sitk.GetImageFromArray(m),
@@ -97,7 +105,10 @@ def run_shift_report(data: str | os.PathLike, out: str | os.PathLike,
     kwargs = {"workers": workers, "cache_dir": cache_dir, "ray_address": ray_address,
               "progress": progress}
     if compare_with is not None:
-        df = freeze_auto_masks(df, settings, out / "roi_masks", progress)
+        if (df.get("mask", pd.Series("", index=df.index)).astype(str) == "").any():
+            notes.append("images without a manifest mask are measured, before and after, "
+                         "inside the automatic body mask of their harmonized copy")
+        df = freeze_auto_masks(df, settings, out / "roi_masks", progress, find_on=compare_with)
     features, errors = extract_features(df, settings, **kwargs)
     settings_info = {**settings.report_dict(features), "notes": notes, "label": label,
                      "back": back}
