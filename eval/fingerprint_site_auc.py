@@ -14,11 +14,17 @@ inpainted everywhere, since the phantom masks reach under the collimators), then
 - the share of shifted features and the mean effect size (epsilon squared: the share of a
   feature's variance the site explains) over the texture families;
 - what it costs: SSIM and PSNR of every non-reference image to its paired reference
-  rendering (the truth), mean [95% bootstrap CI].
+  rendering (the truth), mean [95% bootstrap CI], and the audit's finding contrasts on
+  every non-reference finding (`finding_contrast_audit`: erased, exaggerated, median
+  contrast against the truth's).
 The paired truth itself is scored as a method too (`truth`): the site AUC of perfectly
 harmonized images. Every method is fitted on all images (no labels are used).
 
     python eval/fingerprint_site_auc.py --out eval_out/site_auc
+    python eval/fingerprint_site_auc.py --seed 1 --without-trained --out eval_out/site_auc_seed1
+
+(`--without-trained` leaves out the trained histogram-residual translator, the only
+method that takes minutes.)
 
 Writes OUT/site_auc.csv and OUT/site_auc.json (one row per method), OUT/fidelity.csv (one
 row per image and method), OUT/grid.png (one image per site: raw, histogram matching,
@@ -41,6 +47,7 @@ import pandas as pd
 
 from harmonize.apply import apply_translator
 from harmonize.data.manifest import load_manifest
+from harmonize.evaluation.audit import finding_contrast_audit
 from harmonize.evaluation.fidelity import mean_ci, score_files
 from harmonize.fit import fit_and_save
 from harmonize.radiomics.shift_report import run_shift_report
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-site", type=int, default=80)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--without-trained", action="store_true",
+                   help="leave out the trained histogram-residual translator")
     args = p.parse_args(argv)
     out = Path(args.out)
     data = out / "synth"
@@ -82,19 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"{method}_fit_s"] = time.perf_counter() - started
         models[method] = model_dir
     run_dir = out / "histogram_residual_run"
-    if not (run_dir / "model").exists():
-        config = load_config(args.config, {"data.manifest": str(manifest),
-                                           "data.reference_site": ref,
-                                           "train.out": str(run_dir), "train.progress": False})
-        started = time.perf_counter()
-        train_cyclegan(config)
-        timings["train_s"] = time.perf_counter() - started
-    trained = load_translator(run_dir / "model")
-    start_dir = out / "models" / "at-step-0"
-    trained.at_start().save(start_dir)
-    models["at-step-0"] = start_dir
-    models["histogram-residual"] = run_dir / "model"
-
+    if not args.without_trained:
+        models.update(_trained(args.config, manifest, ref, run_dir, out, timings))
     folders = {"truth": data / "reference"}  # the paired truth, mirrored like an output
     for method, model in models.items():
         folders[method] = out / "harmonized" / method
@@ -112,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         s = run_shift_report(manifest, out / "reports" / method, compare_with=harmonized,
                              reference_site=ref, progress=False, label=method)
-        rows.append(_row(method, s, fidelity[fidelity["method"] == method],
+        audit = ({} if method == "truth" else finding_contrast_audit(
+            others, data, lambda rec, f=harmonized: f / rec["relpath"]))
+        rows.append(_row(method, s, fidelity[fidelity["method"] == method], audit,
                          time.perf_counter() - started))
         print(f"{method:28s} site AUC {rows[-1]['site_auc_before']:.3f} -> "
               f"{rows[-1]['site_auc_after']:.3f}, texture effect size "
@@ -149,9 +149,27 @@ def write_grid(path: Path, df: pd.DataFrame, folders: dict[str, Path]) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _row(method: str, shift: dict, fidelity: pd.DataFrame, report_s: float) -> dict:
+def _trained(config_path: str, manifest: Path, ref: str, run_dir: Path, out: Path,
+             timings: dict) -> dict[str, Path]:
+    """The histogram-residual translator trained (once) with `config_path`, and its
+    step-0 form (fingerprint removal + histogram matching)."""
+    if not (run_dir / "model").exists():
+        config = load_config(config_path, {"data.manifest": str(manifest),
+                                           "data.reference_site": ref,
+                                           "train.out": str(run_dir), "train.progress": False})
+        started = time.perf_counter()
+        train_cyclegan(config)
+        timings["train_s"] = time.perf_counter() - started
+    start_dir = out / "models" / "at-step-0"
+    load_translator(run_dir / "model").at_start().save(start_dir)
+    return {"at-step-0": start_dir, "histogram-residual": run_dir / "model"}
+
+
+def _row(method: str, shift: dict, fidelity: pd.DataFrame, audit: dict,
+         report_s: float) -> dict:
     """One method's line: site AUC (raw features and after ComBat), shifted share, mean
-    texture effect size, and fidelity to the truth (empty for the truth itself)."""
+    texture effect size, fidelity to the truth and the finding audit (both empty for the
+    truth itself)."""
     row = {"method": method}
     for when in ("before", "after"):
         s = shift[when]
@@ -167,6 +185,8 @@ def _row(method: str, shift: dict, fidelity: pd.DataFrame, report_s: float) -> d
                                                                   "ci95": [np.nan, np.nan]}
         row[metric] = stats["mean"]
         row[f"{metric}_lo"], row[f"{metric}_hi"] = stats["ci95"]
+    for key in ("findings_erased", "findings_exaggerated", "finding_contrast_vs_truth"):
+        row[key] = audit.get(key, np.nan)
     row["report_s"] = report_s
     return row
 

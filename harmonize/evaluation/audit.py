@@ -106,6 +106,40 @@ def findings_exaggerated(ratio: np.ndarray, vs_truth: np.ndarray, above: float) 
     return (ratio > above) & ~(vs_truth <= above)
 
 
+def finding_contrast_audit(df: pd.DataFrame, root: Path, where, mask_column: str = "mask",
+                           erased_below: float = 0.5, above: float = 2.0) -> dict:
+    """The finding-contrast part of the audit, without a classifier, on every row of
+    `df` with a finding mask and a paired truth (the synthetic benchmark's
+    `finding_mask` and `reference_path`, relative to `root`); `where(row)` is the
+    translated image of the row. Returns the rates and medians of `run_audit`'s
+    summary (findings_erased, findings_amplified, findings_exaggerated,
+    finding_contrast_ratio, finding_contrast_vs_truth) and n, the findings counted."""
+    policy = IntensityPolicy()
+    ratio, vs_truth = [], []
+    for rec in df.to_dict("records"):
+        if not str(rec.get("finding_mask", "")) or not str(rec.get("reference_path", "")):
+            continue
+        finding = read_image(root / rec["finding_mask"]).array > 0
+        roi = (read_image(root / rec[mask_column]).array > 0
+               if str(rec.get(mask_column, "")) else None)
+        before = finding_contrast(_model_space(root / rec["path"], policy), finding, roi)
+        truth = finding_contrast(_model_space(root / rec["reference_path"], policy), finding,
+                                 roi)
+        after = finding_contrast(_model_space(where(rec), policy), finding, roi)
+        ratio.append(abs(after) / abs(before) if before else np.nan)
+        vs_truth.append(after / truth if truth else np.nan)
+    ratio, vs_truth = np.array(ratio, dtype=float), np.array(vs_truth, dtype=float)
+    counted = ~np.isnan(ratio)
+    return {"n": int(counted.sum()),
+            "findings_erased": _rate(ratio < erased_below, counted),
+            "findings_amplified": _rate(ratio > above, counted),
+            "findings_exaggerated": _rate(findings_exaggerated(ratio, vs_truth, above),
+                                          counted),
+            "finding_contrast_ratio": float(np.nanmedian(ratio)) if counted.any() else np.nan,
+            "finding_contrast_vs_truth": float(np.nanmedian(vs_truth))
+            if counted.any() else np.nan}
+
+
 def _model_space(path: str | os.PathLike, policy: IntensityPolicy) -> np.ndarray:
     return policy.to_model(read_image(path))[0]
 
