@@ -281,3 +281,37 @@ def test_harmonized_copy_of_a_manifest_kept_away_from_its_images(synth3, tmp_pat
     written = load_manifest(tmp_path / "hm" / "manifest.csv")
     assert len(written) == len(df) and all(Path(p).is_file() for p in written["path"])
     assert hs.folder == tmp_path / "hm" / "images"
+
+
+def test_finding_contrast_audit_counts_what_a_translator_did_to_every_finding(synth3, tmp_path):
+    """Without a classifier, on the benchmark's files: the paired truth as the
+    "translation" restores every finding (contrast = the truth's); painting the findings
+    over erases every one of them."""
+    from scipy import ndimage
+
+    from harmonize.data.intensity import IntensityPolicy
+    from harmonize.data.io import read_image, write_image
+    from harmonize.data.manifest import load_manifest
+    from harmonize.evaluation.audit import finding_contrast_audit
+
+    df = load_manifest(synth3 / "manifest.csv")
+    df = df[df["site"] != "site_a"]
+    truth = finding_contrast_audit(df, synth3, lambda rec: synth3 / rec["reference_path"])
+    n_findings = int((df["label"] == "finding").sum())
+    assert truth["n"] == n_findings > 0
+    assert truth["finding_contrast_vs_truth"] == pytest.approx(1.0)
+    assert truth["findings_exaggerated"] == 0.0
+
+    policy = IntensityPolicy()
+    for rec in df[df["label"] == "finding"].to_dict("records"):
+        image = read_image(synth3 / rec["reference_path"])
+        x, params = policy.to_model(image)
+        finding = read_image(synth3 / rec["finding_mask"]).array > 0
+        ring = ndimage.binary_dilation(finding, iterations=3) & ~finding
+        x[finding] = x[ring].mean()
+        write_image(image, policy.from_model(x, params), tmp_path / rec["relpath"])
+    painted = finding_contrast_audit(df[df["label"] == "finding"], synth3,
+                                     lambda rec: tmp_path / rec["relpath"])
+    assert painted["n"] == n_findings
+    assert painted["findings_erased"] > 0.9
+    assert abs(painted["finding_contrast_vs_truth"]) < 0.1
