@@ -8,7 +8,10 @@ once); per feature family (first-order, GLCM, ...) the same mean over the family
 features (the heat map). Hospitals are clustered (Ward, on their mean standardized
 features) into as many groups as there are nodes: a proposal of node groups whose
 members look alike. Features are extracted once per image (pyradiomics, cached); the
-rest takes a second or two, so extraction dominates the cost.
+rest takes a second or two, so extraction dominates the cost. Where the manifest has no
+mask, every set (raw, each harmonizer's) is measured inside the automatic body mask
+found on its own images: found on the raw images, it carried the shutters and inverted
+exports of each hospital into every "after" distance (see harmonize.radiomics.shift_report).
 """
 
 from __future__ import annotations
@@ -98,8 +101,9 @@ def run_shift(design: Design, harmonized: dict[str, str], folder: Path, n_boot: 
     table.insert(1, "node", table["site"].map(node_of))
     for name, manifest in harmonized.items():
         h = load_manifest(manifest)
-        h_frame = frame.copy()
+        h_frame = df.copy()
         h_frame["path"] = h["path"].to_numpy()
+        h_frame = freeze_auto_masks(h_frame, settings, folder / "roi_masks" / name, progress)
         t = time.perf_counter()
         after = features_of(h_frame, settings, cache, progress)
         extraction += time.perf_counter() - t
