@@ -253,9 +253,9 @@ class FederatedConfig(Section):
                                  "reference node releases its targets once; the evaluation "
                                  "message delivers them to every node, which fits its own "
                                  "sites at home)")
-            if self.privacy.mode != "none" or self.privacy.dp != "none":
-                raise ValueError("task texture: no DP for this release yet; use privacy "
-                                 "mode none")
+            if self.privacy.mode == "node-dp" or self.privacy.dp != "none":
+                raise ValueError("task texture: node-level DP needs an average over nodes "
+                                 "and only the reference node sends; use mode patient-dp")
         if self.task == "diffusion" and self.diffusion.config is None:
             raise ValueError("diffusion.config: give a diffusion YAML, e.g. "
                              "configs/diffusion/quick.yaml")

@@ -11,8 +11,9 @@ statistic of a source site ever leaves its node. The result equals central fitti
 exactly (tested). The global OUT/model holds the reference release only: for a site it
 has not seen, it matches each image on its own.
 
-Patient-level DP is not available for this release yet (its noise model and spectrum
-have no sensitivity analysis); the run refuses it.
+Under `privacy.mode: patient-dp` the reference node releases a compact set of
+per-patient means instead, with the Gaussian mechanism (`harmonize.federated.texture_dp`),
+and then fits its own site at home like every other node.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pandas as pd
 
 from harmonize.configs import ConfigError
 from harmonize.data.intensity import IntensityPolicy
+from harmonize.federated import patient_dp, texture_dp
 from harmonize.federated.config import FederatedConfig
 from harmonize.federated.local_prior_task import aggregate_reference_reply
 from harmonize.federated.node_state import Arrays
@@ -55,18 +57,36 @@ class TextureTask(FederatedTask):
     def custom_aggregation(self):
         return aggregate_reference_reply
 
+    def _reference_rows(self, rows: pd.DataFrame) -> pd.DataFrame:
+        return rows[rows["site"].astype(str) == self.ref].reset_index(drop=True)
+
     def dp_plan(self, rows: pd.DataFrame, node: str = ""):
-        if self.config.privacy.mode == "patient-dp":
-            raise ConfigError("patient-dp is not available for federated texture matching "
-                              "yet: run it with privacy.mode none")
-        return None
+        """One Gaussian release of the patients' vectors; None at a node without the
+        reference site (it sends nothing)."""
+        ref = self._reference_rows(rows)
+        if ref.empty or self.config.privacy.mode != "patient-dp":
+            return None
+        patient_of_row, _ = patient_dp.patient_index(ref)
+        patients = int(patient_of_row.max()) + 1
+        privacy = self.config.privacy.model_copy(update={"max_grad_norm": texture_dp.DIAMETER})
+        return patient_dp.plan_patient_dp(patients, 1, privacy, patients, node=node), \
+            patient_of_row
 
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
-        if not (rows["site"].astype(str) == self.ref).any():  # a source node: nothing to send
+        ref = self._reference_rows(rows)
+        if ref.empty:  # a source node: nothing to send
             return {}, {}, {"is_reference": 0.0, "num-examples": 1}
-        released = self.fresh().fit_reference(self._rows(rows, self.ref), self.ref)
-        return (released.state_tensors(), {}, {"is_reference": 1.0, "num-examples": 1})
+        images = list(model_space_images_with_masks(ref, self.policy, progress=False))
+        if self.config.privacy.mode != "patient-dp":
+            released = self.fresh().fit_reference(images, self.ref)
+            return (released.state_tensors(), {}, {"is_reference": 1.0, "num-examples": 1})
+        plan, _ = self.dp_plan(rows, str(rows["node"].iloc[0]))
+        released = self.fresh()
+        released.reference_site_ = self.ref
+        texture_dp.private_release(released, images, ref, plan)
+        return (released.state_tensors(), {},
+                {"is_reference": 1.0, "num-examples": 1, **patient_dp.dp_metrics(plan, 1)})
 
     def evaluate(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame) -> dict:
         return {"num-examples": 0}
@@ -74,8 +94,8 @@ class TextureTask(FederatedTask):
     def translator(self, arrays: Arrays) -> TextureMatching:
         """The reference release as a translator (no source site's statistics yet)."""
         model = self.fresh()
-        model.load_state_tensors({k: v.detach().cpu() for k, v in arrays.items()}, {})
         model.reference_site_ = self.ref
+        model.load_state_tensors({k: v.detach().cpu() for k, v in arrays.items()}, {})
         return model
 
     def finish(self, arrays: Arrays, rows: pd.DataFrame) -> Path | None:
@@ -85,7 +105,9 @@ class TextureTask(FederatedTask):
             return None
         node = str(rows["node"].iloc[0])
         model = self.translator(arrays)
-        sites = sorted(set(rows["site"].astype(str)) - {self.ref})
+        # the plain release holds the reference site's own statistics; a private one
+        # does not, and the reference node fits its site at home like the others
+        sites = sorted(set(rows["site"].astype(str)) - set(model.site_quantiles_))
         for site in sites:
             model.fit_site(self._rows(rows, site), site)
         meta = {"federated": {"task": "texture", "node": node}, "sites": sites}

@@ -117,8 +117,9 @@ class TextureMatching(FittedTranslator):
         return np.linspace(0.0, 1.0, self.n_quantiles)
 
     # --- the steps ---------------------------------------------------------------------
-    def _prepared(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Step 1: (image without fingerprints, upright; its ROI)."""
+    def _prepared(self, x: np.ndarray, mask: np.ndarray | None, upright: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Step 1: (image without fingerprints, upright unless told not to; its ROI)."""
         y = np.asarray(x, dtype=np.float32)
         if mask is not None and mask.shape != y.shape:
             raise ROIError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
@@ -126,7 +127,7 @@ class TextureMatching(FittedTranslator):
         if self.fingerprints != "keep":
             protect = None if self.fingerprints == "everywhere" else mask
             y = remove_fingerprints(y, protect=protect)[0]
-        if self.polarity == "auto":
+        if upright and self.polarity == "auto":
             y = pol.upright(y, self.template_)
         region = np.asarray(mask, dtype=bool) if mask is not None else auto_mask(y).mask
         if not region.any():
@@ -142,7 +143,7 @@ class TextureMatching(FittedTranslator):
         if self.spectrum == "site":
             if log_power is None:
                 log_power = radial_log_power(y, region)
-            y = apply_radial_gain(y, radial_gain(log_power, self.log_power_[self.reference_site_],
+            y = apply_radial_gain(y, radial_gain(log_power, self.target_log_power_,
                                                  self.max_gain))
         if self.noise == "reference":
             coarse, _ = self.noise_model_.split(y)
@@ -177,8 +178,9 @@ class TextureMatching(FittedTranslator):
         prepared = self._prepared_rows(rows, reference_site)
         self.site_quantiles_[reference_site] = np.mean(
             [self._quantiles(y, r) for y, r, _ in prepared], axis=0)
+        self.target_quantiles_ = self.site_quantiles_[reference_site]
         self.noise_model_ = NoiseModel(self.noise_sigma).fit((y, r) for y, r, _ in prepared)
-        return self._site_statistics(prepared, reference_site)
+        return self._site_statistics(prepared, reference_site, is_target=True)
 
     def fit_site(self, rows: Sequence[tuple], site: str) -> TextureMatching:
         """One more site's statistics from its (image, site, mask) rows, after
@@ -206,12 +208,16 @@ class TextureMatching(FittedTranslator):
             raise ValueError(f"no usable image of site '{site}' to fit on")
         return prepared
 
-    def _site_statistics(self, prepared: list[tuple], site: str) -> TextureMatching:
-        """The site's mean ring spectrum after step 2, and its quantiles after 3-4."""
-        target = self.site_quantiles_[self.reference_site_]
+    def _site_statistics(self, prepared: list[tuple], site: str,
+                         is_target: bool = False) -> TextureMatching:
+        """The site's mean ring spectrum after step 2 (the reference's is the target every
+        site is filtered onto), and its quantiles after 3-4."""
+        target = self.target_quantiles_
         mapped = [(monotone_map(y, self.site_quantiles_[site], target), r, g)
                   for y, r, g in prepared]
         self.log_power_[site] = np.mean([radial_log_power(y, r) for y, r, _ in mapped], axis=0)
+        if is_target:
+            self.target_log_power_ = self.log_power_[site]
         self.final_quantiles_[site] = np.mean(
             [self._quantiles(self._textured(y, r, self.log_power_[site], g), r)
              for y, r, g in mapped], axis=0)
@@ -222,7 +228,7 @@ class TextureMatching(FittedTranslator):
         self.check_fitted()
         sites = list(sites) if sites is not None else [None] * len(images)
         masks = list(masks) if masks is not None else [None] * len(images)
-        target = self.site_quantiles_[self.reference_site_]
+        target = self.target_quantiles_
         out = []
         for x, site, mask in zip(images, sites, masks, strict=True):
             x = np.asarray(x, dtype=np.float32)
@@ -239,7 +245,10 @@ class TextureMatching(FittedTranslator):
 
     # --- persistence ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"template": torch.from_numpy(np.asarray(self.template_))}
+        tensors = {"template": torch.from_numpy(np.asarray(self.template_)),
+                   # copies: the reference site's own statistics are the same arrays
+                   "target_quantiles": torch.tensor(np.asarray(self.target_quantiles_)),
+                   "target_log_power": torch.tensor(np.asarray(self.target_log_power_))}
         for name, table in (("site_quantiles", self.site_quantiles_),
                             ("log_power", self.log_power_),
                             ("final_quantiles", self.final_quantiles_)):
@@ -261,3 +270,9 @@ class TextureMatching(FittedTranslator):
         self.log_power_ = tables["log_power"]
         self.final_quantiles_ = tables["final_quantiles"]
         self.noise_model_ = NoiseModel(self.noise_sigma).load_state(tables["noise"])
+        ref = self.reference_site_
+        # checkpoints before the targets were stored apart: the reference site's own
+        self.target_quantiles_ = (tensors["target_quantiles"].numpy()
+                                  if "target_quantiles" in tensors else self.site_quantiles_[ref])
+        self.target_log_power_ = (tensors["target_log_power"].numpy()
+                                  if "target_log_power" in tensors else self.log_power_[ref])
