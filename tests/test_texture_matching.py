@@ -296,6 +296,13 @@ def test_private_texture_release_is_bounded_per_patient_and_close_to_central(
         assert block.min() >= 0 and block.max() <= np.sqrt(texture_dp.QUANTILES / size) + 1e-12
         start += size
     assert texture_dp.DIAMETER == pytest.approx(np.sqrt(6 * 16))
+    patients = len(vectors)
+    emptied = [(x, site, np.zeros_like(mask)) if k == 0 else (x, site, mask)
+               for k, (x, site, mask) in enumerate(images)]
+    with pytest.warns(UserWarning, match="reference image 0 left out"):
+        fewer = texture_dp.patient_vectors(TextureMatching(fingerprints="everywhere"),
+                                           emptied, patient_index(ref)[0])
+    assert len(fewer) == patients - 1  # one image per patient here: that patient is out
 
     def run(epsilon: float) -> tuple[dict, float]:
         cfg = FederatedConfig(task="texture", reference_site="site_a", manifest=four_sites,

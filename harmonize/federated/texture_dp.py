@@ -31,12 +31,15 @@ every other node, against the released targets.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
 from harmonize.data import polarity as pol
 from harmonize.data.texture import N_BINS, NoiseModel, radial_log_power, robust_std
 from harmonize.federated import patient_dp
+from harmonize.radiomics.masks import ROIError
 from harmonize.translators.texture import TextureMatching
 
 QUANTILES = 16
@@ -92,12 +95,25 @@ def image_vector(model: TextureMatching, x: np.ndarray, mask: np.ndarray | None)
 def patient_vectors(model: TextureMatching, images: list[tuple], patient_of_row: np.ndarray
                     ) -> np.ndarray:
     """(patients, dimension): each patient's mean image vector, blocks scaled (norm of
-    each block at most sqrt(QUANTILES))."""
+    each block at most sqrt(QUANTILES)). An image without a usable ROI (an empty mask, a
+    constant image) is left out with a warning; a patient left with none is dropped (the
+    count of patients with a usable image is the public one)."""
     weights = np.concatenate([np.full(size, _scale(size)) for _, size in BLOCKS])
-    vectors = np.stack([image_vector(model, x, mask) for x, _, mask in images]) * weights
-    sums = np.zeros((int(patient_of_row.max()) + 1, vectors.shape[1]))
-    np.add.at(sums, patient_of_row, vectors)
-    return sums / np.bincount(patient_of_row)[:, None]
+    vectors, owners = [], []
+    for k, (x, _, mask) in enumerate(images):
+        try:
+            vectors.append(image_vector(model, x, mask) * weights)
+            owners.append(patient_of_row[k])
+        except ROIError as err:
+            warnings.warn(f"reference image {k} left out of the private release: {err}",
+                          stacklevel=2)
+    if not vectors:
+        raise ValueError("no reference image has a usable ROI: nothing to release")
+    owners = np.asarray(owners)
+    sums = np.zeros((int(patient_of_row.max()) + 1, len(weights)))
+    np.add.at(sums, owners, np.stack(vectors))
+    counts = np.bincount(owners, minlength=len(sums))
+    return sums[counts > 0] / counts[counts > 0, None]
 
 
 def private_release(model: TextureMatching, images: list[tuple], rows: pd.DataFrame,
