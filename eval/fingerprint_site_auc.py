@@ -6,7 +6,8 @@ removal alone, fingerprint removal + histogram matching (the histogram-residual 
 at step 0), the trained histogram-residual translator (configs/histogram_residual/
 quick.yaml, fingerprints removed) and texture matching (`texture-matching`, with the
 benchmark's anatomy masks as ROI: fingerprints kept out of the masks, its default, and
-inpainted everywhere, since the phantom masks reach under the collimators), then run
+inpainted everywhere, since the phantom masks reach under the collimators; and
+`spectrum: sharpen`, which never softens), then run
 `harmonize shift-report --compare` on each. Per method:
 - the radiomics site AUC (one-vs-rest, cross-validated logistic regression on every
   feature; 0.5 = the sites cannot be told apart) before and after, and after ComBat on
@@ -60,7 +61,9 @@ PREVALENCE = [0.5, 0.8, 0.2, 0.5]  # the demo's site-label shortcut
 TEXTURE_FAMILIES = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
 FITTED = {"histogram-matching": HistogramMatching,
           "texture-matching": TextureMatching,
-          "texture-matching-everywhere": lambda: TextureMatching(fingerprints="everywhere")}
+          "texture-matching-everywhere": lambda: TextureMatching(fingerprints="everywhere"),
+          "texture-matching-sharpen": lambda: TextureMatching(fingerprints="everywhere",
+                                                              spectrum="sharpen")}
 
 
 def main(argv: list[str] | None = None) -> int:

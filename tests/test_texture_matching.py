@@ -231,6 +231,25 @@ def test_radiomics_shift_falls_far_below_histogram_matching(four_sites, fitted, 
     assert shifts["texture"] < 0.5 * shifts["hm"], shifts
 
 
+def test_sharpen_only_never_softens_a_site():
+    """`spectrum: sharpen` raises rings where a site is weaker than the reference and
+    leaves the others: an edge-enhanced site (more power than the reference everywhere)
+    passes step 3 unchanged, where the two-way filter softens it."""
+    x = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    region = np.ones_like(x, dtype=bool)
+    stronger, weaker = np.full(48, -5.0), np.full(48, -12.0)
+    out = {}
+    for spectrum in ("sharpen", "site"):
+        tm = TextureMatching(spectrum=spectrum, noise="keep")
+        tm.target_log_power_ = np.full(48, -8.0)
+        rng = np.random.default_rng(0)
+        out[spectrum] = (tm._textured(x, region, stronger, rng),
+                         tm._textured(x, region, weaker, rng))
+    np.testing.assert_allclose(out["sharpen"][0], x, atol=1e-5)
+    assert out["site"][0].std() < 0.5 * x.std()
+    np.testing.assert_allclose(out["sharpen"][1], out["site"][1], atol=1e-6)  # sharpening
+
+
 def test_federated_texture_matching_equals_central_and_sends_only_the_reference(
         four_sites, fitted, tmp_path):
     """The reference node releases its targets; each node fits its own site at home.

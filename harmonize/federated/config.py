@@ -126,8 +126,9 @@ class TextureTaskConfig(Section):
     """The parameters of `TextureMatching` (harmonize train texture-matching)."""
 
     n_quantiles: int = Field(256, ge=3, description="ROI quantile landmarks")
-    spectrum: Literal["site", "off"] = Field("site", description="filter each site's mean "
-                                             "ROI ring spectrum onto the reference's")
+    spectrum: Literal["site", "sharpen", "off"] = Field(
+        "site", description="filter each site's mean ROI ring spectrum onto the reference's "
+        "(sharpen: never soften)")
     noise: Literal["reference", "keep"] = Field("reference", description="replace the fine "
                                                 "band by noise drawn from the reference's")
     noise_sigma: float = Field(1.0, gt=0, description="fine band: what a Gaussian blur of "

@@ -80,7 +80,8 @@ class TextureMatching(FittedTranslator):
     kind = "texture-matching"
     uses_masks = True
 
-    def __init__(self, n_quantiles: int = 256, spectrum: Literal["site", "off"] = "site",
+    def __init__(self, n_quantiles: int = 256,
+                 spectrum: Literal["site", "sharpen", "off"] = "site",
                  noise: Literal["reference", "keep"] = "reference", noise_sigma: float = 1.0,
                  max_gain: float = 16.0,
                  fingerprints: Literal["remove", "everywhere", "keep"] = "remove",
@@ -97,7 +98,7 @@ class TextureMatching(FittedTranslator):
         self.seed = seed
 
     def check_params(self) -> None:
-        choices = {"spectrum": ("site", "off"), "noise": ("reference", "keep"),
+        choices = {"spectrum": ("site", "sharpen", "off"), "noise": ("reference", "keep"),
                    "fingerprints": ("remove", "everywhere", "keep"), "polarity": ("auto", "keep")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -140,11 +141,13 @@ class TextureMatching(FittedTranslator):
     def _textured(self, y: np.ndarray, region: np.ndarray, log_power: np.ndarray | None,
                   rng: np.random.Generator) -> np.ndarray:
         """Steps 3 and 4 (each as configured)."""
-        if self.spectrum == "site":
+        if self.spectrum != "off":
             if log_power is None:
                 log_power = radial_log_power(y, region)
-            y = apply_radial_gain(y, radial_gain(log_power, self.target_log_power_,
-                                                 self.max_gain))
+            gain = radial_gain(log_power, self.target_log_power_, self.max_gain)
+            if self.spectrum == "sharpen":  # never soften: findings keep their contrast
+                gain = np.maximum(gain, 1.0)
+            y = apply_radial_gain(y, gain)
         if self.noise == "reference":
             coarse, _ = self.noise_model_.split(y)
             y = (coarse + self.noise_model_.sample(coarse, rng)).astype(np.float32)
