@@ -67,15 +67,8 @@ class HistogramTask(FederatedTask):
     def dp_plan(self, rows: pd.DataFrame, node: str = ""):
         """One Gaussian release of the landmark sum; None at a node without the reference
         site (it sends nothing)."""
-        ref = self._reference_rows(rows)
-        if ref.empty:
-            return None
-        patient_of_row, _ = patient_dp.patient_index(ref)
-        patients = int(patient_of_row.max()) + 1
-        privacy = self.config.privacy.model_copy(update={
-            "max_grad_norm": float(np.sqrt(2 * self.landmarks))})
-        return patient_dp.plan_patient_dp(patients, 1, privacy, patients, node=node), \
-            patient_of_row
+        return patient_dp.single_release_plan(self._reference_rows(rows), self.config.privacy,
+                                              np.sqrt(2 * self.landmarks), node)
 
     def patient_features(self, rows: pd.DataFrame) -> np.ndarray:
         """(patients, L + T^2): each patient's mean [quantiles, a * thumbnail], in model

@@ -318,6 +318,19 @@ def run_epsilon(log: dict, delta: float) -> dict:
             "epsilon_per_node": per_node, "epsilon_unit": "patient", "delta": delta}
 
 
+def single_release_plan(rows: pd.DataFrame, privacy, max_norm: float, node: str = ""
+                        ) -> tuple[PatientDPPlan, np.ndarray] | None:
+    """(plan, patient of each row) for one Gaussian release of a sum over the patients of
+    `rows` (every patient in the one "step"), each patient's term of norm at most
+    `max_norm`; None for no rows (a node that releases nothing)."""
+    if rows.empty:
+        return None
+    patient_of_row, _ = patient_index(rows)
+    patients = int(patient_of_row.max()) + 1
+    privacy = privacy.model_copy(update={"max_grad_norm": float(max_norm)})
+    return plan_patient_dp(patients, 1, privacy, patients, node=node), patient_of_row
+
+
 def gaussian_release(total: np.ndarray, plan: PatientDPPlan) -> np.ndarray:
     """One release of a sum over patients, each patient's term of norm at most
     max_grad_norm: the Gaussian mechanism with the plan's noise (OS entropy, never the

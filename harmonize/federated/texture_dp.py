@@ -76,16 +76,17 @@ def image_vector(model: TextureMatching, x: np.ndarray, mask: np.ndarray | None)
     y, region = model._prepared(x, mask, upright=False)
     levels = (np.arange(N_LEVELS) + 0.5) / N_LEVELS
     noise = NoiseModel(model.noise_sigma)
-    coarse, fine = noise.split(y)
-    edges = np.quantile(coarse[region], np.linspace(0.0, 1.0, N_LEVELS + 1))
-    which = np.clip(np.searchsorted(edges, coarse[region], side="right") - 1, 0, N_LEVELS - 1)
-    stds = [robust_std(fine[region][which == k]) for k in range(N_LEVELS)]
+    coarse_band, fine_band = noise.split(y)
+    coarse, fine = coarse_band[region], fine_band[region]
+    edges = np.quantile(coarse, np.linspace(0.0, 1.0, N_LEVELS + 1))
+    which = np.clip(np.searchsorted(edges, coarse, side="right") - 1, 0, N_LEVELS - 1)
+    stds = [robust_std(fine[which == k]) for k in range(N_LEVELS)]
     blocks = {
         "quantiles": np.quantile(y[region], np.linspace(0.0, 1.0, QUANTILES)),
         "log_power": (_bands(radial_log_power(y, region)) - LOG_LO) / (LOG_HI - LOG_LO),
-        "noise_log_power": (_bands(radial_log_power(fine, region)) - LOG_LO)
+        "noise_log_power": (_bands(radial_log_power(fine_band, region)) - LOG_LO)
         / (LOG_HI - LOG_LO),
-        "noise_levels": np.quantile(coarse[region], levels),
+        "noise_levels": np.quantile(coarse, levels),
         "noise_std": np.asarray(stds) / STD_MAX,
         "template": pol.thumbnail(x, TEMPLATE).ravel(),
     }

@@ -63,21 +63,17 @@ class TextureTask(FederatedTask):
     def dp_plan(self, rows: pd.DataFrame, node: str = ""):
         """One Gaussian release of the patients' vectors; None at a node without the
         reference site (it sends nothing)."""
-        ref = self._reference_rows(rows)
-        if ref.empty or self.config.privacy.mode != "patient-dp":
+        if self.config.privacy.mode != "patient-dp":
             return None
-        patient_of_row, _ = patient_dp.patient_index(ref)
-        patients = int(patient_of_row.max()) + 1
-        privacy = self.config.privacy.model_copy(update={"max_grad_norm": texture_dp.DIAMETER})
-        return patient_dp.plan_patient_dp(patients, 1, privacy, patients, node=node), \
-            patient_of_row
+        return patient_dp.single_release_plan(self._reference_rows(rows), self.config.privacy,
+                                              texture_dp.DIAMETER, node)
 
     def train(self, arrays: Arrays, local: Arrays | None, rows: pd.DataFrame,
               round_config: dict) -> tuple[Arrays, Arrays, dict]:
         ref = self._reference_rows(rows)
         if ref.empty:  # a source node: nothing to send
             return {}, {}, {"is_reference": 0.0, "num-examples": 1}
-        images = list(model_space_images_with_masks(ref, self.policy, progress=False))
+        images = self._rows(rows, self.ref)
         if self.config.privacy.mode != "patient-dp":
             released = self.fresh().fit_reference(images, self.ref)
             return (released.state_tensors(), {}, {"is_reference": 1.0, "num-examples": 1})
