@@ -436,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harmonize.training.process_exit import end_process
+
+    # under torchrun the processes leave together, skipping gloo's teardown (see there)
+    return end_process(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("HARMONIZE_DEBUG", "") not in ("", "0")
     # idle OpenMP threads spin by default; on a shared 2-core machine that made a training

@@ -7,6 +7,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from harmonize.training.process_exit import end_process
+
 
 def recipe_main(doc: str, name: str, add_arguments: Callable, run: Callable,
                 example: str, argv: list[str] | None = None) -> int:
@@ -17,7 +19,8 @@ def recipe_main(doc: str, name: str, add_arguments: Callable, run: Callable,
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        code = run(args)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"{name}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        code = 1
+    return end_process(code)  # under torchrun: leave together, skip gloo's teardown
