@@ -60,8 +60,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PREVALENCE = [0.5, 0.8, 0.2, 0.5]  # the demo's site-label shortcut
 TEXTURE_FAMILIES = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
 FITTED = {"histogram-matching": HistogramMatching,
-          "texture-matching": TextureMatching,
-          "texture-matching-everywhere": lambda: TextureMatching(fingerprints="everywhere"),
+          "texture-matching": lambda: TextureMatching(spectrum="site"),  # masks protected
+          "texture-matching-everywhere": lambda: TextureMatching(fingerprints="everywhere",
+                                                                 spectrum="site"),
           "texture-matching-sharpen": lambda: TextureMatching(fingerprints="everywhere",
                                                               spectrum="sharpen")}
 

@@ -32,7 +32,7 @@ from harmonize.synth import generate
 from harmonize.translators import TextureMatching, load_translator
 
 PREVALENCE = [0.5, 0.8, 0.2, 0.5]
-PARAMS = {"fingerprints": "everywhere"}
+PARAMS = {"fingerprints": "everywhere", "spectrum": "site"}  # as measured in docs/federated.md
 
 
 def outputs_by_site(models: dict[str, TextureMatching], nodes: dict[str, pd.DataFrame]

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for sigma in (float(s) for s in args.sigmas.split(",")):
             name = f"{fill}-sigma{sigma:g}"
             started = time.perf_counter()
-            translator = cls(fingerprints="everywhere", noise_sigma=sigma)
+            translator = cls(fingerprints="everywhere", spectrum="site", noise_sigma=sigma)
             fit_and_save(translator, df, manifest, "site_a", out / "models" / name,
                          progress=False)
             folder = out / "harmonized" / name

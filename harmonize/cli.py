@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "per-site ROI histogram, sharpness and noise texture matched to the "
                           "reference site (radiomics harmonization; every site, the "
                           "reference's too)", "models/texture")
-    t.add_argument("--spectrum", choices=["site", "sharpen", "off"], default="site",
+    t.add_argument("--spectrum", choices=["site", "sharpen", "off"], default="sharpen",
                    help="filter each site's mean ROI spectrum onto the reference's "
                    "(sharpen: only where the site's is weaker; keeps findings' contrast)")
     t.add_argument("--noise", choices=["reference", "keep"], default="reference",

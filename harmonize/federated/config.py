@@ -127,7 +127,7 @@ class TextureTaskConfig(Section):
 
     n_quantiles: int = Field(256, ge=3, description="ROI quantile landmarks")
     spectrum: Literal["site", "sharpen", "off"] = Field(
-        "site", description="filter each site's mean ROI ring spectrum onto the reference's "
+        "sharpen", description="filter each site's mean ROI ring spectrum onto the reference's "
         "(sharpen: never soften)")
     noise: Literal["reference", "keep"] = Field("reference", description="replace the fine "
                                                 "band by noise drawn from the reference's")

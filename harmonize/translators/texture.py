@@ -16,7 +16,9 @@ inside the region of interest, where a classifier or a radiologist looks:
 2. the site's mean ROI intensity quantiles mapped onto the reference site's (monotone;
    beyond the ROI's range linear, so what lies outside the ROI keeps its structure);
 3. the site's mean ROI ring spectrum filtered onto the reference site's (a zero-phase
-   filter per site: sharpens a blurry detector, softens an edge-enhanced one);
+   filter per site). By default (``spectrum="sharpen"``) it only raises rings where the
+   site is weaker: a blurry detector is sharpened, an edge-enhanced one is not softened,
+   because softening took findings' contrast with it (``"site"`` does both ways);
 4. the fine band (the image minus its Gaussian blur of ``noise_sigma`` px) replaced by
    noise drawn from the reference site's fine band: its spectrum and its std at each
    intensity (`harmonize.data.texture.NoiseModel`);
@@ -81,7 +83,7 @@ class TextureMatching(FittedTranslator):
     uses_masks = True
 
     def __init__(self, n_quantiles: int = 256,
-                 spectrum: Literal["site", "sharpen", "off"] = "site",
+                 spectrum: Literal["site", "sharpen", "off"] = "sharpen",
                  noise: Literal["reference", "keep"] = "reference", noise_sigma: float = 1.0,
                  max_gain: float = 16.0,
                  fingerprints: Literal["remove", "everywhere", "keep"] = "remove",
