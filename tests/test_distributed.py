@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,24 @@ TINY = ["--set", "data.image_size=32", "--set", "model.n_blocks=1", "--set", "mo
 pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
 
 
+# About 1 two-process run in 100 here, a rank that has finished and saved aborts in
+# gloo/Python teardown ("terminate called without an active exception", SIGABRT) and
+# torchrun reports the run as failed; harmonize.training.process_exit makes it rarer, not
+# impossible. The tests then judge the run by what it wrote, and warn with the stacks.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONFAULTHANDLER": "1"}  # an abort prints every thread's Python stack
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 and TEARDOWN_ABORT in run.stderr and "(SIGABRT)" in run.stderr:
+        warnings.warn(f"a rank aborted in teardown; judged by its files:\n{run.stderr[-4000:]}",
+                      stacklevel=2)
+        run.returncode = 0
+    return run
 
 
 @pytest.fixture(scope="module")
