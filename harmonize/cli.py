@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from harmonize.training.process_exit import end_process
 
-    # under torchrun the processes leave together, skipping gloo's teardown (see there)
+    # under torchrun a process leaves with os._exit, skipping Python's finalization (see there)
     return end_process(_run(argv))
 
 

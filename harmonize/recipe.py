@@ -23,4 +23,4 @@ def recipe_main(doc: str, name: str, add_arguments: Callable, run: Callable,
     except (ValueError, OSError, RuntimeError) as err:
         print(f"{name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         code = 1
-    return end_process(code)  # under torchrun: leave together, skip gloo's teardown
+    return end_process(code)  # under torchrun: os._exit, skipping Python's finalization

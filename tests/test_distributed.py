@@ -122,8 +122,8 @@ net.weight.grad = torch.full_like(net.weight, float(rank + 1))
 average_gradients(acc, [net])
 print("weight", net.weight[0, 0].item(), "grad", net.weight.grad[0, 0].item(), file=log)
 log.close()
-# leave as the recipes do (process_exit.py): gloo's teardown at interpreter exit
-# sometimes aborts a process ("terminate called without an active exception")
+# leave as the recipes do (process_exit.py): Python's finalization sometimes aborts a
+# launched process ("terminate called without an active exception")
 from harmonize.training.process_exit import end_process
 end_process(0)
 """

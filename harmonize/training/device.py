@@ -19,6 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from harmonize.training.process_exit import launched_processes
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -102,11 +104,6 @@ def make_accelerator(**kwargs) -> Accelerator:
     if launched_processes() > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (WORLD_SIZE of torchrun and accelerate)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def loader_options(device: torch.device, num_workers: int | None) -> dict:

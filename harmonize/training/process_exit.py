@@ -16,12 +16,17 @@ import os
 import sys
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (WORLD_SIZE of torchrun and accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def end_process(code: int) -> int:
     """Return `code` when run directly; under a multi-process launch, leave with it now.
 
     A failed process (code != 0) leaves without waiting: its peers may never reach the
     barrier, and the launcher stops them when one process fails."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:  # as device.launched_processes
+    if launched_processes() <= 1:
         return code
     import torch.distributed as dist
 
